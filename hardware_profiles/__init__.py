@@ -1,0 +1,1 @@
+"""Device catalog, hardware detection, training-memory estimator and the tier planner."""
