@@ -6,6 +6,9 @@ Only this module talks to the terminal: library code logs and raises
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="fedsoda coordinator: prune, align, package and serve federated rounds.")
@@ -14,3 +17,265 @@ app = typer.Typer(no_args_is_help=True, help="fedsoda coordinator: prune, align,
 @app.callback()
 def main() -> None:
     """fedsoda coordinator (a callback keeps Typer from collapsing a one-command app)."""
+
+
+def _load_run_config(config_file: Path | None, overrides: dict[str, Any]):
+    from coordinator.settings import RunConfig
+    from shared.config import load_config
+
+    return load_config(RunConfig, config_file, overrides=overrides)
+
+
+@app.command()
+def serve(
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="Run configuration TOML (see README).", envvar="FEDSODA_CONFIG")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = None,
+    public_data: Annotated[Optional[str], typer.Option(help="Public calibration text: 'wikipedia', 'owt' or a JSONL/text file.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID).")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id (MQTT topic segment).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
+    min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
+    broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default from the config).", envvar="FEDSODA_BROKER")] = None,
+    embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Start the embedded broker in a child process.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Carry on from the checkpoint in the run directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Prepare the sub-LLM tiers and run federated rounds until the run finishes."""
+    from shared.console import parse_broker_address, run_command, setup_logging
+
+    setup_logging(verbose)
+    host = port = None
+    if broker:
+        host, port = run_command(lambda: parse_broker_address(broker))
+    overrides = {
+        "model.model": model,
+        "model.public_data": public_data,
+        "run_id": run_id,
+        "pruning.strategy": strategy,
+        "rounds.rounds": rounds,
+        "rounds.min_clients": min_clients,
+        "broker.host": host,
+        "broker.port": port,
+        "broker.embedded": True if embedded_broker else None,
+    }
+    outcome = run_command(lambda: _serve(_load_run_config(config_file, overrides), run_dir, resume=resume))
+    _print_outcome(outcome, as_json)
+    if outcome.status != "finished":
+        raise typer.Exit(1)
+
+
+def _serve(config, run_dir: Path | None, *, resume: bool):
+    from coordinator.launch import serve_run
+
+    return serve_run(config, run_dir or Path("runs") / config.run_id, resume=resume, progress=_progress_printer())
+
+
+def _progress_printer():
+    from shared.console import console
+
+    def show(message: str) -> None:
+        console.print(f"[cyan]>[/] {message}")
+
+    return show
+
+
+def _print_outcome(outcome, as_json: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from shared.console import console
+
+    if as_json:
+        typer.echo(json.dumps({"status": outcome.status, "reason": outcome.reason, "run_dir": str(outcome.run_dir), "results": outcome.results}, default=str))
+        return
+    table = Table(title=f"run {outcome.status}", show_header=False)
+    table.add_row("run directory", str(outcome.run_dir))
+    if outcome.reason:
+        table.add_row("reason", outcome.reason)
+    for key, value in outcome.results.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+#: `make demo`: the real SmolLM2-135M, SGP + ODA to 18 layers, 4-bit, 3 clients, 3 rounds,
+#: sized to finish within 15 minutes on a 2-core CPU (see README, "The demo").
+DEMO_OVERRIDES: dict[str, Any] = {
+    "run_id": "demo",
+    "model.model": "bundled",
+    "pruning.strategy": "fedsoda",
+    "pruning.tiers": [12],
+    "rounds.rounds": 3,
+    "rounds.min_clients": 3,
+    "rounds.realign_every": 2,
+    "rounds.round_timeout_s": 600.0,
+}
+
+
+@app.command()
+def simulate(
+    clients: Annotated[int, typer.Option(help="Client processes to start.")] = 3,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="Run configuration TOML.", envvar="FEDSODA_CONFIG")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
+    partition: Annotated[str, typer.Option(help="iid or dirichlet (non-IID by label).")] = "iid",
+    dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")] = 0.5,
+    examples_per_client: Annotated[int, typer.Option(help="Training examples per client at most.")] = 200,
+    profiles: Annotated[Optional[str], typer.Option(help="Comma-separated device classes to give the clients (cycled).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID-TIMESTAMP).")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="The `make demo` preset: bundled SmolLM2, Rotten Tomatoes, 3 clients.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run a whole federated fine-tuning on this machine: embedded broker, coordinator, N clients."""
+    import time
+
+    from coordinator.simulate import SimulationOptions
+    from shared.console import run_command, setup_logging
+
+    setup_logging(verbose)
+    overrides: dict[str, Any] = dict(DEMO_OVERRIDES) if demo else {}
+    overrides.update({k: v for k, v in {"pruning.strategy": strategy, "rounds.rounds": rounds}.items() if v is not None})
+    if not demo:
+        overrides["rounds.min_clients"] = clients
+
+    def body():
+        config = _load_run_config(config_file, overrides)
+        options = SimulationOptions(
+            clients=clients, partition=partition, dirichlet_alpha=dirichlet_alpha,
+            examples_per_client=examples_per_client,
+            profiles=tuple(p.strip() for p in profiles.split(",")) if profiles else (),
+        )
+        folder = run_dir or Path("runs") / f"{config.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from coordinator.simulate import simulate as run_simulation
+
+        return run_simulation(config, options, folder, progress=_progress_printer())
+
+    outcome, client_outcomes = run_command(body)
+    _print_outcome(outcome, as_json)
+    if not as_json:
+        from coordinator.reports import load_report, render_summary
+
+        render_summary(load_report(outcome.run_dir))
+    if outcome.status != "finished" or any(c.get("status") != "finished" for c in client_outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by serve or simulate.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    csv_file: Annotated[Optional[Path], typer.Option("--csv", help="Also write per-round, per-client rows as CSV here.")] = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots into RUN_DIR/plots.")] = True,
+) -> None:
+    """Show a run's rounds and clients: participants, dropouts, rejections, bytes, time, memory, loss, accuracy."""
+    import json
+
+    from coordinator.reports import load_report, render_summary, write_csv, write_plots
+    from shared.console import console, run_command
+
+    data = run_command(lambda: load_report(run_dir))
+    if as_json:
+        typer.echo(json.dumps(data, default=str))
+    else:
+        render_summary(data)
+    if csv_file is not None:
+        write_csv(data, csv_file)
+        console.print(f"[cyan]>[/] wrote {csv_file}")
+    if plots:
+        for path in run_command(lambda: write_plots(data, run_dir / "plots")):
+            console.print(f"[cyan]>[/] wrote {path}")
+
+
+class _RichSink:
+    """Progress sink for the prune pipeline: one rich progress bar row per long step."""
+
+    def __init__(self, progress) -> None:
+        self._progress = progress
+
+    def start(self, description: str, total: int):
+        task = self._progress.add_task(description, total=total)
+        return lambda n: self._progress.advance(task, n)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = "bundled",
+    public_data: Annotated[str, typer.Option(help="Public calibration text: 'wikipedia', 'owt' or a JSONL/text file.")] = "wikipedia",
+    out: Annotated[Path, typer.Option(help="Output folder for the report and the packages.")] = Path("runs/prune"),
+    block_size: Annotated[int, typer.Option(help="Layers per SGP block.")] = 4,
+    depth: Annotated[Optional[int], typer.Option(help="Layers the (smallest) sub-LLM keeps (default: about 60%).")] = None,
+    tiers: Annotated[Optional[str], typer.Option(help="Extra, larger depths to package, comma-separated (nested tiers).")] = None,
+    keep_head: Annotated[int, typer.Option(help="Protected layers at the start.")] = 1,
+    keep_tail: Annotated[int, typer.Option(help="Protected layers at the end.")] = 1,
+    token: Annotated[str, typer.Option(help="SGP tokens: 'all' non-padding tokens or the 'last' one.")] = "all",
+    calib_samples: Annotated[int, typer.Option(help="Public paragraphs for SGP and ODA.")] = 64,
+    eval_samples: Annotated[int, typer.Option(help="Held-out paragraphs for perplexity.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 128,
+    oda: Annotated[bool, typer.Option("--oda/--no-oda", help="Distil the sub-LLMs (ODA) before packaging.")] = True,
+    oda_steps: Annotated[int, typer.Option(help="ODA optimiser steps.")] = 24,
+    oda_lr: Annotated[float, typer.Option(help="ODA learning rate.")] = 3e-4,
+    align_layers: Annotated[str, typer.Option(help="ODA trains the 'bridge' layers or 'all' layers.")] = "bridge",
+    precision: Annotated[str, typer.Option(help="Package precision: nf4, bf16 or fp32.")] = "nf4",
+    package: Annotated[bool, typer.Option("--package/--no-package", help="Write the tier packages.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """SGP-prune a model (+ ODA), compare with uniform drop, write the report and the packaged tiers."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from shared.console import console, run_command, setup_logging
+
+    setup_logging(verbose)
+
+    def body():
+        from coordinator.datasets import public_text
+        from coordinator.models import load_model
+        from coordinator.oda import ODAConfig
+        from coordinator.pruning import PruneConfig, run_prune
+        from shared.errors import ConfigError
+
+        try:
+            extra = tuple(int(t) for t in tiers.split(",") if t.strip()) if tiers else ()
+        except ValueError:
+            raise ConfigError(f"--tiers must be comma-separated integers, got {tiers!r}") from None
+        config = PruneConfig(
+            block_size=block_size, depth=depth, tiers=extra, keep_head=keep_head, keep_tail=keep_tail,
+            token=token, calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len,
+            oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
+            precision=precision, package=package,
+        )
+        texts = public_text(public_data)
+        console.print(f"[cyan]>[/] loading {model}")
+        full, tokenizer = load_model(model)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False,
+        ) as progress:
+            return run_prune(full, tokenizer, texts, out, config, model_name=Path(str(model)).name, sink=_RichSink(progress))
+
+    result = run_command(body)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    ranking = Table(title=f"SGP ranking (blocks of {result.block_size}, most prunable first)")
+    ranking.add_column("rank", justify="right")
+    ranking.add_column("layers")
+    ranking.add_column("distance", justify="right")
+    for rank, block in enumerate(result.ranking, start=1):
+        ranking.add_row(str(rank), f"{block['layers'][0]}-{block['layers'][-1]}", f"{block['distance']:.4f}")
+    console.print(ranking)
+    summary = Table(title=f"held-out perplexity, {result.num_layers} -> {result.depth} layers")
+    summary.add_column("model")
+    summary.add_column("perplexity", justify="right")
+    for key, value in result.perplexity.items():
+        summary.add_row(key, f"{value:.2f}")
+    console.print(summary)
+    for name, folder in result.packages.items():
+        console.print(f"[cyan]>[/] tier {name} ({len(result.tiers[name])} layers): {folder}")
+    console.print(f"[cyan]>[/] report: {out / 'report.md'}, heat-map: {out / 'distances.png'}")

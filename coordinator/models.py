@@ -73,16 +73,7 @@ def bundled_model_path() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a concurrent or interrupted conversion never
-    # leaves a half-written folder that later loads would trust.
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    _save_atomically(plain, tokenizer, target)
     return target
 
 
@@ -162,7 +153,17 @@ def cut_model_copy(src: str | Path, dst: str | Path, n_layers: int) -> Path:
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
-    tokenizer.save_pretrained(dst)
+    _save_atomically(model, tokenizer, dst)
     return dst
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
+    """Save model + tokenizer beside ``target`` and rename, so no reader sees half a folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".save-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first

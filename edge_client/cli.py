@@ -6,6 +6,10 @@ Only this module talks to the terminal: library code logs and raises
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="fedsoda edge client: probe hardware, join a run, train QLoRA adapters.")
@@ -14,3 +18,116 @@ app = typer.Typer(no_args_is_help=True, help="fedsoda edge client: probe hardwar
 @app.callback()
 def main() -> None:
     """fedsoda edge client (a callback keeps Typer from collapsing a one-command app)."""
+
+
+def _default_client_id() -> str:
+    # Topic segments allow only [A-Za-z0-9._-]: keep the host name readable but safe.
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:48]
+    return f"{host or 'client'}"
+
+
+@app.command()
+def join(
+    data: Annotated[Path, typer.Option(help="Local training data: .jsonl or .csv (see README for the formats).")],
+    broker: Annotated[str, typer.Option(help="Broker HOST:PORT.", envvar="FEDSODA_BROKER")] = "127.0.0.1:1883",
+    run_id: Annotated[str, typer.Option("--run", help="Run id to join.", envvar="FEDSODA_RUN")] = "demo",
+    client_id: Annotated[Optional[str], typer.Option(help="This client's stable id (default: the host name).", envvar="FEDSODA_CLIENT_ID")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Override the detected device class by catalog name (see `fedsoda-coordinator profiles`).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Chunk cache and resume state (default ~/.cache/fedsoda/clients/CLIENT_ID).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    label_words: Annotated[Optional[str], typer.Option(help="Classification label words, LABEL=WORD pairs: '0=negative,1=positive'.")] = None,
+    username: Annotated[Optional[str], typer.Option(help="MQTT user name.", envvar="FEDSODA_USERNAME")] = None,
+    password: Annotated[Optional[str], typer.Option(help="MQTT password.", envvar="FEDSODA_PASSWORD")] = None,
+    ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate: enables TLS.")] = None,
+    cert_file: Annotated[Optional[Path], typer.Option(help="Client certificate for mutual TLS.")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="Client key for mutual TLS.")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds with nothing to do.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Join a run: say hello, fetch the assigned sub-LLM, train each scheduled round, send deltas."""
+    from shared.console import run_command, setup_logging
+
+    setup_logging(verbose)
+    outcome = run_command(
+        lambda: _join(data, broker, run_id, client_id or _default_client_id(), profile, state_dir, device,
+                      label_words, username, password, ca_file, cert_file, key_file, idle_timeout)
+    )
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps(dataclasses.asdict(outcome)))
+    if outcome.status != "finished":
+        raise typer.Exit(1)
+
+
+def _parse_label_words(text: str | None):
+    from shared.errors import ConfigError
+    from shared.tasks import ClassificationTask
+
+    if text is None:
+        return ClassificationTask.from_label_words()
+    pairs = {}
+    for item in text.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise ConfigError(f"--label-words item {item!r} is not LABEL=WORD")
+        pairs[label.strip()] = word.strip()
+    return ClassificationTask.from_label_words(pairs)
+
+
+def _join(data, broker, run_id, client_id, profile_name, state_dir, device, label_words, username, password,
+          ca_file, cert_file, key_file, idle_timeout):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edge_client.data import load_dataset
+    from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
+    from hardware_profiles.detect import detect_profile
+    from shared.console import console, parse_broker_address
+    from shared.transport import TransportConfig
+
+    host, port = parse_broker_address(broker)
+    dataset = load_dataset(data, task=_parse_label_words(label_words))
+    profile = detect_profile(override=profile_name)
+    console.print(f"[cyan]>[/] {profile.name}: {profile.device_class}, {profile.accelerator}, "
+                  f"{profile.available_memory_bytes / 2**30:.1f} GiB free; {len(dataset)} local examples")
+    options = ClientOptions(
+        run_id=run_id,
+        client_id=client_id,
+        state_dir=state_dir or _default_state_dir(client_id),
+        device=device,
+        idle_timeout=idle_timeout,
+    )
+    transport_config = TransportConfig(
+        host=host, port=port, client_id=client_id, username=username, password=password,
+        ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+    )
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bars:
+        fetch_bar = train_bar = None
+
+        def on_fetch(p):
+            nonlocal fetch_bar
+            if fetch_bar is None:
+                fetch_bar = bars.add_task("sub-LLM", total=p.total_bytes)
+            bars.update(fetch_bar, completed=p.done_bytes)
+
+        def on_train(p):
+            nonlocal train_bar
+            if train_bar is None or p.step == 1:
+                train_bar = bars.add_task("training", total=p.total_steps)
+            bars.update(train_bar, completed=p.step, description=f"training (loss {p.loss:.3f})")
+
+        events = ClientEvents(on_status=lambda m: console.print(f"[cyan]>[/] {m}"), on_fetch=on_fetch, on_train=on_train)
+        client = EdgeClient(options, transport_config, profile, dataset, events)
+        outcome = client.run()
+    console.print(f"[bold]{outcome.status}[/]: {outcome.reason}; rounds sent {outcome.rounds_sent}, "
+                  f"{outcome.bytes_received / 2**20:.1f} MiB down, {outcome.bytes_sent / 2**20:.1f} MiB up")
+    return outcome
+
+
+def _default_state_dir(client_id: str) -> Path:
+    import os
+
+    root = Path(os.environ.get("FEDSODA_CACHE", Path.home() / ".cache" / "fedsoda"))
+    return root / "clients" / client_id

@@ -58,6 +58,10 @@ class TensorError(ProtocolError):
     """An encoded tensor is invalid: unknown dtype, bad shape, or byte count mismatch."""
 
 
+class TopicError(ProtocolError):
+    """A topic is not fedsoda's, names another run or protocol major, or disagrees with its envelope."""
+
+
 class BlobError(FedSodaError):
     """A blob transfer failed: bad chunk hash, unsafe path, incomplete manifest."""
 

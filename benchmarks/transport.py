@@ -1,0 +1,351 @@
+"""How fast do blobs and messages move, compared with what the machine can do?
+
+One run measures, on loopback:
+
+- raw TCP: a sender process pushes the blob's bytes through a plain socket (the ceiling);
+- blob fetch through mosquitto and through the embedded broker: a coordinator process runs
+  a :class:`~shared.blobs.BlobServer`, this process runs a :class:`~shared.blobs.BlobFetcher`
+  into an empty cache (request windows, sha256 checks, the on-disk chunk store and the
+  atomic materialization included), each as a ratio to raw TCP;
+- the message path alone through each broker: a publisher process sends encoded 4 MiB
+  chunk envelopes, this process receives and decodes them (no hashing, no disk);
+- sha256 speed (the receiver must hash every byte, so it caps the blob path);
+- codec encode / decode of a 4 MiB chunk and of a 16 MiB adapter update, each as a ratio
+  to a plain memory copy of the same bytes.
+
+Targets: mosquitto blob path >= 0.5x raw TCP; codec >= 0.5x memcpy.
+Writes benchmarks/results/transport.json and transport.md.
+
+Usage: ``python benchmarks/transport.py [--blob-mib 192] [--repeats 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared import codec, topics  # noqa: E402
+from shared.blobs import BlobFetcher, BlobServer, ChunkStore, build_manifest  # noqa: E402
+from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto  # noqa: E402
+from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
+from shared.tensors import to_payload  # noqa: E402
+from shared.topics import TopicKind  # noqa: E402
+from shared.transport import InboundMessage, MqttTransport, TransportConfig  # noqa: E402
+
+MiB = 1024 * 1024
+CHUNK = 4 * MiB
+RUN = "bench"
+TARGET_BLOB_RATIO = 0.5
+TARGET_CODEC_RATIO = 0.5
+
+
+# ----------------------------------------------------------------- child roles
+
+
+def _role_tcp_sender(port: int, total: int) -> None:
+    data = os.urandom(CHUNK)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sent = 0
+        while sent < total:
+            piece = data[: min(CHUNK, total - sent)]
+            sock.sendall(piece)
+            sent += len(piece)
+
+
+def _role_blob_server(port: int, folder: str) -> None:
+    transport = MqttTransport(TransportConfig(port=port, client_id="bench-coordinator")).connect()
+    server = BlobServer(transport, run=RUN)
+    server.add(build_manifest(folder, "bench", 1, "t"), folder)
+    transport.subscribe(topics.all_of(RUN, TopicKind.CHUNKREQ), server.handle)
+    print("ready", flush=True)
+    while True:  # killed by the parent
+        transport.poll(1.0)
+
+
+def _role_publisher(port: int, count: int) -> None:
+    transport = MqttTransport(TransportConfig(port=port, client_id="bench-publisher")).connect()
+    payload = codec.encode(MessageType.CHUNK, Chunk("0" * 64, "1" * 64, os.urandom(CHUNK)), run=RUN, round=-1, sender="c")
+    go = topics.schedule(RUN)
+    transport.subscribe(go)
+    print("ready", flush=True)
+    while not isinstance(event := transport.poll(30), InboundMessage) or event.topic != go:
+        pass
+    for _ in range(count):
+        transport.publish(topics.chunk(RUN, "bench-client"), payload)
+    transport.flush(300)
+    transport.close()
+
+
+def _child(*args: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--role", *args], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    return process
+
+
+def _wait_ready(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"benchmark child failed to start (got {line!r})")
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def measure_raw_tcp(total: int) -> float:
+    """Seconds for a separate process to push ``total`` bytes through a loopback socket."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        child = _child("tcp-sender", str(server.getsockname()[1]), str(total))
+        conn, _ = server.accept()
+        buf = memoryview(bytearray(CHUNK))
+        start = time.perf_counter()
+        got = 0
+        with conn:
+            while got < total:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                got += n
+        elapsed = time.perf_counter() - start
+    child.wait(30)
+    assert got == total, f"raw TCP moved {got} of {total} bytes"
+    return elapsed
+
+
+def measure_blob(broker: BrokerHandle, folder: Path, work: Path) -> tuple[float, int]:
+    """Seconds to fetch the folder into an empty cache through ``broker``; and chunks fetched."""
+    manifest = build_manifest(folder, "bench", 1, "t")
+    server = _child("blob-server", str(broker.port), str(folder))
+    try:
+        _wait_ready(server)
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        transport = MqttTransport(TransportConfig(port=broker.port, client_id="bench-client")).connect()
+        fetcher = BlobFetcher(transport, ChunkStore(cache), run=RUN, client_id="bench-client")
+        start = time.perf_counter()
+        fetcher.fetch(manifest, timeout=600)
+        elapsed = time.perf_counter() - start
+        transport.close()
+        return elapsed, fetcher.stats.fetched
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def measure_messages(broker: BrokerHandle, count: int) -> float:
+    """Seconds to receive and decode ``count`` 4 MiB chunk envelopes from another process."""
+    transport = MqttTransport(TransportConfig(port=broker.port, client_id="bench-client", persistent=False)).connect()
+    transport.subscribe(topics.chunk(RUN, "bench-client"))
+    publisher = _child("publisher", str(broker.port), str(count))
+    try:
+        _wait_ready(publisher)
+        start = time.perf_counter()
+        transport.publish(topics.schedule(RUN), b"go")
+        got = 0
+        while got < count:
+            event = transport.poll(60)
+            if event is None:
+                raise RuntimeError(f"message benchmark stalled after {got} of {count}")
+            if isinstance(event, InboundMessage) and event.topic.endswith("/chunk/bench-client"):
+                codec.decode(event.payload)
+                got += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        publisher.wait(60)
+        transport.close()
+    return elapsed
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_codec(repeats: int) -> dict[str, dict[str, float]]:
+    """Encode/decode throughput of a chunk and an update, and of memcpy of the same bytes."""
+    import torch  # here, so the benchmark's child processes start without it
+
+    chunk = Chunk("0" * 64, "1" * 64, os.urandom(CHUNK))
+    gen = torch.Generator().manual_seed(0)
+    delta = {
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": to_payload(
+            torch.randn(256, 256, generator=gen, dtype=torch.float32)
+        )
+        for i in range(32)
+        for ab in "AB"
+    }
+    update = Update("c", 1, 100, delta, {"loss": 1.0}, ResourceReport(0, 0, 0.0, 0.0, 0, 0, "x"))
+    out: dict[str, dict[str, float]] = {}
+    for name, msg_type, body in (("chunk_4mib", MessageType.CHUNK, chunk), ("update_16mib", MessageType.UPDATE, update)):
+        payload = chunk.data if body is chunk else b"".join(p.data for p in delta.values())
+        size = len(payload)
+        encoded = codec.encode(msg_type, body, run=RUN, round=0, sender="c")
+        t_copy = _best(lambda p=payload: bytearray(p), repeats)
+        t_enc = _best(lambda t=msg_type, b=body: codec.encode(t, b, run=RUN, round=0, sender="c"), repeats)
+        t_dec = _best(lambda e=encoded: codec.decode(e), repeats)
+        out[name] = {
+            "bytes": size,
+            "memcpy_mib_s": size / t_copy / MiB,
+            "encode_mib_s": size / t_enc / MiB,
+            "decode_mib_s": size / t_dec / MiB,
+            "encode_ratio": t_copy / t_enc,
+            "decode_ratio": t_copy / t_dec,
+        }
+    return out
+
+
+def measure_sha256() -> float:
+    """MiB/s of hashlib.sha256 on 4 MiB pieces (the fetcher hashes every byte it receives)."""
+    data = os.urandom(CHUNK)
+    return CHUNK / _best(lambda: hashlib.sha256(data).digest(), 10) / MiB
+
+
+def _write_blob(folder: Path, total: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    index = 0
+    while written < total:
+        size = min(64 * MiB, total - written)  # several files, like per-layer shards
+        with (folder / f"shard_{index:03d}.bin").open("wb") as fh:
+            left = size
+            while left:
+                piece = min(CHUNK, left)
+                fh.write(os.urandom(piece))
+                left -= piece
+        written += size
+        index += 1
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def run(blob_mib: int, repeats: int, out_dir: Path) -> dict:
+    """Run every measurement and write the JSON and markdown results."""
+    total = blob_mib * MiB
+    work = Path(tempfile.mkdtemp(prefix="fedsoda-bench-"))
+    results: dict = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "paho_mqtt": _version("paho-mqtt"),
+            "msgpack": _version("msgpack"),
+            "iotcore": _version("iotcore"),
+            "mosquitto": subprocess.run(["/usr/sbin/mosquitto", "-h"], capture_output=True, text=True).stdout.split("\n")[0],
+        },
+        "blob_bytes": total,
+        "chunk_bytes": CHUNK,
+        "repeats": repeats,
+    }
+    try:
+        folder = work / "blob"
+        _write_blob(folder, total)
+        raw = min(measure_raw_tcp(total) for _ in range(repeats))
+        results["raw_tcp_mib_s"] = total / raw / MiB
+        results["sha256_mib_s"] = measure_sha256()
+        results["blob"] = {}
+        results["messages"] = {}
+        for kind, start in (("mosquitto", start_mosquitto), ("embedded", start_embedded_broker)):
+            with start() as broker:
+                best = min(measure_blob(broker, folder, work)[0] for _ in range(repeats))
+                results["blob"][kind] = {"mib_s": total / best / MiB, "ratio_to_raw_tcp": raw / best}
+                count = total // CHUNK
+                msg = min(measure_messages(broker, count) for _ in range(repeats))
+                results["messages"][kind] = {"mib_s": count * CHUNK / msg / MiB, "ratio_to_raw_tcp": raw / msg * (count * CHUNK / total)}
+        results["codec"] = measure_codec(max(5, repeats * 5))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["targets"] = {
+        "mosquitto_blob_ratio": TARGET_BLOB_RATIO,
+        "codec_ratio": TARGET_CODEC_RATIO,
+        "mosquitto_blob_met": results["blob"]["mosquitto"]["ratio_to_raw_tcp"] >= TARGET_BLOB_RATIO,
+        "codec_met": all(
+            min(v["encode_ratio"], v["decode_ratio"]) >= TARGET_CODEC_RATIO for v in results["codec"].values()
+        ),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "transport.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "transport.md").write_text(markdown(results))
+    return results
+
+
+def markdown(r: dict) -> str:
+    """The results as a markdown report."""
+    lines = [
+        "# Transport benchmark",
+        "",
+        f"Blob of {r['blob_bytes'] // MiB} MiB in {r['chunk_bytes'] // MiB} MiB chunks, loopback, best of {r['repeats']}; "
+        f"{r['machine']['cpu_count']} CPUs, Python {r['machine']['python']}, paho-mqtt {r['machine']['paho_mqtt']}, "
+        f"iotcore {r['machine']['iotcore']}, {r['machine']['mosquitto']}.",
+        "",
+        "| path | MiB/s | ratio | target |",
+        "| --- | ---: | ---: | ---: |",
+        f"| raw TCP socket (separate sender process) | {r['raw_tcp_mib_s']:.0f} | 1.00x raw TCP | |",
+        f"| sha256 (one core) | {r['sha256_mib_s']:.0f} | {r['sha256_mib_s'] / r['raw_tcp_mib_s']:.2f}x raw TCP | |",
+    ]
+    for kind in ("mosquitto", "embedded"):
+        b, m = r["blob"][kind], r["messages"][kind]
+        target = f">= {r['targets']['mosquitto_blob_ratio']}x" if kind == "mosquitto" else ""
+        lines.append(f"| blob fetch via {kind} (sha256 + disk cache + materialize) | {b['mib_s']:.0f} | {b['ratio_to_raw_tcp']:.2f}x raw TCP | {target} |")
+        lines.append(f"| chunk messages via {kind} (receive + decode only) | {m['mib_s']:.0f} | {m['ratio_to_raw_tcp']:.2f}x raw TCP | |")
+    for name, c in r["codec"].items():
+        lines.append(f"| codec encode {name} | {c['encode_mib_s']:.0f} | {c['encode_ratio']:.2f}x memcpy | >= {r['targets']['codec_ratio']}x |")
+        lines.append(f"| codec decode {name} | {c['decode_mib_s']:.0f} | {c['decode_ratio']:.2f}x memcpy | >= {r['targets']['codec_ratio']}x |")
+        lines.append(f"| memcpy {name} | {c['memcpy_mib_s']:.0f} | 1.00x memcpy | |")
+    t = r["targets"]
+    lines += [
+        "",
+        f"Targets met: mosquitto blob path {'yes' if t['mosquitto_blob_met'] else 'NO'}, codec {'yes' if t['codec_met'] else 'NO'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Command line entry (also the entry of the benchmark's child processes)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blob-mib", type=int, default=192, help="blob size in MiB (default 192)")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats per measurement; the best counts")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder")
+    parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        role, *rest = args.role
+        {"tcp-sender": lambda: _role_tcp_sender(int(rest[0]), int(rest[1])),
+         "blob-server": lambda: _role_blob_server(int(rest[0]), rest[1]),
+         "publisher": lambda: _role_publisher(int(rest[0]), int(rest[1]))}[role]()
+        return
+    results = run(args.blob_mib, args.repeats, args.out)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()

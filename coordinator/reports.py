@@ -1,0 +1,229 @@
+"""Run reports: what happened per round and per client, as tables, CSV and PNG plots.
+
+The coordinator writes ``report.json`` into the run directory whenever a run ends (and
+``simulate`` adds ``clients.json`` with each client's final byte counters). Clients put
+cumulative byte counters in every update's resource report, so per-round traffic is the
+difference between a client's consecutive reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.errors import RunStateError
+
+GIB = 2**30
+MIB = 2**20
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run directory's report (and the simulated clients' outcomes, if any).
+
+    Args:
+        run_dir: A run directory.
+
+    Returns:
+        The report dict with ``per_client_round`` rows added.
+
+    Raises:
+        RunStateError: No ``report.json`` (the run has not ended yet, or it is not a run directory).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise RunStateError(f"{path} does not exist: the run has not ended, or {run_dir} is not a run directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunStateError(f"{path} is not valid JSON ({exc.msg})") from exc
+    clients_path = run_dir / "clients.json"
+    if clients_path.is_file():
+        data["client_outcomes"] = json.loads(clients_path.read_text())
+    data["per_client_round"] = per_client_rounds(data)
+    return data
+
+
+def per_client_rounds(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per accepted update: round, client, loss, memory, time, bytes this round.
+
+    Args:
+        data: A loaded report.
+
+    Returns:
+        Rows sorted by client then round; ``bytes_up``/``bytes_down`` are this round's traffic.
+    """
+    rows = []
+    last: dict[str, tuple[int, int]] = {}
+    for update in sorted(data.get("updates", []), key=lambda u: (u["client_id"], u["round"])):
+        res, metrics = update.get("resources", {}), update.get("metrics", {})
+        sent, received = int(res.get("bytes_sent", 0)), int(res.get("bytes_received", 0))
+        prev_sent, prev_received = last.get(update["client_id"], (0, 0))
+        last[update["client_id"]] = (sent, received)
+        rows.append({
+            "round": update["round"],
+            "client_id": update["client_id"],
+            "examples": update["num_examples"],
+            "loss_first": metrics.get("loss_first"),
+            "loss_last": metrics.get("loss_last"),
+            "peak_rss_bytes": res.get("peak_rss_bytes", 0),
+            "peak_gpu_bytes": res.get("peak_gpu_bytes", 0),
+            "wall_seconds": res.get("wall_seconds", 0.0),
+            "cpu_seconds": res.get("cpu_seconds", 0.0),
+            "bytes_up": sent - prev_sent,
+            "bytes_down": received - prev_received,
+            "device_class": res.get("device_class", ""),
+        })
+    return rows
+
+
+def render_summary(data: dict[str, Any]) -> None:
+    """Print the run's rounds, clients and results as rich tables on the console.
+
+    Args:
+        data: A loaded report.
+    """
+    from rich.table import Table
+
+    from shared.console import console
+
+    rounds = Table(title=f"run {data['run_id']} ({data.get('strategy', '?')}): {data['phase']}")
+    for col in ("round", "participants", "reported", "dropouts", "rejected", "late", "duplicates", "examples", "seconds", "outcome"):
+        rounds.add_column(col, justify="right" if col not in ("participants", "outcome") else "left")
+    for rec in data["rounds"]:
+        seconds = (rec["closed_at"] - rec["started_at"]) if rec.get("closed_at") else None
+        rounds.add_row(
+            str(rec["round"]), ", ".join(rec["participants"]), str(len(rec["reported"])), str(rec["dropouts"]),
+            str(rec["rejected"]), str(rec["late"]), str(rec["duplicates"]), str(rec["examples"]),
+            f"{seconds:.0f}" if seconds is not None else "-", rec["outcome"],
+        )
+    console.print(rounds)
+
+    clients = Table(title="clients")
+    for col in ("client", "tier", "device", "rounds", "down MiB", "up MiB", "peak RSS GiB", "budget GiB", "train s", "loss first -> last"):
+        clients.add_column(col, justify="left" if col in ("client", "tier", "device") else "right")
+    assignments = data.get("assignments", {})
+    outcomes = {c.get("client_id", str(i)): c for i, c in enumerate(data.get("client_outcomes", []))}
+    for client_id, info in sorted(data.get("clients", {}).items()):
+        rows = [r for r in data["per_client_round"] if r["client_id"] == client_id]
+        final = outcomes.get(client_id, {})
+        down = final.get("bytes_received", sum(r["bytes_down"] for r in rows))
+        up = final.get("bytes_sent", sum(r["bytes_up"] for r in rows))
+        budget = assignments.get(client_id, {}).get("budget_bytes")
+        losses = f"{rows[0]['loss_first']:.3f} -> {rows[-1]['loss_last']:.3f}" if rows and rows[0]["loss_first"] is not None else "-"
+        clients.add_row(
+            client_id, info.get("tier") or "refused", rows[-1]["device_class"] if rows else "-", str(len(rows)),
+            f"{down / MIB:.1f}", f"{up / MIB:.2f}",
+            f"{max((r['peak_rss_bytes'] for r in rows), default=0) / GIB:.2f}",
+            f"{budget / GIB:.1f}" if budget else "-",
+            f"{sum(r['wall_seconds'] for r in rows):.0f}", losses,
+        )
+    console.print(clients)
+
+    results = data.get("results") or {}
+    if results:
+        table = Table(title="results", show_header=False)
+        for key, value in results.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        for name, tier in data.get("tiers", {}).items():
+            table.add_row(f"tier {name}", f"{tier['layers']} layers, package {tier['package_bytes'] / MIB:.1f} MiB, v{tier['version']}")
+        console.print(table)
+
+
+CSV_FIELDS = ("round", "client_id", "examples", "loss_first", "loss_last", "peak_rss_bytes", "peak_gpu_bytes",
+              "wall_seconds", "cpu_seconds", "bytes_up", "bytes_down", "device_class")
+
+
+def write_csv(data: dict[str, Any], path: str | Path) -> Path:
+    """Write the per-round, per-client rows as CSV.
+
+    Args:
+        data: A loaded report.
+        path: Output file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(data["per_client_round"])
+    return path
+
+
+def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
+    """PNG plots: loss and accuracy per round, bytes per round, memory per client vs budget.
+
+    Args:
+        data: A loaded report.
+        folder: Output folder (created).
+
+    Returns:
+        The files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = data["per_client_round"]
+    rounds = sorted({r["round"] for r in rows})
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mean_loss = [_mean([r["loss_last"] for r in rows if r["round"] == n and r["loss_last"] is not None]) for n in rounds]
+    ax.plot(rounds, mean_loss, marker="o", label="mean client loss (end of round)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("training loss")
+    results = data.get("results") or {}
+    if "accuracy_after" in results:
+        acc = ax.twinx()
+        acc.axhline(results["accuracy_before"], color="grey", linestyle="--", label="full LLM before")
+        acc.axhline(results["accuracy_after"], color="green", label="full LLM + adapter")
+        acc.set_ylabel("test accuracy")
+        acc.set_ylim(0, 1)
+        acc.legend(loc="lower right")
+    ax.legend(loc="upper right")
+    ax.set_title("loss per round, final accuracy")
+    written.append(_save(fig, folder / "loss_accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    down = [sum(r["bytes_down"] for r in rows if r["round"] == n) / MIB for n in rounds]
+    up = [sum(r["bytes_up"] for r in rows if r["round"] == n) / MIB for n in rounds]
+    ax.bar([n - 0.2 for n in rounds], down, width=0.4, label="down (sub-LLM, adapter, schedule)")
+    ax.bar([n + 0.2 for n in rounds], up, width=0.4, label="up (deltas, reports)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB, all clients")
+    ax.set_title("traffic per round (MQTT layer)")
+    ax.legend()
+    written.append(_save(fig, folder / "bytes_per_round.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    clients = sorted({r["client_id"] for r in rows})
+    peaks = [max(r["peak_rss_bytes"] for r in rows if r["client_id"] == c) / GIB for c in clients]
+    budgets = [(data.get("assignments", {}).get(c, {}).get("budget_bytes") or 0) / GIB for c in clients]
+    ax.bar(clients, peaks, label="peak RSS")
+    ax.scatter(clients, budgets, color="red", marker="_", s=400, label="planned budget")
+    ax.set_ylabel("GiB")
+    ax.set_title("memory per client")
+    ax.legend()
+    written.append(_save(fig, folder / "memory_per_client.png"))
+    return written
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

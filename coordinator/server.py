@@ -1,0 +1,427 @@
+"""The coordinator's only impure loop: MQTT in, round state machine, MQTT and disk out.
+
+One thread owns everything. ``transport.poll`` hands each inbound message to a handler
+registered here (paho's callbacks only enqueue), handlers turn messages into round events,
+:func:`coordinator.rounds.step` turns events into actions, and this module carries the
+actions out (publish, persist, aggregate, re-align, export). Model work lives behind
+:class:`coordinator.pipeline.ModelPipeline`, so this file is about ordering and safety:
+
+* an update is validated, then persisted (fsync), and only then counted, so a coordinator
+  killed at any moment restarts with ``serve --resume`` and loses no accepted update;
+* every decode or validation failure is logged with its reason, answered with a Nack where
+  there is someone to answer, counted, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator import rounds
+from coordinator.checkpoint import RunDir, load_run
+from coordinator.pipeline import ModelPipeline
+from coordinator.rounds import (
+    AggregationDone,
+    AlignmentDone,
+    ClientHello,
+    ClientOffline,
+    ClientOnline,
+    Fail,
+    Finish,
+    PersistCheckpoint,
+    PublishDone,
+    PublishSchedule,
+    RequestAggregation,
+    SendNack,
+    Start,
+    StartAlignment,
+    Tick,
+    UpdateReceived,
+)
+from coordinator.settings import RunConfig
+from coordinator.strategies import get_strategy
+from coordinator.updates import RoundContext, UpdateLimits, UpdateValidationError, validate_update
+from shared import codec, topics
+from shared.blobs import BlobServer
+from shared.errors import FedSodaError, ProtocolError, RunStateError
+from shared.protocol import (
+    Assignment,
+    GlobalAdapter,
+    Hello,
+    MessageType,
+    Nack,
+    Presence,
+    Schedule,
+)
+from shared.tensors import state_to_payloads
+from shared.topics import TopicKind
+from shared.transport import InboundMessage, MqttTransport
+
+log = logging.getLogger(__name__)
+
+COORDINATOR_ID = "coordinator"
+ASSIGNMENTS_FILE = "assignments.json"
+TICK_SECONDS = 0.2
+
+
+@dataclass
+class ServerCounters:
+    """What the loop refused or ignored, by reason (for the run report).
+
+    Attributes:
+        refused: Messages that failed decoding or validation, keyed by reason code.
+        ignored: Well-formed messages with nothing to do (e.g. our own echoes), by kind.
+    """
+
+    refused: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a ``serve`` ended.
+
+    Attributes:
+        status: ``"finished"`` or ``"failed"``.
+        reason: Why it failed ("" when finished).
+        run_dir: The run directory.
+        results: Final results (export path, evaluation) when finished.
+    """
+
+    status: str
+    reason: str
+    run_dir: Path
+    results: dict[str, Any]
+
+
+class CoordinatorServer:
+    """Runs one federated fine-tuning over MQTT.
+
+    Args:
+        config: The run configuration.
+        run_dir: Run directory (created, or resumed from with ``resume=True``).
+        pipeline: Prepared model pipeline (tiers, adapters, re-alignment, export).
+        transport: A connected transport with the coordinator's client id.
+        resume: Carry on from the checkpoint in ``run_dir``.
+        clock: Wall clock (seconds); injectable so tests can drive deadlines.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        pipeline: ModelPipeline,
+        transport: MqttTransport,
+        *,
+        resume: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.transport = transport
+        self.clock = clock
+        self.run_id = config.run_id
+        self.counters = ServerCounters()
+        self.strategy = get_strategy("fedavg")
+        self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID)
+        self._events: deque = deque()
+        self._outcome: RunOutcome | None = None
+        self.assignments = self._load_assignments(run_dir)
+        if resume:
+            resumed = load_run(run_dir)
+            self.run_dir, self.state = resumed.run_dir, resumed.state
+            if self.state.run_id != self.run_id:
+                raise RunStateError(
+                    f"{run_dir} holds run {self.state.run_id!r}, not {self.run_id!r}: pass the same --run-id or config"
+                )
+            self.global_state = self.run_dir.load_global(self.state.adapter_round)
+            log.info("resumed run %s at round %d (%s)", self.run_id, self.state.round, self.state.phase.value)
+        else:
+            state = rounds.initial_state(config.rounds, run_id=self.run_id, seed=config.seed, now=clock())
+            self.run_dir = RunDir.create(run_dir, state)
+            self.state = state
+            self.global_state = pipeline.initial_adapter()
+            self.run_dir.save_global(0, self.global_state)
+
+    @staticmethod
+    def _load_assignments(run_dir: Path) -> dict[str, dict[str, Any]]:
+        path = Path(run_dir) / ASSIGNMENTS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False) -> RunOutcome:
+        """Serve until the run finishes or fails (or ``stop()`` returns True).
+
+        Args:
+            stop: Polled every tick; True stops serving (the run stays resumable).
+
+        Returns:
+            The outcome.
+        """
+        self._subscribe()
+        for tier in self.pipeline.tiers.values():
+            self._publish_tier(tier)
+        self._publish_adapter()
+        self._post(Start(self.clock()))
+        while self._outcome is None and not stop():
+            self._drain()
+            self.transport.poll(TICK_SECONDS)
+            self._post(Tick(self.clock()))
+        self._drain()
+        self.transport.flush(timeout=30.0)
+        if self._outcome is None:
+            return RunOutcome("stopped", "stopped on request", self.run_dir.path, {})
+        return self._outcome
+
+    def _subscribe(self) -> None:
+        handlers = {
+            TopicKind.HELLO: self._on_hello,
+            TopicKind.UPDATE: self._on_update,
+            TopicKind.PRESENCE: self._on_presence,
+            TopicKind.CHUNKREQ: self._on_chunk_request,
+        }
+        for kind, handler in handlers.items():
+            self.transport.subscribe(topics.all_of(self.run_id, kind), self._guarded(kind, handler))
+
+    def _guarded(self, kind: TopicKind, handler: Callable[[InboundMessage], None]) -> Callable[[InboundMessage], None]:
+        """Wrap a handler so no single message can stop the loop."""
+
+        def run_handler(message: InboundMessage) -> None:
+            try:
+                handler(message)
+            except ProtocolError as exc:
+                self.counters.refused[type(exc).__name__] += 1
+                log.warning("refused %s message on %s: %s", kind, message.topic, exc)
+            except FedSodaError as exc:
+                self.counters.refused[type(exc).__name__] += 1
+                log.error("could not handle %s message on %s: %s", kind, message.topic, exc)
+
+        return run_handler
+
+    def _post(self, event: Any) -> None:
+        self._events.append(event)
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._events and self._outcome is None:
+            event = self._events.popleft()
+            self.state, actions = rounds.step(self.state, event)
+            for action in actions:
+                self._carry_out(action)
+
+    # ------------------------------------------------------------------ actions
+
+    def _carry_out(self, action: Any) -> None:
+        if isinstance(action, PersistCheckpoint):
+            self.run_dir.save_state(self.state)
+        elif isinstance(action, PublishSchedule):
+            self._publish_schedule(action)
+        elif isinstance(action, SendNack):
+            self._send_nack(action.client_id, action.round, action.ref_message_id, action.code, action.reason)
+        elif isinstance(action, RequestAggregation):
+            self._aggregate(action.round, action.client_ids)
+        elif isinstance(action, StartAlignment):
+            self._realign(action.round)
+        elif isinstance(action, Finish):
+            self._finish(action.adapter_round)
+        elif isinstance(action, Fail):
+            self._write_report()
+            self._outcome = RunOutcome("failed", action.reason, self.run_dir.path, {})
+        else:  # pragma: no cover - the action union is closed
+            raise RunStateError(f"unknown action {action!r}")
+
+    def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
+        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=COORDINATOR_ID)
+        self.transport.publish(topic, payload, qos=1, retain=retain)
+
+    def _publish_schedule(self, action: PublishSchedule) -> None:
+        schedule = Schedule(
+            round=action.round,
+            status=action.status,
+            deadline=action.deadline,
+            quorum=action.quorum,
+            participants=dict(action.participants),
+            training=self.config.training,
+            manifests={name: tier.manifest.blob_id for name, tier in self.pipeline.tiers.items()},
+            adapter_round=action.adapter_round,
+        )
+        self._publish(topics.schedule(self.run_id), MessageType.SCHEDULE, schedule, round_=action.round, retain=True)
+        if action.status == "running":
+            # Our publish is queued in order before anything a client sends in reply, so
+            # collecting may start now; late acknowledgements change nothing.
+            self._events.append(PublishDone(action.round))
+
+    def _publish_tier(self, tier: Any) -> None:
+        self.blobs.add(tier.manifest, tier.folder)
+        self._publish(topics.manifest(self.run_id, tier.name), MessageType.MANIFEST, tier.manifest, retain=True)
+
+    def _publish_adapter(self) -> None:
+        body = GlobalAdapter(round=self.state.adapter_round, tensors=state_to_payloads(self.global_state))
+        self._publish(topics.adapter(self.run_id), MessageType.GLOBAL_ADAPTER, body, round_=self.state.adapter_round, retain=True)
+
+    def _send_nack(self, client_id: str, round_: int, ref: str, code: str, reason: str) -> None:
+        log.warning("nack %s to %s (round %d): %s", code, client_id, round_, reason)
+        body = Nack(client_id=client_id, round=round_, ref_message_id=ref, code=code, reason=reason)
+        self._publish(topics.nack(self.run_id, client_id), MessageType.NACK, body, round_=round_)
+
+    def _aggregate(self, round_: int, client_ids: tuple[str, ...]) -> None:
+        wanted = set(client_ids)
+        persisted = [u for u in self.run_dir.updates(round_) if u.client_id in wanted]
+        # A generator: FedAvg streams, so only one client's delta is in memory at a time.
+        deltas = ((u.num_examples, u.load_delta()) for u in persisted)
+        self.global_state = self.strategy.aggregate(self.global_state, deltas)
+        self.run_dir.save_global(round_, self.global_state)
+        log.info("round %d aggregated from %d updates", round_, len(persisted))
+        self._events.append(AggregationDone(round_))
+        # The state machine moves adapter_round to this round on AggregationDone; publish after.
+        self._drain()
+        self._publish_adapter()
+
+    def _realign(self, round_: int) -> None:
+        version = self.state.model_version + 1
+        log.info("re-aligning sub-LLMs with the round-%d global adapter (version %d)", round_, version)
+        for tier in self.pipeline.realign(self.global_state, version).values():
+            self._publish_tier(tier)
+        self._events.append(AlignmentDone(version))
+
+    def _finish(self, adapter_round: int) -> None:
+        results = self.pipeline.finish(self.run_dir.load_global(adapter_round), self.run_dir.path)
+        self._write_report(results)
+        self._outcome = RunOutcome("finished", "", self.run_dir.path, results)
+
+    def _write_report(self, results: dict[str, Any] | None = None) -> None:
+        report = {
+            "run_id": self.run_id,
+            "phase": self.state.phase.value,
+            "fail_reason": self.state.fail_reason,
+            "strategy": self.config.pruning.strategy,
+            "rounds": [rec_to_dict(rec) for rec in self.state.records],
+            "assignments": self.assignments,
+            "clients": {c.client_id: {"tier": c.tier, "accepted": c.accepted, "examples": c.num_examples} for c in self.state.clients},
+            "updates": [
+                {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
+                for r in self.state.records
+                for u in self.run_dir.updates(r.round)
+            ],
+            "tiers": {name: tier.describe() for name, tier in self.pipeline.tiers.items()},
+            "chunks_served": self.blobs.chunks_served,
+            "bytes_served": self.blobs.bytes_served,
+            "refused": dict(self.counters.refused),
+            "coordinator_bytes_sent": self.transport.bytes_sent,
+            "coordinator_bytes_received": self.transport.bytes_received,
+            "results": results or {},
+        }
+        (self.run_dir.path / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_hello(self, message: InboundMessage) -> None:
+        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        hello: Hello = envelope.body
+        if hello.client_id != info.client or envelope.sender != info.client:
+            raise ProtocolError(f"hello on {message.topic} claims to be from {hello.client_id!r}/{envelope.sender!r}")
+        assignment = self.pipeline.assign(hello.client_id, hello.profile)
+        self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
+        (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
+        self._publish(topics.assign(self.run_id, hello.client_id), MessageType.ASSIGNMENT, assignment)
+        log.info(
+            "hello from %s (%s): %s",
+            hello.client_id,
+            hello.profile.device_class,
+            f"tier {assignment.tier}" if assignment.accepted else f"refused: {assignment.reason}",
+        )
+        self._post(ClientHello(hello.client_id, assignment.tier, assignment.accepted, hello.num_examples))
+
+    def _on_presence(self, message: InboundMessage) -> None:
+        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        presence: Presence = envelope.body
+        if presence.client_id != info.client:
+            raise ProtocolError(f"presence on {message.topic} names another client {presence.client_id!r}")
+        self._post(ClientOnline(info.client) if presence.online else ClientOffline(info.client))
+
+    def _on_chunk_request(self, message: InboundMessage) -> None:
+        self.blobs.handle(message)
+
+    def _on_update(self, message: InboundMessage) -> None:
+        try:
+            info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        except ProtocolError as exc:
+            client = _client_of(message.topic)
+            if client is not None:
+                self._send_nack(client, -1, "", "bad_message", str(exc))
+            raise
+        client_id = info.client
+        update = envelope.body
+        verdict = rounds.admission(self.state, client_id, update.round)
+        if not verdict.accepted:
+            # The state machine counts it and answers (a duplicate silently).
+            self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=verdict.verdict, reason=verdict.reason))
+            return
+        try:
+            delta = validate_update(envelope, topic_client_id=client_id, context=self._round_context())
+        except UpdateValidationError as exc:
+            self.counters.refused[exc.code] += 1
+            self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=exc.code, reason=exc.reason))
+            return
+        self.run_dir.save_update(
+            update.round,
+            client_id,
+            delta,
+            num_examples=update.num_examples,
+            message_id=envelope.message_id,
+            metrics=dict(update.metrics),
+            resources=_plain(update.resources),
+        )
+        log.info("round %d: accepted update from %s (%d examples)", update.round, client_id, update.num_examples)
+        self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples))
+
+    def _round_context(self) -> RoundContext:
+        rec = self.state.current
+        participants = dict(rec.participants) if rec is not None else {}
+        return RoundContext(
+            run_id=self.run_id,
+            round=self.state.round,
+            participants=participants,
+            expected_shapes=self.pipeline.expected_shapes(),
+            limits=UpdateLimits(
+                max_norm=self.config.validation.max_delta_norm,
+                max_examples=self.config.validation.max_examples,
+            ),
+        )
+
+
+def _client_of(topic: str) -> str | None:
+    try:
+        return topics.parse(topic).client
+    except ProtocolError:
+        return None
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def rec_to_dict(rec: rounds.RoundRecord) -> dict[str, Any]:
+    """A round record as plain JSON types (for the run report).
+
+    Args:
+        rec: A round record.
+
+    Returns:
+        Its fields, participants as a ``{client: tier}`` map.
+    """
+    from dataclasses import asdict
+
+    out = asdict(rec)
+    out["participants"] = dict(rec.participants)
+    out["reported"] = list(rec.reported)
+    return out

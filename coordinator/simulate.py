@@ -1,0 +1,207 @@
+"""One-machine federated runs: embedded broker, coordinator, and N real client processes.
+
+``simulate`` splits a real dataset across clients (IID or Dirichlet non-IID by label,
+seeded), writes each client's share as a JSONL file, starts ``fedsoda-client join`` once
+per client as a child process, and serves the run in this process through
+:func:`coordinator.launch.serve_run` — the very code path of ``serve`` and ``join``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.datasets import movie_reviews, train_test_split
+from coordinator.launch import serve_run
+from coordinator.pipeline import Progress
+from coordinator.server import RunOutcome
+from coordinator.settings import RunConfig
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLIENT_EXIT_GRACE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    """How the simulated clients are made.
+
+    Attributes:
+        clients: Number of client processes.
+        partition: ``iid`` or ``dirichlet`` (non-IID label skew).
+        dirichlet_alpha: Concentration of the Dirichlet split (smaller = more skewed).
+        examples_per_client: Training examples each client holds at most.
+        profiles: Device class per client (cycled); empty = each client detects its own.
+    """
+
+    clients: int = 3
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    examples_per_client: int = 200
+    profiles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ConfigError(f"--clients must be at least 1, got {self.clients}")
+        if self.partition not in ("iid", "dirichlet"):
+            raise ConfigError(f"--partition must be 'iid' or 'dirichlet', got {self.partition!r}")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.examples_per_client < 1:
+            raise ConfigError(f"--examples-per-client must be at least 1, got {self.examples_per_client}")
+
+
+def partition_rows(rows: list[dict], clients: int, *, scheme: str, alpha: float, per_client: int, seed: int) -> list[list[dict]]:
+    """Split labelled rows across clients.
+
+    Args:
+        rows: Rows with an integer ``label``.
+        clients: Number of shares.
+        scheme: ``iid`` (shuffle and deal) or ``dirichlet`` (each label's rows spread by
+            proportions drawn from Dirichlet(alpha), the usual non-IID benchmark split).
+        alpha: Dirichlet concentration.
+        per_client: Cap on each share.
+        seed: Seed; the same seed gives the same split.
+
+    Returns:
+        ``clients`` lists of rows (each non-empty when there are enough rows).
+    """
+    rng = random.Random(seed)
+    shuffled = list(rows)
+    rng.shuffle(shuffled)
+    if scheme == "iid":
+        shares = [shuffled[i::clients] for i in range(clients)]
+    else:
+        shares = [[] for _ in range(clients)]
+        for label in sorted({r["label"] for r in shuffled}):
+            of_label = [r for r in shuffled if r["label"] == label]
+            weights = [rng.gammavariate(alpha, 1.0) for _ in range(clients)]
+            total = sum(weights)
+            start = 0
+            for i, w in enumerate(weights):
+                end = len(of_label) if i == clients - 1 else start + round(len(of_label) * w / total)
+                shares[i].extend(of_label[start:end])
+                start = end
+        for share in shares:
+            rng.shuffle(share)
+    return [share[:per_client] for share in shares]
+
+
+def write_client_data(config: RunConfig, options: SimulationOptions, run_dir: Path) -> list[Path]:
+    """Write each simulated client's training share (from the task's train split) as JSONL.
+
+    The test split used for the final evaluation is held out before partitioning.
+
+    Returns:
+        One data file per client.
+    """
+    train, _test = train_test_split(movie_reviews(config.evaluation.task), seed=config.evaluation.split_seed)
+    shares = partition_rows(
+        train, options.clients, scheme=options.partition, alpha=options.dirichlet_alpha,
+        per_client=options.examples_per_client, seed=config.seed,
+    )
+    paths = []
+    for i, share in enumerate(shares):
+        if not share:
+            raise ConfigError(f"client {i} got no data: use more examples or a larger --dirichlet-alpha")
+        path = run_dir / "clients" / client_name(i) / "data.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in share))
+        paths.append(path)
+    return paths
+
+
+def client_name(index: int) -> str:
+    """The client id of simulated client ``index``."""
+    return f"client-{index}"
+
+
+class ClientFleet:
+    """The simulated client processes (``python -m edge_client join ...``)."""
+
+    def __init__(self, config: RunConfig, options: SimulationOptions, data: list[Path], run_dir: Path) -> None:
+        self.config = config
+        self.options = options
+        self.data = data
+        self.run_dir = run_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, host: str, port: int) -> None:
+        """Start one ``join`` process per client against the broker at ``host:port``."""
+        env = dict(os.environ)
+        # Share the cores instead of oversubscribing them: N clients x all threads thrashes.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.options.clients))
+        for i, data in enumerate(self.data):
+            folder = data.parent
+            argv = [
+                sys.executable, "-m", "edge_client", "join",
+                "--broker", f"{host}:{port}", "--run", self.config.run_id, "--client-id", client_name(i),
+                "--data", str(data), "--state-dir", str(folder / "state"), "--json",
+            ]
+            if self.options.profiles:
+                argv += ["--profile", self.options.profiles[i % len(self.options.profiles)]]
+            log_file = (folder / "client.log").open("w")
+            self.processes.append(
+                subprocess.Popen(argv, stdout=(folder / "outcome.json").open("w"), stderr=log_file, env=env)
+            )
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        """Wait for the clients to leave (they do once the schedule says finished).
+
+        Returns:
+            Each client's JSON outcome (``{"status": "missing"}`` when it printed none).
+        """
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=10)
+        outcomes = []
+        for i in range(len(self.processes)):
+            text = (self.run_dir / "clients" / client_name(i) / "outcome.json").read_text().strip()
+            outcomes.append(json.loads(text) if text else {"status": "missing", "reason": "see client.log"})
+        return outcomes
+
+    def stop(self) -> None:
+        """Terminate clients still running (on error or interrupt)."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, progress: Progress = lambda _m: None) -> tuple[RunOutcome, list[dict[str, Any]]]:
+    """Run a whole federated fine-tuning on this machine.
+
+    Args:
+        config: Run configuration (the broker is forced to the embedded one).
+        options: Client fleet settings.
+        run_dir: Run directory (a fresh one).
+        progress: Status messages.
+
+    Returns:
+        The coordinator's outcome and each client's outcome.
+    """
+    config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, embedded=True, port=0))
+    run_dir = Path(run_dir)
+    data = write_client_data(config, options, run_dir)
+    progress(f"wrote {options.partition} shares of {config.evaluation.task} for {options.clients} clients under {run_dir / 'clients'}")
+    fleet = ClientFleet(config, options, data, run_dir)
+    try:
+        outcome = serve_run(config, run_dir, progress=progress, on_broker=fleet.start)
+        clients = fleet.wait(CLIENT_EXIT_GRACE_SECONDS)
+    finally:
+        fleet.stop()
+    (run_dir / "clients.json").write_text(json.dumps(clients, indent=2))
+    return outcome, clients

@@ -1,0 +1,398 @@
+"""The edge client's loop: hello, preflight, fetch, train, send; carry on after disconnects.
+
+One thread owns everything: ``transport.poll`` hands retained state (schedule, manifests,
+global adapter) and replies (assignment, nacks) to handlers that only record them; the loop
+then decides what to do next from that state. Because the schedule, manifests and adapter
+are retained, a client that reconnects or restarts learns the current round at once.
+
+What survives a crash lives in the state folder: verified sub-LLM chunks (so a broken
+download resumes), the rounds already sent (so a restart does not train twice), and the
+mid-round training checkpoint (so a restart resumes from the last saved step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_client.data import LocalDataset
+from edge_client.preflight import preflight
+from edge_client.resources import ResourceTracker
+from edge_client.trainer import TrainProgress, clear_checkpoint, load_checkpoint, train_adapter
+from shared import codec, topics
+from shared.blobs import BlobFetcher, ChunkStore, FetchProgress
+from shared.errors import FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError
+from shared.protocol import (
+    Assignment,
+    DeviceProfile,
+    GlobalAdapter,
+    Hello,
+    Manifest,
+    MessageType,
+    Nack,
+    Presence,
+    Schedule,
+    Update,
+)
+from shared.subllm import load_package
+from shared.tensors import payloads_to_state, state_to_payloads
+from shared.topics import TopicKind
+from shared.transport import ConnectionEvent, InboundMessage, MqttTransport, TransportConfig, Will
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "fedsoda 0.1.0"
+HELLO_RETRY_SECONDS = 5.0
+STATE_FILE = "client.json"
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How an edge client joins a run.
+
+    Attributes:
+        run_id: Run to join.
+        client_id: This client's stable id.
+        state_dir: Folder for the chunk cache, sent-round record and training checkpoints.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present and the profile says so).
+        checkpoint_every: Save the mid-round training state every this many steps (0: never).
+        idle_timeout: Seconds to wait with nothing to do before giving up (None: for ever).
+    """
+
+    run_id: str
+    client_id: str
+    state_dir: Path
+    device: str = "auto"
+    checkpoint_every: int = 5
+    idle_timeout: float | None = None
+
+
+@dataclass
+class ClientEvents:
+    """Callbacks a CLI hooks in to draw progress (all optional).
+
+    Attributes:
+        on_status: A one-line status message.
+        on_fetch: Chunk download progress.
+        on_train: Training step progress.
+    """
+
+    on_status: Callable[[str], None] = lambda _msg: None
+    on_fetch: Callable[[FetchProgress], None] = lambda _p: None
+    on_train: Callable[[TrainProgress], None] = lambda _p: None
+
+
+@dataclass
+class ClientOutcome:
+    """How a ``join`` ended.
+
+    Attributes:
+        client_id: This client's id.
+        status: ``"finished"`` (the run finished), ``"failed"`` (the run failed) or ``"stopped"``.
+        reason: Why, in words.
+        rounds_sent: Rounds this client sent an update for.
+        bytes_sent: Bytes this client published (MQTT payload + topic).
+        bytes_received: Bytes this client received.
+        chunks_fetched: Sub-LLM chunks downloaded.
+        chunks_reused: Sub-LLM chunks found in the cache.
+        nacks: Refusals received, as ``{"round", "code", "reason"}``.
+    """
+
+    client_id: str
+    status: str
+    reason: str
+    rounds_sent: list[int]
+    bytes_sent: int
+    bytes_received: int
+    chunks_fetched: int = 0
+    chunks_reused: int = 0
+    nacks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EdgeClient:
+    """Joins a run and trains whenever the schedule names this client.
+
+    Args:
+        options: Who and where.
+        transport_config: Broker connection (its client_id must equal ``options.client_id``).
+        profile: The detected (or overridden) hardware profile.
+        dataset: The local training data.
+        events: Progress callbacks.
+    """
+
+    def __init__(
+        self,
+        options: ClientOptions,
+        transport_config: TransportConfig,
+        profile: DeviceProfile,
+        dataset: LocalDataset,
+        events: ClientEvents | None = None,
+    ) -> None:
+        self.options = options
+        self.profile = profile
+        self.dataset = dataset
+        self.events = events or ClientEvents()
+        self.run_id = topics.check_id(options.run_id, "run id")
+        self.client_id = topics.check_id(options.client_id, "client id")
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ChunkStore(options.state_dir / "chunks")
+        self.transport = MqttTransport(transport_config, will=Will(topics.presence(self.run_id, self.client_id), self._presence(False, "connection lost")))
+        self.assignment: Assignment | None = None
+        self.schedule: Schedule | None = None
+        self.manifests: dict[str, Manifest] = {}
+        self.adapter: GlobalAdapter | None = None
+        self.nacks: list[dict[str, Any]] = []
+        self._sent = self._load_sent()
+        self._loaded: tuple[str, Any, Any, Any] | None = None  # (blob_id, model, tokenizer, PackageMeta)
+        self._fetch_stats = [0, 0]
+        self._hello_at = 0.0
+        self._preflight_done = False
+
+    # ------------------------------------------------------------------ state on disk
+
+    def _state_path(self) -> Path:
+        return self.options.state_dir / STATE_FILE
+
+    def _load_sent(self) -> list[int]:
+        path = self._state_path()
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunStateError(f"{path} is corrupt ({exc.msg}); delete it to start this client afresh") from exc
+        if data.get("run_id") != self.run_id:
+            return []  # another run used this folder: its chunks stay useful, its rounds do not
+        return [int(r) for r in data.get("rounds_sent", [])]
+
+    def _save_sent(self) -> None:
+        path = self._state_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id, "client_id": self.client_id, "rounds_sent": self._sent}))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ messages
+
+    def _presence(self, online: bool, reason: str) -> bytes:
+        body = Presence(client_id=self.client_id, online=online, reason=reason)
+        return codec.encode(MessageType.PRESENCE, body, run=self.run_id, round=-1, sender=self.client_id)
+
+    def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
+        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=self.client_id)
+        self.transport.publish(topic, payload, qos=1, retain=retain)
+
+    def _subscribe(self) -> None:
+        handlers: dict[str, Callable[[InboundMessage], None]] = {
+            topics.assign(self.run_id, self.client_id): self._on_assignment,
+            topics.nack(self.run_id, self.client_id): self._on_nack,
+            topics.schedule(self.run_id): self._on_schedule,
+            topics.manifest(self.run_id, "+"): self._on_manifest,
+            topics.adapter(self.run_id): self._on_adapter,
+        }
+        for topic_filter, handler in handlers.items():
+            self.transport.subscribe(topic_filter, self._guarded(handler))
+
+    def _guarded(self, handler: Callable[[InboundMessage], None]) -> Callable[[InboundMessage], None]:
+        def run_handler(message: InboundMessage) -> None:
+            try:
+                info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+            except ProtocolError as exc:
+                log.warning("refused message on %s: %s", message.topic, exc)
+                return
+            if info.kind is not TopicKind.NACK and envelope.sender != "coordinator":
+                log.warning("refused %s from %r: only the coordinator publishes it", info.kind, envelope.sender)
+                return
+            handler(envelope)
+
+        return run_handler
+
+    def _on_assignment(self, envelope: Any) -> None:
+        self.assignment = envelope.body
+
+    def _on_nack(self, envelope: Any) -> None:
+        nack: Nack = envelope.body
+        self.nacks.append({"round": nack.round, "code": nack.code, "reason": nack.reason})
+        if nack.code not in ("unknown_chunk", "unknown_blob"):  # the fetcher handles its own
+            self.events.on_status(f"coordinator refused our message ({nack.code}): {nack.reason}")
+
+    def _on_schedule(self, envelope: Any) -> None:
+        self.schedule = envelope.body
+
+    def _on_manifest(self, envelope: Any) -> None:
+        manifest: Manifest = envelope.body
+        self.manifests[manifest.tier] = manifest
+
+    def _on_adapter(self, envelope: Any) -> None:
+        self.adapter = envelope.body
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False) -> ClientOutcome:
+        """Join, then train each round this client is scheduled for, until the run ends.
+
+        Args:
+            stop: Polled in the loop; True leaves cleanly (presence goes offline).
+
+        Returns:
+            The outcome.
+
+        Raises:
+            InsufficientMemoryError: The coordinator refused this device, or the assigned
+                tier does not fit in the memory available now.
+            BrokerError: The broker cannot be reached.
+        """
+        self.transport.connect()
+        try:
+            return self._serve(stop)
+        finally:
+            self._leave()
+
+    def _serve(self, stop: Callable[[], bool]) -> ClientOutcome:
+        self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, True, "joined"), retain=True)
+        self._subscribe()
+        idle_since = time.monotonic()
+        while not stop():
+            event = self.transport.poll(0.5)
+            if isinstance(event, ConnectionEvent) and event.connected:
+                # The broker may have lost our presence (restart without persistence): restate it.
+                self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, True, "reconnected"), retain=True)
+            if self.assignment is None:
+                self._say_hello()
+                continue
+            if not self.assignment.accepted:
+                raise InsufficientMemoryError(f"the coordinator did not admit this device: {self.assignment.reason}")
+            if not self._preflight_done:
+                self._check_fits()
+            schedule = self.schedule
+            if schedule is None:
+                continue
+            if schedule.status in ("finished", "failed"):
+                return self._outcome(schedule.status, "the run " + schedule.status)
+            if self._ready_to_train(schedule):
+                self._train_and_send(schedule)
+                idle_since = time.monotonic()
+            elif self.options.idle_timeout is not None and time.monotonic() - idle_since > self.options.idle_timeout:
+                return self._outcome("stopped", f"nothing to do for {self.options.idle_timeout:g} s")
+        return self._outcome("stopped", "stopped on request")
+
+    def _say_hello(self) -> None:
+        # A hello sent before the coordinator subscribed is lost (it is not retained): repeat it.
+        if time.monotonic() - self._hello_at < HELLO_RETRY_SECONDS:
+            return
+        self._hello_at = time.monotonic()
+        hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.dataset), software_version=SOFTWARE_VERSION)
+        self._publish(topics.hello(self.run_id, self.client_id), MessageType.HELLO, hello)
+        self.events.on_status(f"said hello to run {self.run_id}; waiting for an assignment")
+
+    def _check_fits(self) -> None:
+        manifest = self.manifests.get(self.assignment.tier)
+        if manifest is None:
+            return  # retained manifests arrive right after subscribing
+        verdict = preflight(manifest, self.assignment.plan, self.profile)
+        if not verdict.fits:
+            raise InsufficientMemoryError(verdict.reason)
+        self.events.on_status(f"tier {self.assignment.tier} fits: {verdict.reason}")
+        self._preflight_done = True
+
+    def _ready_to_train(self, schedule: Schedule) -> bool:
+        if schedule.status != "running" or schedule.round in self._sent:
+            return False
+        tier = schedule.participants.get(self.client_id)
+        if tier is None:
+            return False
+        manifest = self.manifests.get(tier)
+        if manifest is None or manifest.blob_id != schedule.manifests.get(tier):
+            return False  # the matching retained manifest has not arrived yet
+        return self.adapter is not None and self.adapter.round == schedule.adapter_round
+
+    def _model_for(self, manifest: Manifest) -> tuple[Any, Any, Any]:
+        if self._loaded is not None and self._loaded[0] == manifest.blob_id:
+            return self._loaded[1], self._loaded[2], self._loaded[3]
+        self._loaded = None  # free the old version before loading the new one
+        self.events.on_status(f"fetching sub-LLM {manifest.tier} v{manifest.version}")
+        fetcher = BlobFetcher(self.transport, self.store, run=self.run_id, client_id=self.client_id, progress=self.events.on_fetch)
+        folder = fetcher.fetch(manifest, self.options.state_dir / "packages" / manifest.blob_id)
+        self._fetch_stats[0] += fetcher.stats.fetched
+        self._fetch_stats[1] += fetcher.stats.reused
+        self.events.on_status(f"sub-LLM ready: {fetcher.stats.fetched} chunks fetched, {fetcher.stats.reused} reused from the cache")
+        model, tokenizer, meta = load_package(folder, device=self._device())
+        self._loaded = (manifest.blob_id, model, tokenizer, meta)
+        return model, tokenizer, meta
+
+    def _device(self) -> str:
+        if self.options.device != "auto":
+            return self.options.device
+        return "cuda" if self.profile.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
+
+    def _train_and_send(self, schedule: Schedule) -> None:
+        round_num = schedule.round
+        tier = schedule.participants[self.client_id]
+        model, tokenizer, meta = self._model_for(self.manifests[tier])
+        checkpoint_dir = self.options.state_dir / "train"
+        resume = load_checkpoint(checkpoint_dir)
+        if resume is not None and resume.round_num != round_num:
+            resume = None  # a checkpoint of an earlier round is of no use now
+        self.events.on_status(f"round {round_num}: training {schedule.training.local_steps} steps on {len(self.dataset)} examples")
+        with ResourceTracker(device_class=self.profile.device_class) as tracker:
+            result = train_adapter(
+                model,
+                tokenizer,
+                self.dataset,
+                schedule.training,
+                payloads_to_state(self.adapter.tensors),
+                list(meta.layer_map),
+                meta.layers_prefix,
+                self._device(),
+                progress_cb=self.events.on_train,
+                resume_state=resume,
+                round_num=round_num,
+                gradient_checkpointing=bool(self.assignment.plan.get("grad_checkpointing", False)),
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=self.options.checkpoint_every,
+            )
+        report = tracker.report(bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received)
+        update = Update(
+            client_id=self.client_id,
+            round=round_num,
+            num_examples=result.num_examples,
+            delta=state_to_payloads(result.delta),
+            metrics=result.metrics,
+            resources=report,
+        )
+        self._publish(topics.update(self.run_id, self.client_id), MessageType.UPDATE, update, round_=round_num)
+        self.transport.flush(timeout=60.0)
+        self._sent.append(round_num)
+        self._save_sent()
+        clear_checkpoint(checkpoint_dir)
+        loss = result.metrics.get("loss_last", float("nan"))
+        self.events.on_status(f"round {round_num}: sent update (loss {loss:.3f})")
+
+    def _outcome(self, status: str, reason: str) -> ClientOutcome:
+        return ClientOutcome(
+            client_id=self.client_id,
+            status=status,
+            reason=reason,
+            rounds_sent=list(self._sent),
+            bytes_sent=self.transport.bytes_sent,
+            bytes_received=self.transport.bytes_received,
+            chunks_fetched=self._fetch_stats[0],
+            chunks_reused=self._fetch_stats[1],
+            nacks=list(self.nacks),
+        )
+
+    def _leave(self) -> None:
+        try:
+            if self.transport.connected:
+                self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, False, "left"), retain=True)
+                self.transport.flush(timeout=5.0)
+        except FedSodaError as exc:
+            log.warning("could not announce leaving: %s", exc)
+        finally:
+            self.transport.close()

@@ -1,0 +1,92 @@
+"""What both command lines share: logging to a rich console, broker addresses, exit codes.
+
+Library code never prints; the two ``cli.py`` modules call :func:`run_command`, which turns
+any :class:`~shared.errors.FedSodaError` into a red one-line message and the error's exit
+code, so a user sees what went wrong and a script can tell failures apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from shared.errors import ConfigError, FedSodaError
+
+T = TypeVar("T")
+
+#: Everything human-readable goes to stderr, so ``--json`` output on stdout stays clean.
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Send log records to the rich console (INFO, or DEBUG with ``verbose``).
+
+    Args:
+        verbose: Show debug records too.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
+    # Third-party libraries are chatty at INFO; keep their warnings only.
+    for noisy in ("transformers", "accelerate", "peft", "bitsandbytes", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_command(action: Callable[[], T]) -> T:
+    """Run a CLI action; a FedSodaError becomes a message and its exit code.
+
+    Args:
+        action: The command body.
+
+    Returns:
+        What ``action`` returned.
+
+    Raises:
+        typer.Exit: With the error's exit code, after printing what went wrong.
+    """
+    try:
+        return action()
+    except FedSodaError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def parse_broker_address(address: str, default_port: int = 1883) -> tuple[str, int]:
+    """Split ``HOST[:PORT]`` into host and port.
+
+    Args:
+        address: e.g. ``"broker.local:1883"``, ``"127.0.0.1"`` or ``"[::1]:8883"``.
+        default_port: Port when none is given.
+
+    Returns:
+        ``(host, port)``.
+
+    Raises:
+        ConfigError: The port is not a number in 1-65535 or the host is empty.
+    """
+    if address.startswith("["):  # [IPv6]:port
+        host, _, rest = address[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif address.count(":") == 1:
+        host, port_text = address.split(":")
+    else:  # a bare host name or a bare IPv6 address
+        host, port_text = address, ""
+    if not host:
+        raise ConfigError(f"broker address {address!r} has no host (use HOST:PORT)")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"broker address {address!r}: port {port_text!r} is not a number in 1-65535")
+    return host, int(port_text)

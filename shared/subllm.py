@@ -1,0 +1,279 @@
+"""The sub-LLM package format, and loading a package on a client.
+
+A package is a folder:
+
+* ``config.json`` (the sub-LLM's own config; with ``quantization_config`` when 4-bit),
+  ``generation_config.json`` when the model has one, and the tokenizer files;
+* one safetensors shard per decoder layer, named by the layer's FULL-LLM index
+  (``model-layer-00017.safetensors``), plus ``model-rest.safetensors`` for everything else
+  (embeddings, final norm, head), and ``model.safetensors.index.json``. A re-aligned version
+  rewrites only the layers that changed, so every other file is byte-identical and the
+  content-addressed blob transfer reuses its chunks;
+* ``fedsoda_meta.json``: format, name, tier, version, precision, layer map, layers prefix,
+  and the sha256 of every other file.
+
+The coordinator writes packages (``coordinator.packaging``); the client loads them with
+:func:`load_package`. Nothing here imports the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shared.errors import BlobError, ModelError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_FORMAT = "fedsoda-subllm"
+PACKAGE_FORMAT_VERSION = 1
+META_FILE = "fedsoda_meta.json"
+INDEX_FILE = "model.safetensors.index.json"
+REST_SHARD = "model-rest.safetensors"
+#: Precisions a package may hold: 4-bit NormalFloat (bitsandbytes), bfloat16, float32.
+PRECISIONS = ("nf4", "bf16", "fp32")
+#: dtype of the tensors that are not 4-bit-quantized, per package precision. 4-bit packages
+#: keep embeddings and norms in 16 bits, as QLoRA does, which halves the largest file.
+STORAGE_DTYPE = {"nf4": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: Default compute dtype when loading, per precision (CPU-friendly).
+DEFAULT_LOAD_DTYPE = {"nf4": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def layer_shard_name(full_index: int) -> str:
+    """File name of the shard holding full-LLM layer ``full_index``."""
+    return f"model-layer-{full_index:05d}.safetensors"
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PackageMeta:
+    """What ``fedsoda_meta.json`` holds.
+
+    Attributes:
+        name: Model name (the full LLM it was cut from).
+        tier: Tier name.
+        version: Package version (grows with every re-alignment).
+        precision: One of :data:`PRECISIONS`.
+        layer_map: ``layer_map[i]`` = full-LLM index of sub-LLM layer ``i``.
+        layers_prefix: Dotted path of the decoder layer list, e.g. ``"model.layers"``.
+        full_num_layers: Layers of the full LLM.
+        model_type: The config's ``model_type``.
+        files: ``{relative path: sha256 hex}`` of every file but the meta file.
+        format: Always :data:`PACKAGE_FORMAT`.
+        format_version: :data:`PACKAGE_FORMAT_VERSION` of the writer.
+    """
+
+    name: str
+    tier: str
+    version: int
+    precision: str
+    layer_map: tuple[int, ...]
+    layers_prefix: str
+    full_num_layers: int
+    model_type: str
+    files: dict[str, str] = field(default_factory=dict)
+    format: str = PACKAGE_FORMAT
+    format_version: int = PACKAGE_FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (JSON / msgpack safe), e.g. for a manifest's ``meta``."""
+        data = asdict(self)
+        data["layer_map"] = list(self.layer_map)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PackageMeta:
+        """Build from :meth:`to_dict` output.
+
+        Raises:
+            ModelError: Not a fedsoda package, a newer format, or a field missing.
+        """
+        if data.get("format") != PACKAGE_FORMAT:
+            raise ModelError(f"not a fedsoda sub-LLM package (format={data.get('format')!r})")
+        if int(data.get("format_version", 0)) > PACKAGE_FORMAT_VERSION:
+            raise ModelError(
+                f"package format version {data['format_version']} is newer than this client's "
+                f"{PACKAGE_FORMAT_VERSION}: upgrade fedsoda"
+            )
+        try:
+            meta = cls(
+                name=str(data["name"]),
+                tier=str(data["tier"]),
+                version=int(data["version"]),
+                precision=str(data["precision"]),
+                layer_map=tuple(int(i) for i in data["layer_map"]),
+                layers_prefix=str(data["layers_prefix"]),
+                full_num_layers=int(data["full_num_layers"]),
+                model_type=str(data["model_type"]),
+                files={str(k): str(v) for k, v in data.get("files", {}).items()},
+                format=str(data["format"]),
+                format_version=int(data["format_version"]),
+            )
+        except KeyError as exc:
+            raise ModelError(f"package meta lacks field {exc.args[0]!r}") from exc
+        if meta.precision not in PRECISIONS:
+            raise ModelError(f"unknown package precision {meta.precision!r}; expected one of {PRECISIONS}")
+        return meta
+
+
+def read_meta(package_dir: str | Path) -> PackageMeta:
+    """Read a package's ``fedsoda_meta.json``.
+
+    Raises:
+        ModelError: The folder holds no package meta or it is invalid.
+    """
+    path = Path(package_dir) / META_FILE
+    if not path.is_file():
+        raise ModelError(f"{package_dir} is not a sub-LLM package: {META_FILE} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc.msg}") from exc
+    return PackageMeta.from_dict(data)
+
+
+def verify_package(package_dir: str | Path, meta: PackageMeta | None = None) -> PackageMeta:
+    """Check every file of a package against the sha256 in its meta.
+
+    Args:
+        package_dir: The package folder.
+        meta: Already-read meta (read from the folder when None).
+
+    Returns:
+        The meta.
+
+    Raises:
+        BlobError: A file is missing or its hash differs.
+    """
+    folder = Path(package_dir)
+    meta = meta or read_meta(folder)
+    for rel, expected in sorted(meta.files.items()):
+        path = folder / rel
+        if not path.is_file():
+            raise BlobError(f"package file {rel} is missing from {folder}; fetch the package again")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BlobError(f"package file {rel} is corrupt (sha256 {actual[:12]}..., expected {expected[:12]}...)")
+    return meta
+
+
+def disable_cpu_4bit_repacking(model: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers trainable on CPUs with AVX512_BF16.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight into a CPU-only layout the first time
+    it runs in eval mode on input that needs no gradient; the repacked matmul has no
+    autograd, so LoRA gradients afterwards are silently wrong or missing. Turning the
+    feature off on every 4-bit layer right after loading prevents it (CUDA is unaffected).
+
+    Args:
+        model: Any model; only ``bnb.nn.Linear4bit`` modules are touched.
+
+    Returns:
+        Number of 4-bit layers patched (0 when bitsandbytes is not installed).
+    """
+    try:
+        import bitsandbytes as bnb  # lazy: heavy, and absent on some clients
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_package(
+    package_dir: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+):
+    """Load a sub-LLM package for training or inference.
+
+    Args:
+        package_dir: The package folder.
+        device: Where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:0"``).
+        dtype: Compute dtype (default: float32 for ``nf4`` and ``fp32`` packages, bfloat16
+            for ``bf16``).
+        verify: Check every file's sha256 first.
+
+    Returns:
+        ``(model, tokenizer, meta)``: the causal LM in eval mode (4-bit layers patched with
+        :func:`disable_cpu_4bit_repacking`), its tokenizer (pad token set), and the
+        :class:`PackageMeta`.
+
+    Raises:
+        BlobError: A file is missing or corrupt.
+        ModelError: The package cannot be loaded, or its weights do not match its config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(package_dir)
+    meta = read_meta(folder)
+    if verify:
+        verify_package(folder, meta)
+    dtype = dtype or DEFAULT_LOAD_DTYPE[meta.precision]
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if meta.precision == "nf4":
+        try:
+            from transformers import BitsAndBytesConfig
+
+            import bitsandbytes  # noqa: F401  (lazy: only 4-bit packages need it)
+        except ImportError as exc:
+            raise ModelError(
+                "this package is 4-bit (nf4) and needs bitsandbytes; install it or ask for a bf16/fp32 package"
+            ) from exc
+        config_path = folder / "config.json"
+        stored = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config", {})
+        # Same stored 4-bit weights, compute dtype chosen by the client.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=stored.get("bnb_4bit_quant_type", "nf4"),
+            bnb_4bit_use_double_quant=stored.get("bnb_4bit_use_double_quant", False),
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=stored.get("llm_int8_skip_modules"),
+        )
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the sub-LLM package in {folder}: {exc}") from exc
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise ModelError(f"package {folder} does not match its config: {problems}")
+    if meta.precision != "nf4":
+        model.to(device)
+    else:
+        # transformers keeps a pre-quantized checkpoint's unquantized tensors (embeddings,
+        # norms, biases) in their stored 16-bit dtype; compute with them in `dtype` instead.
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dtype.is_floating_point and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+    patched = disable_cpu_4bit_repacking(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    log.info(
+        "loaded sub-LLM %s tier %s v%d (%s, %d layers, %d 4-bit modules)",
+        meta.name, meta.tier, meta.version, meta.precision, len(meta.layer_map), patched,
+    )
+    return model, tokenizer, meta
