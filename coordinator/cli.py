@@ -19,6 +19,37 @@ def main() -> None:
     """fedsoda coordinator (a callback keeps Typer from collapsing a one-command app)."""
 
 
+@app.command()
+def profiles(
+    catalog_dir: Annotated[Optional[list[Path]], typer.Option("--catalog", help="Extra catalog folder of device-class TOML files (repeatable).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="A Hugging Face model folder: also show each class's plan for it.")] = None,
+    ranking: Annotated[Optional[Path], typer.Option(help="SGP ranking JSON for the plans (default: deepest layers first).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step for the plans.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence for the plans.")] = 64,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank for the plans.")] = 8,
+    targets: Annotated[str, typer.Option(help="LoRA target modules, comma-separated.")] = "q_proj,v_proj",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the catalog as JSON on stdout.")] = False,
+) -> None:
+    """List the device catalog (memory, 4-bit support, throughput, budget) and, with --model, each class's tier."""
+    import json
+
+    from hardware_profiles.profile import CATALOG_DIR, load_catalog
+    from hardware_profiles.report import catalog_report, catalog_table, planner_options
+    from shared.console import console, run_command
+
+    def body():
+        catalog = load_catalog([CATALOG_DIR, *(catalog_dir or [])])
+        options = planner_options(batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, targets=targets,
+                                  precision=None, min_batch_size=1)
+        return catalog_report(catalog, model=model, ranking_file=ranking, options=options)
+
+    report = run_command(body)
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        console.print(catalog_table(report))
+
+
 def _load_run_config(config_file: Path | None, overrides: dict[str, Any]):
     from coordinator.settings import RunConfig
     from shared.config import load_config

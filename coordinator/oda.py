@@ -171,15 +171,14 @@ def trainable_layer_indices(kept: Sequence[int], align_layers: str) -> list[int]
 
 
 def _module_weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """Orient a ``[out, in]`` LoRA delta like the module's weight (Conv1D stores ``[in, out]``)."""
-    weight = module.weight
-    if weight.shape == delta.shape:
-        return delta
-    if weight.shape == delta.T.shape:
-        return delta.T
-    raise ModelError(
-        f"adapter delta of shape {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
-    )
+    """Orient a ``[out, in]`` LoRA delta like the module's weight (GPT-2's Conv1D stores ``[in, out]``)."""
+    if type(module).__name__ == "Conv1D":
+        delta = delta.T
+    if module.weight.shape != delta.shape:
+        raise ModelError(
+            f"adapter delta of shape {tuple(delta.shape)} does not fit weight {tuple(module.weight.shape)}"
+        )
+    return delta
 
 
 @contextlib.contextmanager

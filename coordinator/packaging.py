@@ -212,7 +212,7 @@ def write_package(
     generation = getattr(prepared, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _clean_tokenizer(tokenizer).save_pretrained(out)
 
     files = {
         p.relative_to(out).as_posix(): sha256_file(p)
@@ -234,6 +234,20 @@ def write_package(
     (out / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("wrote %s package tier %s v%d to %s (%d files)", precision, tier, version, out, len(files))
     return meta
+
+
+def _clean_tokenizer(tokenizer):
+    """A copy of the tokenizer without the padding/truncation state its last call left behind.
+
+    A fast tokenizer serialises whatever padding and truncation its previous call switched
+    on into ``tokenizer.json``; resetting them keeps the file byte-identical across versions.
+    """
+    clean = copy.deepcopy(tokenizer)
+    backend = getattr(clean, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    return clean
 
 
 def _is_quant_state(key: str) -> bool:

@@ -35,6 +35,7 @@ from coordinator.models import load_model
 from coordinator.oda import ODAConfig, distill
 from coordinator.packaging import write_package
 from coordinator.settings import RunConfig
+from hardware_profiles.planner import assign_tier
 
 from shared.adapters import LoraSettings
 from shared.blobs import build_manifest

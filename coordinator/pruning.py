@@ -34,7 +34,15 @@ class ProgressSink(Protocol):
     """Where long steps report progress (the CLI passes a rich progress bar)."""
 
     def start(self, description: str, total: int) -> Callable[[int], None]:
-        """Open a task of ``total`` units; return a function that advances it by n units."""
+        """Open a task.
+
+        Args:
+            description: What the step does.
+            total: Units of work in the step.
+
+        Returns:
+            A function that advances the task by n units.
+        """
         ...
 
 
@@ -139,13 +147,31 @@ def tier_name(depth: int) -> str:
 
 
 def default_depth(num_layers: int, block_size: int, fraction: float = 0.6) -> int:
-    """The reachable depth closest to ``fraction`` of the full depth (at least one block pruned)."""
+    """The reachable depth closest to ``fraction`` of the full depth (at least one block pruned).
+
+    Args:
+        num_layers: Layers of the full LLM.
+        block_size: Layers per SGP block.
+        fraction: Share of layers to keep.
+
+    Returns:
+        ``num_layers - p * block_size`` for the ``p >= 1`` that comes closest.
+    """
     blocks = max(1, round((1 - fraction) * num_layers / block_size))
     return num_layers - blocks * block_size
 
 
 def split_public_text(texts: Sequence[str], calib: int, held_out: int, seed: int) -> tuple[list[str], list[str]]:
     """Disjoint calibration and held-out paragraphs after a seeded shuffle.
+
+    Args:
+        texts: Public paragraphs.
+        calib: Paragraphs for calibration.
+        held_out: Paragraphs for perplexity.
+        seed: Shuffle seed.
+
+    Returns:
+        ``(calibration, held_out)``.
 
     Raises:
         DataError: Fewer paragraphs than ``calib + held_out``.
@@ -239,7 +265,8 @@ def run_prune(
         )
     tiers = {tier_name(d): sgp.kept_layers(num_layers, ranking, sgp.blocks_for_depth(num_layers, d, n)) for d in depths}
     sgp_layers = tiers[tier_name(depth)]
-    uniform_layers = uniform_drop_layers(num_layers, depth, keep_ends=2)
+    # FedOT keeps the first and last 2 layers; very shallow sub-LLMs keep what they can.
+    uniform_layers = uniform_drop_layers(num_layers, depth, keep_ends=min(2, depth // 2))
 
     perplexity: dict[str, float] = {}
     parameters: dict[str, int] = {"full": parameter_count(model)}
@@ -389,7 +416,12 @@ def report_markdown(report: PruneReport) -> str:
 
 
 def write_report(report: PruneReport, out_dir: str | Path) -> None:
-    """Write ``report.json``, ``report.md`` and ``distances.png`` into ``out_dir``."""
+    """Write ``report.json``, ``report.md`` and ``distances.png`` into ``out_dir``.
+
+    Args:
+        report: A prune report.
+        out_dir: Existing folder.
+    """
     out = Path(out_dir)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")

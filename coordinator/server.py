@@ -14,6 +14,7 @@ actions out (publish, persist, aggregate, re-align, export). Model work lives be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -144,6 +145,8 @@ class CoordinatorServer:
             log.info("resumed run %s at round %d (%s)", self.run_id, self.state.round, self.state.phase.value)
         else:
             state = rounds.initial_state(config.rounds, run_id=self.run_id, seed=config.seed, now=clock())
+            # The prepared packages are version 1; each re-alignment publishes the next one.
+            state = dataclasses.replace(state, model_version=max(t.version for t in pipeline.tiers.values()))
             self.run_dir = RunDir.create(run_dir, state)
             self.state = state
             self.global_state = pipeline.initial_adapter()
@@ -168,7 +171,7 @@ class CoordinatorServer:
         self._subscribe()
         for tier in self.pipeline.tiers.values():
             self._publish_tier(tier)
-        self._publish_adapter()
+        self._publish_adapter(self.state.adapter_round)
         self._post(Start(self.clock()))
         while self._outcome is None and not stop():
             self._drain()
@@ -262,9 +265,9 @@ class CoordinatorServer:
         self.blobs.add(tier.manifest, tier.folder)
         self._publish(topics.manifest(self.run_id, tier.name), MessageType.MANIFEST, tier.manifest, retain=True)
 
-    def _publish_adapter(self) -> None:
-        body = GlobalAdapter(round=self.state.adapter_round, tensors=state_to_payloads(self.global_state))
-        self._publish(topics.adapter(self.run_id), MessageType.GLOBAL_ADAPTER, body, round_=self.state.adapter_round, retain=True)
+    def _publish_adapter(self, adapter_round: int) -> None:
+        body = GlobalAdapter(round=adapter_round, tensors=state_to_payloads(self.global_state))
+        self._publish(topics.adapter(self.run_id), MessageType.GLOBAL_ADAPTER, body, round_=adapter_round, retain=True)
 
     def _send_nack(self, client_id: str, round_: int, ref: str, code: str, reason: str) -> None:
         log.warning("nack %s to %s (round %d): %s", code, client_id, round_, reason)
@@ -279,10 +282,10 @@ class CoordinatorServer:
         self.global_state = self.strategy.aggregate(self.global_state, deltas)
         self.run_dir.save_global(round_, self.global_state)
         log.info("round %d aggregated from %d updates", round_, len(persisted))
+        # Publish the adapter before AggregationDone lets the next round's schedule out, so a
+        # client never waits on a schedule whose adapter has not been sent.
+        self._publish_adapter(round_)
         self._events.append(AggregationDone(round_))
-        # The state machine moves adapter_round to this round on AggregationDone; publish after.
-        self._drain()
-        self._publish_adapter()
 
     def _realign(self, round_: int) -> None:
         version = self.state.model_version + 1
@@ -330,20 +333,23 @@ class CoordinatorServer:
         assignment = self.pipeline.assign(hello.client_id, hello.profile)
         self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
         (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
-        self._publish(topics.assign(self.run_id, hello.client_id), MessageType.ASSIGNMENT, assignment)
         log.info(
             "hello from %s (%s): %s",
             hello.client_id,
             hello.profile.device_class,
             f"tier {assignment.tier}" if assignment.accepted else f"refused: {assignment.reason}",
         )
+        # Checkpoint the client before answering: a client only stops saying hello once it
+        # has an assignment, so a crash in between must leave it unanswered, not forgotten.
         self._post(ClientHello(hello.client_id, assignment.tier, assignment.accepted, hello.num_examples))
+        self._publish(topics.assign(self.run_id, hello.client_id), MessageType.ASSIGNMENT, assignment)
 
     def _on_presence(self, message: InboundMessage) -> None:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         presence: Presence = envelope.body
         if presence.client_id != info.client:
             raise ProtocolError(f"presence on {message.topic} names another client {presence.client_id!r}")
+        log.info("%s is %s (%s)", info.client, "online" if presence.online else "offline", presence.reason)
         self._post(ClientOnline(info.client) if presence.online else ClientOffline(info.client))
 
     def _on_chunk_request(self, message: InboundMessage) -> None:

@@ -214,7 +214,15 @@ def kept_layers(num_layers: int, ranking: Sequence[Sequence[int]], num_blocks: i
 
 
 def blocks_for_depth(num_layers: int, depth: int, block_size: int) -> int:
-    """Number of blocks ``p`` that prune an ``num_layers``-layer model to ``depth`` layers.
+    """Number of blocks ``p`` that prune a ``num_layers``-layer model to ``depth`` layers.
+
+    Args:
+        num_layers: Layers of the full LLM.
+        depth: Layers the sub-LLM keeps.
+        block_size: Layers per block.
+
+    Returns:
+        ``(num_layers - depth) / block_size``.
 
     Raises:
         ConfigError: ``num_layers - depth`` is not a positive multiple of ``block_size``.

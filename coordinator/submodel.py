@@ -18,7 +18,6 @@ import copy
 import logging
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import nn
 
 from shared.errors import ModelError

@@ -20,6 +20,44 @@ def main() -> None:
     """fedsoda edge client (a callback keeps Typer from collapsing a one-command app)."""
 
 
+@app.command()
+def probe(
+    model: Annotated[Optional[Path], typer.Option(help="A Hugging Face model folder (its config.json): also plan its training here.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Override the detected device class by catalog name (see `fedsoda-coordinator profiles`).")] = None,
+    ranking: Annotated[Optional[Path], typer.Option(help="SGP ranking JSON (a list of layer lists, or a `prune --json` report); default: deepest layers first.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
+    min_batch_size: Annotated[Optional[int], typer.Option(help="Let the plan fall back to batches this small (default: no fallback).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 64,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    targets: Annotated[str, typer.Option(help="LoRA target modules, comma-separated.")] = "q_proj,v_proj",
+    precision: Annotated[Optional[str], typer.Option(help="Force a weight precision: nf4, int8, bf16, fp16 or fp32 (default: the device's best).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Show the detected hardware, its catalog class and, with --model, the largest sub-LLM it can train."""
+    import json
+
+    from hardware_profiles.report import planner_options, probe_tables, run_probe
+    from shared.console import console, run_command
+    from shared.errors import InsufficientMemoryError
+
+    result = run_command(
+        lambda: run_probe(
+            model=model,
+            override=profile,
+            ranking_file=ranking,
+            options=planner_options(batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, targets=targets,
+                                    precision=precision, min_batch_size=min_batch_size),
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        for table in probe_tables(result):
+            console.print(table)
+    if result.plan_error:
+        raise typer.Exit(InsufficientMemoryError.exit_code)
+
+
 def _default_client_id() -> str:
     # Topic segments allow only [A-Za-z0-9._-]: keep the host name readable but safe.
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:48]
@@ -119,7 +157,8 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
             bars.update(train_bar, completed=p.step, description=f"training (loss {p.loss:.3f})")
 
         events = ClientEvents(on_status=lambda m: console.print(f"[cyan]>[/] {m}"), on_fetch=on_fetch, on_train=on_train)
-        client = EdgeClient(options, transport_config, profile, dataset, events)
+        client = EdgeClient(options, transport_config, profile, dataset, events,
+                            measure_profile=lambda: detect_profile(override=profile_name))
         outcome = client.run()
     console.print(f"[bold]{outcome.status}[/]: {outcome.reason}; rounds sent {outcome.rounds_sent}, "
                   f"{outcome.bytes_received / 2**20:.1f} MiB down, {outcome.bytes_sent / 2**20:.1f} MiB up")

@@ -125,6 +125,8 @@ class EdgeClient:
         profile: The detected (or overridden) hardware profile.
         dataset: The local training data.
         events: Progress callbacks.
+        measure_profile: Re-measures the device just before the download (preflight);
+            None reuses ``profile``.
     """
 
     def __init__(
@@ -134,8 +136,10 @@ class EdgeClient:
         profile: DeviceProfile,
         dataset: LocalDataset,
         events: ClientEvents | None = None,
+        measure_profile: Callable[[], DeviceProfile] | None = None,
     ) -> None:
         self.options = options
+        self.measure_profile = measure_profile
         self.profile = profile
         self.dataset = dataset
         self.events = events or ClientEvents()
@@ -293,9 +297,10 @@ class EdgeClient:
 
     def _check_fits(self) -> None:
         manifest = self.manifests.get(self.assignment.tier)
-        if manifest is None:
-            return  # retained manifests arrive right after subscribing
-        verdict = preflight(manifest, self.assignment.plan, self.profile)
+        if manifest is None or self.schedule is None:
+            return  # the retained manifest and schedule arrive right after subscribing
+        now = self.measure_profile() if self.measure_profile is not None else self.profile
+        verdict = preflight(manifest, self.assignment.plan, self.schedule.training, now)
         if not verdict.fits:
             raise InsufficientMemoryError(verdict.reason)
         self.events.on_status(f"tier {self.assignment.tier} fits: {verdict.reason}")

@@ -23,6 +23,7 @@ Run a broker for a multi-process demo with ``python -m shared.broker --port 1883
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import os
@@ -138,8 +139,10 @@ class BrokerHandle:
         # After a restart the old socket may linger a moment; wait until the port is free.
         while port_open(self.host, self.port) and time.monotonic() < deadline:
             time.sleep(0.05)
-        log_fh = self._log_file.open("ab") if self._log_file is not None else subprocess.DEVNULL
-        try:
+        with contextlib.ExitStack() as stack:
+            log_fh = (
+                stack.enter_context(self._log_file.open("ab")) if self._log_file is not None else subprocess.DEVNULL
+            )
             self._process = subprocess.Popen(
                 self._argv,
                 stdin=subprocess.PIPE,  # the embedded broker exits when this pipe closes
@@ -148,9 +151,6 @@ class BrokerHandle:
                 cwd=self.workdir,
                 env=self._env,
             )
-        finally:
-            if log_fh is not subprocess.DEVNULL:
-                log_fh.close()
         while time.monotonic() < deadline:
             code = self._process.poll()
             if code is not None:
@@ -161,7 +161,9 @@ class BrokerHandle:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise BrokerError(f"{self.kind} broker did not listen on {self.host}:{self.port} within {timeout:.0f} s: {self.log_tail()}")
+        raise BrokerError(
+            f"{self.kind} broker did not listen on {self.host}:{self.port} within {timeout:.0f} s: {self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM: mosquitto saves its persistence file). Safe to call twice.
@@ -320,8 +322,18 @@ def start_embedded_broker(
 
     def make(p: int) -> BrokerHandle:
         argv = [
-            sys.executable, "-m", "shared.broker", "--host", host, "--port", str(p),
-            "--max-payload", str(max_payload_bytes), "--mqtt-version", str(mqtt_version), "--exit-with-parent",
+            sys.executable,
+            "-m",
+            "shared.broker",
+            "--host",
+            host,
+            "--port",
+            str(p),
+            "--max-payload",
+            str(max_payload_bytes),
+            "--mqtt-version",
+            str(mqtt_version),
+            "--exit-with-parent",
         ]
         return BrokerHandle("embedded", host, p, root, mqtt_version, argv, env, None, owned, root / "broker.log")
 
@@ -407,7 +419,9 @@ def start_mosquitto(
         ]
         conf = root / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
-        return BrokerHandle("mosquitto", host, p, root, 5, [binary, "-c", str(conf)], None, None, owned, root / "mosquitto.log")
+        return BrokerHandle(
+            "mosquitto", host, p, root, 5, [binary, "-c", str(conf)], None, None, owned, root / "mosquitto.log"
+        )
 
     return _start_with_port_retry(make, port, host, timeout)
 
@@ -425,12 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: Command-line arguments (default ``sys.argv[1:]``).
     """
-    parser = argparse.ArgumentParser(prog="python -m shared.broker", description="fedsoda's embedded MQTT broker (rumqttd via iotcore).")
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.broker", description="fedsoda's embedded MQTT broker (rumqttd via iotcore)."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="listen port (default 1883)")
     parser.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="largest publish in bytes")
     parser.add_argument("--mqtt-version", type=int, choices=(4, 5), default=5, help="5, or 4 for 3.1.1 only")
-    parser.add_argument("--exit-with-parent", action="store_true", help="exit when stdin closes (used by start_embedded_broker)")
+    parser.add_argument(
+        "--exit-with-parent", action="store_true", help="exit when stdin closes (used by start_embedded_broker)"
+    )
     args = parser.parse_args(argv)
     try:
         from iotcore.iotcore import IotCoreBroker
@@ -445,13 +463,14 @@ def main(argv: list[str] | None = None) -> None:
     # (a SIGTERM would skip any cleanup after run_forever).
     with tempfile.TemporaryDirectory(prefix="fedsoda-rumqttd-") as tmp:
         config = Path(tmp) / "rumqttd.toml"
-        config.write_text(rumqttd_config(args.host, args.port, max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version))
+        config.write_text(
+            rumqttd_config(args.host, args.port, max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version)
+        )
         broker = IotCoreBroker(config_path=str(config))
-    print(f"fedsoda embedded broker listening on {args.host}:{args.port} (MQTT {'5' if args.mqtt_version == 5 else '3.1.1'})", flush=True)
-    try:
+    version = "5" if args.mqtt_version == 5 else "3.1.1"
+    print(f"fedsoda embedded broker listening on {args.host}:{args.port} (MQTT {version})", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
         broker.run_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

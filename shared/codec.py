@@ -291,9 +291,7 @@ def _warn_unknown(msg_type: MessageType, path: str) -> None:
         if key in _warned_unknown:
             return
         _warned_unknown.add(key)
-    log.warning(
-        "dropping unknown field %r of %s messages (a newer peer?); warned once per field", path, msg_type.value
-    )
+    log.warning("dropping unknown field %r of %s messages (a newer peer?); warned once per field", path, msg_type.value)
 
 
 def decode_message(

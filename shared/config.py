@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from shared.errors import ConfigError
-from shared.typed import INVALID, Problem, field_hints, from_plain
+from shared.typed import INVALID, Problem, field_hints, from_plain, to_plain
 
 T = TypeVar("T")
 
@@ -214,7 +214,9 @@ def load_config(
         ConfigError: Every problem found, one per line, each with its dotted path and source.
     """
     environ = os.environ if env is None else env
-    data: dict[str, Any] = read_toml(path) if path is not None else {}
+    # Start from the default instance so a file (or a flag) may set one field of a nested
+    # table whose dataclass has required fields (e.g. only training.local_steps).
+    data: dict[str, Any] = _merge(_defaults_as_plain(cls), read_toml(path) if path is not None else {})
     origin = {"": f"file {path}" if path is not None else "defaults"}
     errors: list[str] = []
     leaves = dict(leaf_fields(cls))
@@ -247,6 +249,25 @@ def load_config(
             f"{len(errors)} problem(s) in the {cls.__name__} configuration:\n" + "\n".join(f"  - {e}" for e in errors)
         )
     return result
+
+
+def _defaults_as_plain(cls: type) -> dict[str, Any]:
+    """The default instance of ``cls`` as plain dicts, or {} when it has required fields."""
+    try:
+        return to_plain(cls())
+    except (TypeError, ConfigError):
+        return {}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``top`` over ``base`` (tables merge key by key; other values replace)."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _apply_text(

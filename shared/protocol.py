@@ -272,9 +272,7 @@ class TensorPayload:
     def __post_init__(self) -> None:
         itemsize = TENSOR_DTYPES.get(self.dtype)
         if itemsize is None:
-            raise TensorError(
-                f"tensor dtype {self.dtype!r} is not allowed; allowed: {', '.join(TENSOR_DTYPES)}"
-            )
+            raise TensorError(f"tensor dtype {self.dtype!r} is not allowed; allowed: {', '.join(TENSOR_DTYPES)}")
         if any(d < 0 for d in self.shape):
             raise TensorError(f"tensor shape {self.shape} has a negative dimension")
         expected = math.prod(self.shape) * itemsize

@@ -52,7 +52,15 @@ def layer_shard_name(full_index: int) -> str:
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes.
+
+    Args:
+        path: The file.
+        block: Bytes read at a time.
+
+    Returns:
+        The digest as 64 hex characters.
+    """
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(block):
@@ -233,23 +241,11 @@ def load_package(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if meta.precision == "nf4":
         try:
-            from transformers import BitsAndBytesConfig
-
             import bitsandbytes  # noqa: F401  (lazy: only 4-bit packages need it)
         except ImportError as exc:
             raise ModelError(
                 "this package is 4-bit (nf4) and needs bitsandbytes; install it or ask for a bf16/fp32 package"
             ) from exc
-        config_path = folder / "config.json"
-        stored = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config", {})
-        # Same stored 4-bit weights, compute dtype chosen by the client.
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=stored.get("bnb_4bit_quant_type", "nf4"),
-            bnb_4bit_use_double_quant=stored.get("bnb_4bit_use_double_quant", False),
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=stored.get("llm_int8_skip_modules"),
-        )
         kwargs["device_map"] = {"": str(device)}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
@@ -268,6 +264,10 @@ def load_package(
             for param in model.parameters():
                 if param.dtype.is_floating_point and param.dtype != dtype:
                     param.data = param.data.to(dtype)
+        # The stored 4-bit weights are the same for any compute dtype; the client picks it.
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.compute_dtype = dtype
     patched = disable_cpu_4bit_repacking(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

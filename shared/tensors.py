@@ -65,9 +65,7 @@ def to_payload(tensor: torch.Tensor) -> TensorPayload:
     """
     name = _NAMES.get(tensor.dtype)
     if name is None:
-        raise TensorError(
-            f"cannot send a {tensor.dtype} tensor; convert it to one of {', '.join(_TORCH_DTYPES)} first"
-        )
+        raise TensorError(f"cannot send a {tensor.dtype} tensor; convert it to one of {', '.join(_TORCH_DTYPES)} first")
     flat = tensor.detach().to("cpu").contiguous()
     nbytes = flat.numel() * flat.element_size()
     # One copy straight out of the tensor's memory (contiguous, so data_ptr() starts it).

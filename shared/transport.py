@@ -20,6 +20,7 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -144,7 +145,7 @@ class ConnectionEvent:
 
 
 Event = InboundMessage | ConnectionEvent
-Handler = Callable[[InboundMessage], None]
+Handler = Callable[[InboundMessage], object]
 
 
 class Transport(Protocol):
@@ -220,7 +221,7 @@ class MqttTransport:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._subs: dict[str, _Subscription] = {}
         self._subs_lock = threading.Lock()
-        self._protocol = mqtt.MQTTv311 if config.protocol == "3.1.1" else mqtt.MQTTv5
+        self._protocol = MQTTProtocolVersion.MQTTv311 if config.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -239,6 +240,8 @@ class MqttTransport:
         self._suback_waiters: dict[int, tuple[threading.Event, list[str]]] = {}
         self._early_subacks: dict[int, str] = {}
         self._sent_filters: set[str] = set()
+        self._resubscribing: set[int] = set()
+        self._connack = ConnectionEvent(False, False, "not connected yet", "5")
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
@@ -315,15 +318,20 @@ class MqttTransport:
         if self._thread is None:
             return
         client = self._client
-        if graceful and self.connected:
+        connected = self.connected
+        if graceful and connected:
             self.flush(timeout)
         self._closing = True
         if client is not None:
             if graceful:
-                client.disconnect()
+                client.disconnect()  # the network thread writes it, then paho closes the socket
             else:
                 self._shutdown_socket()
-        self._stop.set()
+        if connected:
+            # Let the thread finish writing DISCONNECT: stopping it first would drop the socket
+            # unannounced, and the broker would publish our Last Will.
+            self._thread.join(timeout)
+        self._stop.set()  # wakes a thread asleep between reconnect attempts
         self._thread.join(timeout)
         self._thread = None
         self._connected.clear()
@@ -338,11 +346,9 @@ class MqttTransport:
     def _shutdown_socket(self) -> None:
         client = self._client
         sock = client.socket() if client is not None else None
-        if sock is not None:
-            try:
+        if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __enter__(self) -> MqttTransport:
         return self.connect()
@@ -409,7 +415,9 @@ class MqttTransport:
 
     # ----------------------------------------------------------- subscribing
 
-    def subscribe(self, topic_filter: str, handler: Handler | None = None, *, qos: int = 1, timeout: float = 10.0) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler | None = None, *, qos: int = 1, timeout: float = 10.0
+    ) -> None:
         """Subscribe (renewed on every reconnect that lost the session) and register a handler.
 
         When connected, waits for the broker's SUBACK so a publish that follows is seen.
@@ -442,7 +450,7 @@ class MqttTransport:
         # No lock of ours is held across paho calls: its network thread holds paho's locks
         # while it runs our callbacks, which take ours.
         rc, mid = client.subscribe(topic_filter, qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # the link just dropped; on_connect sends the subscription again
         with self._ack_lock:
             self._sent_filters.add(topic_filter)
@@ -532,16 +540,11 @@ class MqttTransport:
             The handlers, in registration order of their filters.
         """
         with self._subs_lock:
-            return [
-                h
-                for flt, sub in self._subs.items()
-                if mqtt.topic_matches_sub(flt, topic)
-                for h in sub.handlers
-            ]
+            return [h for flt, sub in self._subs.items() if mqtt.topic_matches_sub(flt, topic) for h in sub.handlers]
 
     # ------------------------------------------------------- network thread
 
-    def _make_client(self, protocol: int) -> mqtt.Client:
+    def _make_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
         cfg = self.config
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -588,6 +591,8 @@ class MqttTransport:
             client = self._client
             assert client is not None
             if not socket_up:
+                if self._closing:
+                    break
                 try:
                     client.reconnect()
                     socket_up = True
@@ -606,13 +611,19 @@ class MqttTransport:
                 self._last_error = f"connection closed before CONNACK ({mqtt.error_string(rc)})"
                 self._maybe_fall_back()
             self._stop.wait(self._backoff.next())
+        sock = self._client.socket() if self._client is not None else None
+        if isinstance(sock, socket.socket):
+            sock.close()
 
     def _maybe_fall_back(self) -> None:
         """In auto mode before any success, alternate v5 and 3.1.1 (a 3.1.1-only broker drops v5)."""
         if self.config.protocol != "auto" or self._ever_connected or self._refused is not None:
             return
-        self._protocol = mqtt.MQTTv311 if self._protocol == mqtt.MQTTv5 else mqtt.MQTTv5
-        log.info("broker did not accept MQTT %s; trying %s", "3.1.1" if self._protocol == mqtt.MQTTv5 else "5", self.protocol)
+        v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+        self._protocol = v311 if self._protocol == v5 else v5
+        log.info(
+            "broker did not accept MQTT %s; trying %s", "3.1.1" if self._protocol == mqtt.MQTTv5 else "5", self.protocol
+        )
         self._client = self._make_client(self._protocol)
 
     # paho callbacks: run in the network thread, must never block.
@@ -634,23 +645,55 @@ class MqttTransport:
             self.reconnects += 1
         self._ever_connected = True
         self._backoff.reset()
-        with self._subs_lock:
-            filters = [(flt, sub.qos) for flt, sub in self._subs.items()]
         with self._ack_lock:
             if not flags.session_present:
                 self._sent_filters.clear()
+        self._connack = ConnectionEvent(True, bool(flags.session_present), str(reason_code), self.protocol)
+        mids = self._subscribe_missing(client)
+        with self._ack_lock:
+            self._resubscribing = mids
+        if not mids:
+            self._announce_connected(client)
+
+    def _subscribe_missing(self, client: mqtt.Client) -> set[int]:
+        """Send SUBSCRIBE for registered filters the broker's session lacks; return their mids."""
+        with self._subs_lock:
+            filters = [(flt, sub.qos) for flt, sub in self._subs.items()]
+        with self._ack_lock:
             todo = [(flt, qos) for flt, qos in filters if flt not in self._sent_filters]
             self._sent_filters.update(flt for flt, _ in todo)
+        mids = set()
         for flt, qos in todo:
-            client.subscribe(flt, qos)
+            rc, mid = client.subscribe(flt, qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                mids.add(mid)
+        return mids
+
+    def _announce_connected(self, client: mqtt.Client) -> None:
+        """Mark the link usable only once renewed subscriptions are acknowledged.
+
+        Otherwise a message published right after the ConnectionEvent could reach the broker
+        before our SUBSCRIBE and be lost to us.
+        """
         self._connected.set()
-        self._events.put(ConnectionEvent(True, bool(flags.session_present), str(reason_code), self.protocol))
-        log.info("connected to %s:%s as %s (MQTT %s, session present: %s)", self.config.host, self.config.port,
-                 self.client_id, self.protocol, flags.session_present)
+        # A subscribe() that raced the renewal saw "not connected" and left its filter to us.
+        self._subscribe_missing(client)
+        event = self._connack
+        self._events.put(event)
+        log.info(
+            "connected to %s:%s as %s (MQTT %s, session present: %s)",
+            self.config.host,
+            self.config.port,
+            self.client_id,
+            self.protocol,
+            event.session_present,
+        )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         was_connected = self._connected.is_set()
         self._connected.clear()
+        with self._ack_lock:
+            self._resubscribing = set()
         if was_connected:
             self._events.put(ConnectionEvent(False, False, str(reason_code), self.protocol))
             if not self._closing:
@@ -674,13 +717,22 @@ class MqttTransport:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         failures = "; ".join(str(rc) for rc in reason_codes if rc.is_failure)
+        if failures:
+            log.warning("broker refused a subscription: %s", failures)
         with self._ack_lock:
+            renewal = mid in self._resubscribing
+            self._resubscribing.discard(mid)
+            renewal_done = renewal and not self._resubscribing
             waiter = self._suback_waiters.pop(mid, None)
-            if waiter is None:
-                if len(self._early_subacks) > 1000:  # SUBACKs of renewals nobody waits for
+            if waiter is None and not renewal:
+                # subscribe() registers its waiter after paho returns the mid: the SUBACK may win.
+                if len(self._early_subacks) > 1000:  # SUBACKs nobody waits for (late renewals)
                     self._early_subacks.clear()
                 self._early_subacks[mid] = failures
-                return
+        if renewal_done:
+            self._announce_connected(client)
+        if waiter is None:
+            return
         done, outcome = waiter
         outcome.append(failures)
         done.set()

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from coordinator import sgp
 from coordinator.evaluation import tokenize_texts
-from coordinator.models import load_model
 from shared.errors import ConfigError
 from tests.coordinator.arch_models import VOCAB, tiny_model
 
@@ -21,11 +20,6 @@ TEXTS = [
     "A short one.",
     "In 1969 the first humans walked on the Moon during the Apollo 11 mission, watched by millions.",
 ]
-
-
-@pytest.fixture(scope="module")
-def smol(tiny_model_dir):
-    return load_model(tiny_model_dir)
 
 
 def direct_hidden_states(model, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from coordinator.models import load_model
 from coordinator.submodel import (
     bridge_layers,
     build_submodel,
@@ -32,12 +31,6 @@ EXPECTED_PREFIX = {
     "gpt2": "transformer.h",
 }
 KEPT = [0, 2, 3, 5]  # of 6 layers: drops 1 and 4, so both a head-side and a tail-side gap
-
-
-@pytest.fixture(scope="module")
-def smol(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)
-    return model, tokenizer
 
 
 def hand_built_reference(full: nn.Module, kept: list[int]) -> nn.Module:

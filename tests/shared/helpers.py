@@ -10,11 +10,14 @@ from shared.transport import ConnectionEvent, Event, InboundMessage, MqttTranspo
 
 
 def connect(broker: BrokerHandle, client_id: str, *, will: Will | None = None, **overrides: object) -> MqttTransport:
-    """A connected transport to ``broker`` with fast reconnects."""
-    config = TransportConfig(
-        host=broker.host, port=broker.port, client_id=client_id, connect_timeout=10.0,
-        reconnect_min_delay=0.1, reconnect_max_delay=1.0, **overrides,  # type: ignore[arg-type]
-    )
+    """A connected transport to ``broker`` with fast reconnects (``overrides`` win)."""
+    settings: dict[str, object] = {
+        "connect_timeout": 10.0,
+        "reconnect_min_delay": 0.1,
+        "reconnect_max_delay": 1.0,
+        **overrides,
+    }
+    config = TransportConfig(host=broker.host, port=broker.port, client_id=client_id, **settings)  # type: ignore[arg-type]
     return MqttTransport(config, will=will).connect()
 
 

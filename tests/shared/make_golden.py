@@ -20,8 +20,13 @@ def main() -> None:
     GOLDEN_DIR.mkdir(exist_ok=True)
     for msg_type, body in samples().items():
         data = codec.encode(
-            msg_type, body, run=RUN, round=GOLDEN_ROUND, sender=SENDER,
-            message_id=GOLDEN_MESSAGE_ID, timestamp=GOLDEN_TIMESTAMP,
+            msg_type,
+            body,
+            run=RUN,
+            round=GOLDEN_ROUND,
+            sender=SENDER,
+            message_id=GOLDEN_MESSAGE_ID,
+            timestamp=GOLDEN_TIMESTAMP,
         )
         target = GOLDEN_DIR / f"{msg_type.value}.msgpack"
         target.write_bytes(data)

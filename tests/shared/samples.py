@@ -38,17 +38,35 @@ def _tensors() -> dict:
 def training() -> TrainingParams:
     """Round hyper-parameters."""
     return TrainingParams(
-        local_steps=10, learning_rate=2e-4, batch_size=4, seq_len=128, lora_rank=16, lora_alpha=32.0,
-        lora_dropout=0.05, target_modules=["q_proj", "v_proj"], mu=0.01, seed=7,
+        local_steps=10,
+        learning_rate=2e-4,
+        batch_size=4,
+        seq_len=128,
+        lora_rank=16,
+        lora_alpha=32.0,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        mu=0.01,
+        seed=7,
     )
 
 
 def profile() -> DeviceProfile:
     """A Jetson-like profile."""
     return DeviceProfile(
-        name="orin-1", device_class="jetson-orin-nano-8gb", accelerator="cuda", total_memory_bytes=8 << 30,
-        available_memory_bytes=5 << 30, unified_memory=True, gpu_name="Orin", gpu_total_memory_bytes=8 << 30,
-        gpu_free_memory_bytes=5 << 30, compute_capability="8.7", cpu_count=6, supports_4bit=True, is_jetson=True,
+        name="orin-1",
+        device_class="jetson-orin-nano-8gb",
+        accelerator="cuda",
+        total_memory_bytes=8 << 30,
+        available_memory_bytes=5 << 30,
+        unified_memory=True,
+        gpu_name="Orin",
+        gpu_total_memory_bytes=8 << 30,
+        gpu_free_memory_bytes=5 << 30,
+        compute_capability="8.7",
+        cpu_count=6,
+        supports_4bit=True,
+        is_jetson=True,
     )
 
 
@@ -61,30 +79,63 @@ def samples() -> dict[MessageType, object]:
     return {
         MessageType.HELLO: Hello(client_id=SENDER, profile=profile(), num_examples=1200, software_version="0.1.0"),
         MessageType.ASSIGNMENT: Assignment(
-            client_id=SENDER, accepted=True, tier="t12", reason="fits with 1.2 GiB to spare",
-            plan={"keep_layers": 12, "precision": "nf4", "lora_rank": 16, "batch_size": 4, "seq_len": 128,
-                  "grad_checkpointing": False, "estimate_bytes": 3 << 30, "budget_bytes": 4 << 30},
+            client_id=SENDER,
+            accepted=True,
+            tier="t12",
+            reason="fits with 1.2 GiB to spare",
+            plan={
+                "keep_layers": 12,
+                "precision": "nf4",
+                "lora_rank": 16,
+                "batch_size": 4,
+                "seq_len": 128,
+                "grad_checkpointing": False,
+                "estimate_bytes": 3 << 30,
+                "budget_bytes": 4 << 30,
+            },
         ),
         MessageType.SCHEDULE: Schedule(
-            round=3, status="running", deadline=1_800_000_000.5, quorum=2, participants={SENDER: "t12", "edge-2": "t8"},
-            training=training(), manifests={"t12": "d" * 64, "t8": "e" * 64}, adapter_round=2,
+            round=3,
+            status="running",
+            deadline=1_800_000_000.5,
+            quorum=2,
+            participants={SENDER: "t12", "edge-2": "t8"},
+            training=training(),
+            manifests={"t12": "d" * 64, "t8": "e" * 64},
+            adapter_round=2,
         ),
         MessageType.MANIFEST: Manifest(
-            blob_id="f" * 64, name="SmolLM2-135M-Instruct", version=2, tier="t12", chunk_size=8, files=files,
+            blob_id="f" * 64,
+            name="SmolLM2-135M-Instruct",
+            version=2,
+            tier="t12",
+            chunk_size=8,
+            files=files,
             meta={"layer_map": [0, 1, 2, 5, 6], "layers_prefix": "model.layers", "precision": "nf4"},
         ),
         MessageType.CHUNK_REQUEST: ChunkRequest(blob_id="f" * 64, hashes=["b" * 64, "c" * 64]),
         MessageType.CHUNK: Chunk(blob_id="f" * 64, hash="b" * 64, data=bytes(range(256)) * 4),
         MessageType.GLOBAL_ADAPTER: GlobalAdapter(round=2, tensors=_tensors()),
         MessageType.UPDATE: Update(
-            client_id=SENDER, round=3, num_examples=1200, delta=_tensors(), metrics={"loss": 0.71, "accuracy": 0.8},
+            client_id=SENDER,
+            round=3,
+            num_examples=1200,
+            delta=_tensors(),
+            metrics={"loss": 0.71, "accuracy": 0.8},
             resources=ResourceReport(
-                peak_rss_bytes=900 << 20, peak_gpu_bytes=0, wall_seconds=61.5, cpu_seconds=118.25,
-                bytes_sent=123456, bytes_received=654321, device_class="jetson-orin-nano-8gb",
+                peak_rss_bytes=900 << 20,
+                peak_gpu_bytes=0,
+                wall_seconds=61.5,
+                cpu_seconds=118.25,
+                bytes_sent=123456,
+                bytes_received=654321,
+                device_class="jetson-orin-nano-8gb",
             ),
         ),
         MessageType.PRESENCE: Presence(client_id=SENDER, online=False, reason="connection lost"),
-        MessageType.NACK: Nack(client_id=SENDER, round=3, ref_message_id="0" * 32, code="late", reason="round 3 closed"),
+        MessageType.NACK: Nack(
+            client_id=SENDER, round=3, ref_message_id="0" * 32, code="late", reason="round 3 closed"
+        ),
     }
 
 

@@ -43,7 +43,11 @@ def _write_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER_NAME}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER_NAME
+    }
 
 
 class FaultyServer(BlobServer):
@@ -53,7 +57,9 @@ class FaultyServer(BlobServer):
     through the real broker.
     """
 
-    def __init__(self, *args: object, corrupt: set[str] = frozenset(), duplicate: set[str] = frozenset(), **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, corrupt: set[str] = frozenset(), duplicate: set[str] = frozenset(), **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.corrupt_once = set(corrupt)
         self.duplicate = set(duplicate)
@@ -77,7 +83,9 @@ class FaultyServer(BlobServer):
 
 
 @contextmanager
-def serving(broker: BrokerHandle, run: str, server_cls: type[BlobServer] = BlobServer, **kwargs: object) -> Iterator[BlobServer]:
+def serving(
+    broker: BrokerHandle, run: str, server_cls: type[BlobServer] = BlobServer, **kwargs: object
+) -> Iterator[BlobServer]:
     """A coordinator loop thread: one transport, chunk requests dispatched to a BlobServer."""
     transport = connect(broker, f"coord-{run}")
     server = server_cls(transport, run=run, **kwargs)  # type: ignore[arg-type]
@@ -118,7 +126,12 @@ def test_manifest_lists_files_and_chunks(tmp_path: Path) -> None:
     m = build_manifest(folder, "m", 1, "t8", {"layer_map": [0, 3]}, chunk_size=1000)
     assert [f.path for f in m.files] == sorted(files)
     sizes = {f.path: (f.size, len(f.chunks)) for f in m.files}
-    assert sizes == {"config.json": (2, 1), "empty.bin": (0, 0), "layers/l0.safetensors": (3000, 3), "layers/l1.safetensors": (2500, 3)}
+    assert sizes == {
+        "config.json": (2, 1),
+        "empty.bin": (0, 0),
+        "layers/l0.safetensors": (3000, 3),
+        "layers/l1.safetensors": (2500, 3),
+    }
     l1 = files["layers/l1.safetensors"]
     assert m.files[3].chunks[2] == hashlib.sha256(l1[2000:]).hexdigest()
     validate_manifest(m)
@@ -142,7 +155,8 @@ def _manifest_with(paths: list[str]) -> Manifest:
 
 
 @pytest.mark.parametrize(
-    "path", ["/etc/passwd", "../escape", "a/../../b", "a//b", "./a", "a/.", "C:/windows", "a\\b", "", "a\x00b", MARKER_NAME]
+    "path",
+    ["/etc/passwd", "../escape", "a/../../b", "a//b", "./a", "a/.", "C:/windows", "a\\b", "", "a\x00b", MARKER_NAME],
 )
 def test_unsafe_manifest_paths_raise(path: str) -> None:
     with pytest.raises(UnsafePathError):
@@ -192,12 +206,16 @@ def test_chunk_store_verifies_and_heals(tmp_path: Path) -> None:
 # ------------------------------------------------------------- transfers
 
 
-def _fetcher(broker: BrokerHandle, run: str, client: str, cache: Path, **kwargs: object) -> tuple[MqttTransport, BlobFetcher]:
+def _fetcher(
+    broker: BrokerHandle, run: str, client: str, cache: Path, **kwargs: object
+) -> tuple[MqttTransport, BlobFetcher]:
     transport = connect(broker, client)
     return transport, BlobFetcher(transport, ChunkStore(cache), run=run, client_id=client, **kwargs)  # type: ignore[arg-type]
 
 
-def test_transfer_reuse_and_shared_chunks(any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path) -> None:
+def test_transfer_reuse_and_shared_chunks(
+    any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path
+) -> None:
     run, client = unique_id("run"), unique_id("edge")
     files = {f"layers/{i}.bin": os.urandom(150_000) for i in range(4)} | {"config.json": b'{"layers": 4}'}
     v1 = _write_folder(tmp_path / "v1", files)
@@ -249,7 +267,9 @@ def test_corrupt_chunk_is_refetched_and_duplicate_ignored(
     assert fetcher.stats.duplicates == 1 and fetcher.stats.fetched == 8
 
 
-def test_server_keeps_serving_after_bad_requests(any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path) -> None:
+def test_server_keeps_serving_after_bad_requests(
+    any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path
+) -> None:
     run, client = unique_id("run"), unique_id("edge")
     src = _write_folder(tmp_path / "src", {"x.bin": os.urandom(10_000)})
     m = build_manifest(src, "pkg", 1, "t", chunk_size=4096)
@@ -258,26 +278,32 @@ def test_server_keeps_serving_after_bad_requests(any_broker: BrokerHandle, uniqu
         transport, fetcher = _fetcher(any_broker, run, client, tmp_path / "cache")
         try:
             transport.publish(topics.chunkreq(run, client), b"\x93garbage")
-            transport.publish(topics.chunkreq(run, client), codec.encode(
-                MessageType.CHUNK_REQUEST, ChunkRequest(m.blob_id, ["0" * 64]), run=run, round=-1, sender="impostor"))
+            transport.publish(
+                topics.chunkreq(run, client),
+                codec.encode(
+                    MessageType.CHUNK_REQUEST, ChunkRequest(m.blob_id, ["0" * 64]), run=run, round=-1, sender="impostor"
+                ),
+            )
             assert _tree(fetcher.fetch(m, timeout=60)) == {"x.bin": (src / "x.bin").read_bytes()}
             assert server.requests_rejected == 2
         finally:
             transport.close()
 
 
-def test_refusals_end_the_fetch_quickly(any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path) -> None:
+def test_refusals_end_the_fetch_quickly(
+    any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path
+) -> None:
     run, client = unique_id("run"), unique_id("edge")
     src = _write_folder(tmp_path / "src", {"x.bin": b"x" * 100})
     m = build_manifest(src, "pkg", 1, "t")
     with serving(any_broker, run) as server:
         transport, fetcher = _fetcher(any_broker, run, client, tmp_path / "cache")
         try:
-            with pytest.raises(BlobError, match="refused blob.*unknown_blob"):
+            with pytest.raises(BlobError, match=r"refused blob.*unknown_blob"):
                 fetcher.fetch(m, timeout=30)
             server.add(m, src)
-            (src / "x.bin").write_bytes(b"y" * 100)  # the source changes after the manifest was added
-            with pytest.raises(BlobError, match="refused blob.*unknown_chunk.*changed since its manifest"):
+            (src / "x.bin").write_bytes(b"y" * 101)  # the source changes after the manifest was added
+            with pytest.raises(BlobError, match=r"refused blob.*unknown_chunk.*changed since its manifest"):
                 fetcher.fetch(m, timeout=30)
         finally:
             transport.close()
@@ -307,6 +333,7 @@ def test_300mb_blob_resumes_after_crash_and_connection_cut(
 
     with serving(broker, run, FaultyServer, corrupt={corrupt}, duplicate={duplicate}) as server:
         server.add(m, src)
+
         # 1) The client crashes after ~30% of the chunks.
         def crash_at_30(p: FetchProgress) -> None:
             if p.fetched >= 24:

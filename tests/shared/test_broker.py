@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def test_embedded_broker_exits_when_its_parent_dies() -> None:
         "print(b.pid, b.port, flush=True)\n"
         "import sys; sys.stdin.read()\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert parent.stdout is not None
         pid, port = map(int, parent.stdout.readline().split())
@@ -85,7 +88,7 @@ def test_embedded_broker_exits_when_its_parent_dies() -> None:
 
 
 def test_bad_mosquitto_config_reports_the_log(broker_factory: Callable[..., BrokerHandle]) -> None:
-    with pytest.raises(BrokerError, match="exited with code.*Unknown configuration variable"):
+    with pytest.raises(BrokerError, match=r"exited with code.*Unknown configuration variable"):
         broker_factory("mosquitto", extra_config="this_is_not_an_option 1")
 
 
@@ -95,3 +98,15 @@ def test_stop_is_idempotent_and_releases_the_port(broker_factory: Callable[..., 
         broker.stop()
         broker.stop()
         assert not broker.is_running and not port_open(broker.host, broker.port)
+
+
+def test_closing_a_client_while_the_broker_is_down_is_prompt(
+    broker_factory: Callable[..., BrokerHandle], unique_id: Callable[[str], str]
+) -> None:
+    broker = broker_factory("embedded")
+    client = connect(broker, unique_id("edge"), reconnect_max_delay=30.0)
+    broker.kill()
+    wait_for(client, lambda e: isinstance(e, ConnectionEvent) and not e.connected)
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 3

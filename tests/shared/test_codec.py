@@ -93,7 +93,7 @@ def test_malformed_bytes(data: bytes, fragment: str) -> None:
 def test_truncated_message_is_malformed() -> None:
     data = codec.encode(MessageType.UPDATE, samples()[MessageType.UPDATE], run=RUN, round=0, sender=SENDER)
     for cut in (1, len(data) // 2, len(data) - 1):
-        with pytest.raises(MalformedMessageError, match="incomplete|not a valid"):
+        with pytest.raises(MalformedMessageError, match=r"incomplete|not a valid"):
             codec.decode(data[:cut])
 
 
@@ -161,7 +161,11 @@ def test_missing_nested_body_field_names_its_path() -> None:
         (MessageType.HELLO, lambda r: r["body"].__setitem__("num_examples", True), "num_examples: expected int"),
         (MessageType.HELLO, lambda r: r["body"]["profile"].__setitem__("accelerator", "tpu"), "must be one of"),
         (MessageType.SCHEDULE, lambda r: r["body"].__setitem__("status", "paused"), "status"),
-        (MessageType.SCHEDULE, lambda r: r["body"]["training"].__setitem__("target_modules", "q_proj"), "expected a list"),
+        (
+            MessageType.SCHEDULE,
+            lambda r: r["body"]["training"].__setitem__("target_modules", "q_proj"),
+            "expected a list",
+        ),
         (MessageType.SCHEDULE, lambda r: r["body"].__setitem__("participants", {"a": 1}), r"participants\['a'\]"),
         (MessageType.CHUNK, lambda r: r["body"].__setitem__("data", "text"), "data: expected bytes"),
         (MessageType.UPDATE, lambda r: r["body"]["metrics"].__setitem__("loss", "low"), "expected float"),
@@ -257,4 +261,3 @@ def test_generic_converter_collects_all_problems() -> None:
     assert ("type", "inner.pair") in found
     assert ("type", "color") in found
     assert ("type", "mode") in found  # True is not the literal 1
-

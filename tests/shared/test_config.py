@@ -45,7 +45,9 @@ def test_defaults_only() -> None:
 
 
 def test_toml_nested_tables(tmp_path: Path) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 run = "exp1"
 output = "out/dir"
 [rounds]
@@ -56,7 +58,8 @@ host = "10.0.0.2"
 port = 8883
 ca_file = "ca.pem"
 protocol = "3.1.1"
-""")
+""",
+    )
     cfg = load_config(AppConfig, path, env={})
     assert cfg.run == "exp1" and cfg.output == Path("out/dir")
     assert cfg.rounds == Rounds(local_steps=3, learning_rate=1.0)
@@ -91,7 +94,9 @@ def test_env_names_follow_the_documented_convention() -> None:
 
 
 def test_all_problems_reported_at_once_with_paths_and_sources(tmp_path: Path) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 sed = 3
 mode = "sgd"
 [rounds]
@@ -99,7 +104,8 @@ local_steps = "many"
 lr = 0.1
 [broker]
 port = 1883.5
-""")
+""",
+    )
     env = {"FEDSODA_SEED": "abc", "FEDSODA_BROKER__KEEPALIVE": "30"}
     with pytest.raises(ConfigError) as info:
         load_config(AppConfig, path, env=env, overrides={"rounds.nope": 1})
@@ -119,7 +125,9 @@ port = 1883.5
 
 
 def test_dataclass_validation_is_reported_as_a_problem() -> None:
-    with pytest.raises(ConfigError, match=r"rounds: local_steps must be at least 1, got 0 \[FEDSODA_ROUNDS__LOCAL_STEPS\]"):
+    with pytest.raises(
+        ConfigError, match=r"rounds: local_steps must be at least 1, got 0 \[FEDSODA_ROUNDS__LOCAL_STEPS\]"
+    ):
         load_config(AppConfig, env={"FEDSODA_ROUNDS__LOCAL_STEPS": "0"})
 
 

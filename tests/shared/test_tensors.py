@@ -12,7 +12,8 @@ from shared.tensors import from_payload, payloads_to_state, state_to_payloads, t
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool]
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool],
 )
 def test_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -24,14 +25,18 @@ def test_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
         t = torch.randint(-100 if dtype != torch.uint8 else 0, 100, (5, 7), generator=gen).to(dtype)
     back = from_payload(to_payload(t))
     assert back.dtype == dtype and back.shape == t.shape
-    assert torch.equal(back.view(torch.uint8) if dtype != torch.bool else back, t.view(torch.uint8) if dtype != torch.bool else t)
+    assert torch.equal(
+        back.view(torch.uint8) if dtype != torch.bool else back, t.view(torch.uint8) if dtype != torch.bool else t
+    )
 
 
 def test_bfloat16_bits_survive_encode_decode() -> None:
     # Values whose bf16 bits differ from any float32 rounding shortcut, plus inf and nan payloads.
     bits = torch.tensor([0x3F80, 0x3F81, 0xFF80, 0x7FC1, 0x0001, 0x8000], dtype=torch.int32).to(torch.int16)
     t = bits.view(torch.bfloat16)
-    env = codec.decode(codec.encode(MessageType.GLOBAL_ADAPTER, GlobalAdapter(0, {"w": to_payload(t)}), run="r", round=0, sender="c"))
+    env = codec.decode(
+        codec.encode(MessageType.GLOBAL_ADAPTER, GlobalAdapter(0, {"w": to_payload(t)}), run="r", round=0, sender="c")
+    )
     back = from_payload(env.body.tensors["w"])
     assert torch.equal(back.view(torch.int16), bits)
 

@@ -46,7 +46,9 @@ TOPIC_OF: dict[MessageType, Callable[[str], str]] = {
 }
 
 
-def test_every_message_type_round_trips_over_the_broker(any_broker: BrokerHandle, unique_id: Callable[[str], str]) -> None:
+def test_every_message_type_round_trips_over_the_broker(
+    any_broker: BrokerHandle, unique_id: Callable[[str], str]
+) -> None:
     run = unique_id("run")
     receiver = connect(any_broker, unique_id("coord"))
     sender = connect(any_broker, unique_id("edge"))
@@ -56,7 +58,11 @@ def test_every_message_type_round_trips_over_the_broker(any_broker: BrokerHandle
         for msg_type, body in bodies.items():
             topic = TOPIC_OF[msg_type](run)
             info = topics.parse(topic)
-            sender.publish(topic, codec.encode(msg_type, body, run=run, round=3, sender=SENDER), retain=info.kind in topics.RETAINED)
+            sender.publish(
+                topic,
+                codec.encode(msg_type, body, run=run, round=3, sender=SENDER),
+                retain=info.kind in topics.RETAINED,
+            )
         got = {}
         while len(got) < len(bodies):
             msg = wait_for(receiver, lambda e: isinstance(e, InboundMessage))
@@ -89,7 +95,9 @@ def _bad_payloads(run: str) -> list[tuple[bytes, type[ProtocolError]]]:
         return msgpack.packb({**raw, **changes})
 
     body_missing = {k: v for k, v in raw["body"].items() if k != "num_examples"}
-    update = msgpack.unpackb(codec.encode(MessageType.UPDATE, samples()[MessageType.UPDATE], run=run, round=0, sender=SENDER))
+    update = msgpack.unpackb(
+        codec.encode(MessageType.UPDATE, samples()[MessageType.UPDATE], run=run, round=0, sender=SENDER)
+    )
     bad_tensor = msgpack.unpackb(msgpack.packb(update))
     next(iter(bad_tensor["body"]["delta"].values()))["dtype"] = "complex64"
     return [
@@ -127,7 +135,9 @@ def test_bad_input_gets_typed_errors_and_the_receiver_keeps_serving(
         bad = _bad_payloads(run)
         for payload, _ in bad:
             sender.publish(topic, payload)
-        sender.publish(topic, codec.encode(MessageType.HELLO, samples()[MessageType.HELLO], run=run, round=0, sender=SENDER))
+        sender.publish(
+            topic, codec.encode(MessageType.HELLO, samples()[MessageType.HELLO], run=run, round=0, sender=SENDER)
+        )
         wait_for(receiver, lambda _e: len(outcomes) == len(bad) + 1)
         for (_, expected), outcome in zip(bad, outcomes, strict=False):
             assert isinstance(outcome, expected), (expected, outcome)
@@ -144,7 +154,9 @@ def test_bad_tensor_is_a_tensor_error(any_broker: BrokerHandle, unique_id: Calla
     try:
         topic = topics.update(run, SENDER)
         t.subscribe(topic)
-        raw = msgpack.unpackb(codec.encode(MessageType.UPDATE, samples()[MessageType.UPDATE], run=run, round=0, sender=SENDER))
+        raw = msgpack.unpackb(
+            codec.encode(MessageType.UPDATE, samples()[MessageType.UPDATE], run=run, round=0, sender=SENDER)
+        )
         next(iter(raw["body"]["delta"].values()))["shape"] = [3, 3, 3]
         t.publish(topic, msgpack.packb(raw))
         msg = wait_message(t, topic)
@@ -170,7 +182,9 @@ def test_publish_refuses_oversize_before_sending(any_broker: BrokerHandle, uniqu
         t.close()
 
 
-def test_broker_maximum_packet_size_is_honoured(broker_factory: Callable[..., BrokerHandle], unique_id: Callable[[str], str]) -> None:
+def test_broker_maximum_packet_size_is_honoured(
+    broker_factory: Callable[..., BrokerHandle], unique_id: Callable[[str], str]
+) -> None:
     broker = broker_factory("mosquitto", max_packet_bytes=64 * 1024)
     t = connect(broker, unique_id("c"))
     try:
@@ -279,12 +293,23 @@ def test_last_will_marks_the_client_offline(any_broker: BrokerHandle, unique_id:
     client = connect(any_broker, client_id, will=Will(topic, will_payload), keepalive=5)
     try:
         observer.subscribe(topics.all_of(run, TopicKind.PRESENCE))
-        client.publish(topic, codec.encode(MessageType.PRESENCE, Presence(client_id, True, "connected"), run=run, round=-1, sender=client_id), retain=True)
+        client.publish(
+            topic,
+            codec.encode(
+                MessageType.PRESENCE, Presence(client_id, True, "connected"), run=run, round=-1, sender=client_id
+            ),
+            retain=True,
+        )
         _, online = codec.decode_message(topic, wait_message(observer, topic).payload, run=run)
         assert online.body.online is True
         client.close(graceful=False)  # like a crash: no DISCONNECT, so the broker sends the will
         _, offline = codec.decode_message(topic, wait_message(observer, topic, timeout=20).payload, run=run)
         assert offline.body == Presence(client_id, False, "connection lost")
+        # A clean close sends DISCONNECT, so the broker discards the will.
+        polite = connect(any_broker, client_id, will=Will(topic, will_payload), keepalive=5)
+        polite.close()
+        observer.publish(topic, b"marker")  # anything the broker sent on the close arrives first
+        assert wait_message(observer, topic).payload == b"marker"
     finally:
         observer.close()
 
@@ -307,22 +332,71 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _make_pki(d: Path) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=fedsoda-test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedsoda-test-ca",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
-def test_credentials_and_mutual_tls(broker_factory: Callable[..., BrokerHandle], tmp_path: Path, unique_id: Callable[[str], str]) -> None:
+def test_credentials_and_mutual_tls(
+    broker_factory: Callable[..., BrokerHandle], tmp_path: Path, unique_id: Callable[[str], str]
+) -> None:
     _make_pki(tmp_path)
     broker = broker_factory(
         "mosquitto",
         users={"edge": "s3cret"},
-        extra_config=[f"cafile {tmp_path / 'ca.pem'}", f"certfile {tmp_path / 'server.pem'}",
-                      f"keyfile {tmp_path / 'server.key'}", "require_certificate true"],
+        extra_config=[
+            f"cafile {tmp_path / 'ca.pem'}",
+            f"certfile {tmp_path / 'server.pem'}",
+            f"keyfile {tmp_path / 'server.key'}",
+            "require_certificate true",
+        ],
     )
     tls = {"ca_file": tmp_path / "ca.pem", "cert_file": tmp_path / "client.pem", "key_file": tmp_path / "client.key"}
     t = connect(broker, unique_id("edge"), username="edge", password="s3cret", **tls)
@@ -338,4 +412,8 @@ def test_credentials_and_mutual_tls(broker_factory: Callable[..., BrokerHandle],
         connect(broker, unique_id("edge"), username="edge", password="wrong", **tls)
     assert time.monotonic() - start < 8  # a refusal is reported at once, not after the timeout
     with pytest.raises(BrokerError, match="within 2 s"):
-        MqttTransport(TransportConfig(broker.host, broker.port, client_id="x", username="edge", password="s3cret", connect_timeout=2)).connect()
+        MqttTransport(
+            TransportConfig(
+                broker.host, broker.port, client_id="x", username="edge", password="s3cret", connect_timeout=2
+            )
+        ).connect()

@@ -1,0 +1,660 @@
+"""Peak-memory estimator for LoRA training of a (pruned) causal LM.
+
+The estimate is built from the model's own config (the model is instantiated on PyTorch's
+``meta`` device, so no weight is read and nothing is allocated) and the training setup. It
+models what the fedsoda client really runs (:func:`edge_client.trainer.train_adapter`: PEFT
+LoRA, ``prepare_model_for_kbit_training`` for 4-bit models, AdamW, the proximal term) and
+adds up, in bytes:
+
+``framework``
+    The process before any model exists: Python + torch + transformers + peft (+ the CUDA
+    context on a GPU). Measured, see :data:`CPU_FRAMEWORK_BYTES`.
+``weights``
+    The frozen base model at its precision. NF4 with double quantization stores 0.5 byte per
+    weight plus one uint8 absmax per 64 weights plus one fp32 absmax per 256 blocks; modules
+    bitsandbytes leaves alone (embeddings, norms, ``lm_head``) are fp32 after
+    ``prepare_model_for_kbit_training``.
+``lora_state``
+    Adapter parameters (fp32), their gradients, AdamW's two moments, and the trainer's fp32
+    copy of the global adapter for the proximal term.
+``activations``
+    What autograd saves for the backward pass, per decoder layer and token, from the saved
+    tensors of a Llama-style layer (checked against ``grad_fn._saved_*`` in the tests):
+    two RMSNorm inputs (fp32), attention query / key / value / output (key and value
+    repeated to every head when batches are padded) and log-sum-exp, the gated MLP's three
+    intermediates, and each LoRA module's fp32 input and rank-``r`` projection. With
+    gradient checkpointing only each layer's input is kept, plus one layer recomputed in
+    backward. The 4-D attention mask is counted once.
+``logits``
+    ``batch * seq_len * vocab`` values four times over at the start of backward (logits,
+    log-softmax, its gradient, the logits' gradient), fp32: for a small model with a large
+    vocabulary this is the largest single term.
+``allocator``
+    On CPU, glibc ``malloc`` serves tensors below its mmap threshold (at most 32 MiB on 64-bit
+    Linux) from heaps it rarely trims, so freed activations of one step are not all reused
+    by the next: the resident set settles near :data:`CPU_HEAP_FACTOR` times the live size of
+    those tensors. Larger tensors are mmapped and returned exactly. On CUDA, the caching
+    allocator's fragmentation (:data:`CUDA_FRAGMENTATION`).
+``load``
+    Loading from a checkpoint of another precision holds the file's pages and the converted
+    weights at once; the peak is the larger of loading and training.
+
+The constants marked *measured* were fitted with ``benchmarks/memory_estimator.py`` (peak RSS
+of separate processes training the real SmolLM2 on CPU); the CUDA ones are typical figures
+from PyTorch practice, not measured here, and say so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["nf4", "int8", "bf16", "fp16", "fp32"]
+ComputeDtype = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw8bit", "sgd"]
+Device = Literal["cpu", "cuda"]
+
+PRECISIONS: tuple[Precision, ...] = ("nf4", "int8", "bf16", "fp16", "fp32")
+"""Weight precisions the estimator knows, smallest first."""
+
+MIB = 1 << 20
+
+# --------------------------------------------------------------------------- constants
+
+CPU_FRAMEWORK_BYTES = 430 * MIB
+"""*Measured.* Resident set of a client process before the model loads: Python, torch 2.13,
+transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (388 MiB after the
+imports here) plus what the first training step adds beside its tensors (thread pools,
+oneDNN scratch, tokenizer and dataset: about 40 MiB)."""
+
+CPU_HEAP_FACTOR = 2.0
+"""*Measured.* Resident / live bytes of activation tensors that glibc serves from its heaps
+(those below :data:`CPU_MMAP_THRESHOLD`), once training has run a few steps: the fit over the
+benchmark's configurations. With ``MALLOC_MMAP_THRESHOLD_=131072`` the same runs come out at
+1.0 (the live size the formulas give), which is how this term was isolated."""
+
+CPU_MMAP_THRESHOLD = 32 * MIB
+"""glibc's largest dynamic mmap threshold on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
+bigger allocations are always mmapped and given back on free."""
+
+CPU_DEQUANT_FACTOR = 1.0
+"""*Measured.* bitsandbytes on CPU without its optional kernel package dequantizes each
+4-bit weight to the compute dtype for every matmul, forward and backward; the freed buffers
+(those below :data:`CPU_MMAP_THRESHOLD`) stay in glibc's heaps. Resident overhead, in units of
+the dequantized size of those weights."""
+
+CUDA_CONTEXT_BYTES = 500 * MIB
+"""*Typical, not measured here.* CUDA context, cuBLAS / cuDNN workspaces on a discrete GPU
+(300-600 MiB with torch 2.x, depending on the card and CUDA version)."""
+
+JETSON_RUNTIME_BYTES = 1200 * MIB
+"""*Typical, not measured here.* On a Jetson the host process (Python, torch, transformers)
+and the CUDA runtime libraries live in the same memory as the tensors: about 1.2 GiB RSS
+once CUDA is initialised with JetPack 6 torch wheels."""
+
+CUDA_FRAGMENTATION = 1.15
+"""*Typical, not measured here.* Reserved / allocated ratio of PyTorch's caching allocator
+for training loops with steady shapes."""
+
+_NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed nibbles + uint8 absmax + fp32 absmax2
+_INT8_BYTES_PER_WEIGHT = 1.0
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_LORA_STATE_BYTES = {"adamw": 4 + 4 + 8 + 4, "adamw8bit": 4 + 4 + 2 + 4, "sgd": 4 + 4 + 4}
+"""Per LoRA parameter: fp32 value, gradient, optimizer moments, the proximal term's global copy."""
+
+
+# --------------------------------------------------------------------------- model shape
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear module inside one decoder layer.
+
+    Attributes:
+        name: Dotted name relative to the layer (``self_attn.q_proj``).
+        in_features: Input width.
+        out_features: Output width.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        """Weight count ``in * out``."""
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimator needs to know about a causal LM, read from its config.
+
+    Attributes:
+        model_type: ``config.model_type``.
+        num_layers: Decoder layers of the full model.
+        hidden_size: Residual width h.
+        intermediate_size: MLP width I.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (grouped-query attention).
+        head_dim: Width of one head.
+        vocab_size: Vocabulary V (the logits' width).
+        layer_linears: Linear modules of one decoder layer.
+        layer_other_params: Parameters of one layer outside its linears (norms, biases).
+        embedding_params: Input embedding parameters.
+        lm_head_params: Output head parameters not shared with the embedding (0 when tied).
+        other_params: Everything else outside the layers (final norm, ...).
+        gated_mlp: The MLP has a gate projection (SwiGLU-style: three saved intermediates).
+    """
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    layer_linears: tuple[LinearShape, ...]
+    layer_other_params: int
+    embedding_params: int
+    lm_head_params: int
+    other_params: int
+    gated_mlp: bool
+
+    @property
+    def layer_linear_params(self) -> int:
+        """Weights in one layer's linear modules."""
+        return sum(lin.numel for lin in self.layer_linears)
+
+    def total_params(self, num_layers: int | None = None) -> int:
+        """Parameters of the model cut to ``num_layers`` decoder layers (default: all)."""
+        n = self.num_layers if num_layers is None else num_layers
+        return n * (self.layer_linear_params + self.layer_other_params) + self.embedding_params + self.lm_head_params + self.other_params
+
+
+def _config_from(model_config: Any) -> Any:
+    """A transformers config from a config object, a dict, a config.json or a model folder."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model_config, PretrainedConfig):
+        return model_config
+    if isinstance(model_config, Mapping):
+        data = dict(model_config)
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ModelError("a model config given as a dict needs its 'model_type'")
+        return AutoConfig.for_model(model_type, **data)
+    path = Path(model_config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ModelError(f"no model config at {path}: pass a Hugging Face model folder holding config.json")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model config {path}: {exc}") from exc
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """Read a model's shape by building it on the meta device (no weights, no memory).
+
+    Args:
+        model_config: A ``transformers.PretrainedConfig``, a config dict (with
+            ``model_type``), a ``config.json`` path or a model folder.
+
+    Returns:
+        The :class:`ModelShape`.
+
+    Raises:
+        ModelError: The config cannot be read, or no decoder layer list is found.
+    """
+    config = _config_from(model_config)
+    # Quantization settings in a config are about how weights are stored, not the shape.
+    key = config.to_json_string(use_diff=False)
+    return _model_shape_cached(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shape_cached(config_json: str) -> ModelShape:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    data.pop("quantization_config", None)
+    model_type = data.pop("model_type")
+    config = AutoConfig.for_model(model_type, **data)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot build a {model_type!r} causal LM from its config: {exc}") from exc
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    layers = _decoder_layers(model, n_layers)
+    first = layers[0]
+    linears = []
+    linear_params = 0
+    for name, module in first.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear):
+            linears.append(LinearShape(name, module.in_features, module.out_features))
+            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+        elif type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:  # GPT-2 style
+            linears.append(LinearShape(name, int(weight.shape[0]), int(weight.shape[1])))
+            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    if not linears:
+        raise ModelError(f"no linear modules in the decoder layers of {model_type!r}")
+    layer_params = sum(p.numel() for p in first.parameters())
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    embedding_params = embed.weight.numel() if embed is not None else 0
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    lm_head_params = 0 if (head is None or tied) else sum(p.numel() for p in head.parameters())
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    other = total - n_layers * layer_params - embedding_params - lm_head_params
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    widest = max(lin.out_features for lin in linears)
+    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or widest)
+    return ModelShape(
+        model_type=model_type,
+        num_layers=n_layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=int(config.vocab_size),
+        layer_linears=tuple(linears),
+        layer_other_params=layer_params - linear_params,
+        embedding_params=embedding_params,
+        lm_head_params=lm_head_params,
+        other_params=max(other, 0),
+        gated_mlp=any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears),
+    )
+
+
+def _decoder_layers(model: Any, n_layers: int) -> Any:
+    import torch
+
+    candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    exact = [m for m in candidates if len(m) == n_layers]
+    pool = exact or candidates
+    if not pool:
+        raise ModelError(f"no decoder layer list found in {type(model).__name__}")
+    return max(pool, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+# --------------------------------------------------------------------------- setup and estimate
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One way to train a LoRA adapter: everything that changes peak memory.
+
+    Attributes:
+        num_layers: Decoder layers the (sub-)LLM keeps; ``None`` means all of them.
+        precision: Weight precision of the frozen base model.
+        compute_dtype: Activation dtype; ``None`` picks the client's default: fp32 on CPU
+            (and for fp32 weights), bf16 for bf16 weights and for 4/8-bit on CUDA, fp16 for
+            fp16 weights.
+        lora_rank: LoRA rank r.
+        lora_targets: Module names LoRA wraps (PEFT matching: a module whose name equals the
+            target or ends with ``.target``); ``("all-linear",)`` wraps every layer linear.
+        lora_dropout: LoRA dropout (above 0 every wrapped module keeps its own dropped copy
+            and mask).
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence (the estimate assumes full-length batches).
+        optimizer: ``adamw``, ``adamw8bit`` or ``sgd``.
+        grad_checkpointing: Recompute each layer's activations in backward.
+        device: ``cpu`` or ``cuda``.
+        unified_memory: CUDA device sharing memory with the host (Jetson).
+        checkpoint_precision: Precision of the weights file loaded (``None``: the same as
+            ``precision``, i.e. a prepared sub-LLM package).
+        padded: Batches carry padding, so attention gets an explicit mask and key/value are
+            repeated to every head (the client's batches do).
+    """
+
+    num_layers: int | None = None
+    precision: Precision = "nf4"
+    compute_dtype: ComputeDtype | None = None
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
+    batch_size: int = 4
+    seq_len: int = 64
+    optimizer: Optimizer = "adamw"
+    grad_checkpointing: bool = False
+    device: Device = "cpu"
+    unified_memory: bool = False
+    checkpoint_precision: Precision | None = None
+    padded: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.checkpoint_precision is not None and self.checkpoint_precision not in PRECISIONS:
+            problems.append(f"checkpoint_precision must be one of {list(PRECISIONS)}, got {self.checkpoint_precision!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPE_BYTES:
+            problems.append(f"compute_dtype must be one of {list(_DTYPE_BYTES)}, got {self.compute_dtype!r}")
+        if self.num_layers is not None and self.num_layers < 1:
+            problems.append(f"num_layers must be >= 1, got {self.num_layers}")
+        for name in ("lora_rank", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.optimizer not in _LORA_STATE_BYTES:
+            problems.append(f"optimizer must be one of {list(_LORA_STATE_BYTES)}, got {self.optimizer!r}")
+        if not self.lora_targets:
+            problems.append("lora_targets must name at least one module")
+        if self.device not in ("cpu", "cuda"):
+            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.unified_memory and self.device != "cuda":
+            problems.append("unified_memory applies to a CUDA device (Jetson)")
+        if problems:
+            raise ConfigError("invalid training setup: " + "; ".join(problems))
+
+    @property
+    def resolved_compute_dtype(self) -> ComputeDtype:
+        """The compute dtype, with the client's defaults applied."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if self.precision in ("bf16", "fp16"):
+            return self.precision
+        if self.precision in ("nf4", "int8") and self.device == "cuda":
+            return "bf16"
+        return "fp32"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step, ``batch_size * seq_len``."""
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of one training setup.
+
+    Attributes:
+        total_bytes: The peak: framework + max(loading, training).
+        breakdown: Bytes per component (``framework``, ``weights``, ``lora_state``,
+            ``activations``, ``logits``, ``allocator``, ``load_peak``); the training peak is
+            the sum of all but ``framework`` and ``load_peak``.
+        peak_phase: ``train`` or ``load`` (which phase sets the peak).
+        setup: The setup estimated (with ``num_layers`` resolved).
+        lora_params: Trainable LoRA parameters.
+        device: ``cpu`` (peak process RSS) or ``cuda`` (device memory; on unified memory the
+            whole process).
+    """
+
+    total_bytes: int
+    breakdown: dict[str, int]
+    peak_phase: Literal["train", "load"]
+    setup: TrainingSetup
+    lora_params: int
+    device: Device
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (for JSON and the wire)."""
+        out = asdict(self)
+        out["setup"]["lora_targets"] = list(self.setup.lora_targets)
+        return out
+
+
+def _targets_match(name: str, targets: tuple[str, ...]) -> bool:
+    if "all-linear" in targets:
+        return True
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_param_count(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Trainable LoRA parameters: ``r * (in + out)`` per wrapped linear per kept layer."""
+    n_layers = setup.num_layers or shape.num_layers
+    wrapped = [lin for lin in shape.layer_linears if _targets_match(lin.name, setup.lora_targets)]
+    return n_layers * sum(setup.lora_rank * (lin.in_features + lin.out_features) for lin in wrapped)
+
+
+def _input_group(name: str) -> str:
+    """Linears fed by the same tensor share a saved input (q/k/v; gate/up)."""
+    leaf = name.rsplit(".", 1)[-1]
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    if leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv"):
+        return parent + ".in"
+    if leaf in ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h"):
+        return parent + ".in"
+    return name
+
+
+def layer_activation_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tuple[int, int]]:
+    """Tensors autograd saves in one decoder layer, as ``(bytes per token, count)`` pairs.
+
+    Args:
+        shape: The model.
+        setup: The training setup.
+
+    Returns:
+        One pair per kind of saved tensor; a tensor's size is ``bytes_per_token * tokens``.
+    """
+    cb = _DTYPE_BYTES[setup.resolved_compute_dtype]
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q_width = shape.num_heads * shape.head_dim
+    kv_width = q_width if setup.padded else shape.num_kv_heads * shape.head_dim
+    out: list[tuple[int, int]] = [
+        (h * 4, 2),  # the inputs of both RMSNorms, upcast to fp32
+        (q_width * cb, 2),  # attention query and output
+        (kv_width * cb, 2),  # key and value (repeated per head when a mask forces it)
+        (shape.num_heads * 4, 1),  # log-sum-exp of the fused attention
+        (inter * cb, 3 if shape.gated_mlp else 1),  # gate, activation, up (or the pre-activation)
+    ]
+    wrapped = [lin for lin in shape.layer_linears if _targets_match(lin.name, setup.lora_targets)]
+    if setup.lora_dropout > 0:
+        # Every LoRA module drops its own copy of the input and keeps the fp32 mask.
+        out += [(lin.in_features * 4, 2) for lin in wrapped]
+    elif cb != 4:
+        # PEFT casts the input to the fp32 adapter dtype, one copy per module.
+        out += [(lin.in_features * 4, 1) for lin in wrapped]
+    else:
+        groups = {_input_group(lin.name): lin.in_features for lin in wrapped}
+        out += [(width * 4, 1) for width in groups.values()]
+    if wrapped:
+        out.append((setup.lora_rank * 4, len(wrapped)))  # lora_A outputs, saved by lora_B
+    return out
+
+
+def _sized(tensors: list[tuple[int, int]], tokens: int, heap_factor: float, mmap_threshold: int) -> tuple[int, int]:
+    """(live bytes, allocator overhead) for tensors of ``tokens`` tokens."""
+    live = overhead = 0
+    for per_token, count in tensors:
+        size = per_token * tokens
+        live += size * count
+        if size < mmap_threshold:
+            overhead += int(size * count * (heap_factor - 1))
+    return live, overhead
+
+
+def _weight_bytes(shape: ModelShape, n_layers: int, precision: Precision) -> tuple[int, int]:
+    """(resident weight bytes, weights in quantizable linears) of a model cut to ``n_layers``."""
+    linear = n_layers * shape.layer_linear_params
+    rest = shape.total_params(n_layers) - linear
+    if precision == "nf4":
+        per_module = 2 * 256 * 4  # NF4 code books and second-level state per quantized module
+        return int(linear * _NF4_BYTES_PER_WEIGHT) + per_module * n_layers * len(shape.layer_linears) + rest * 4, linear
+    if precision == "int8":
+        row_stats = n_layers * sum(lin.out_features * 4 for lin in shape.layer_linears)
+        return int(linear * _INT8_BYTES_PER_WEIGHT) + row_stats + rest * 4, linear
+    return shape.total_params(n_layers) * _DTYPE_BYTES[precision], linear
+
+
+def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryEstimate:
+    """Estimate the peak memory of training a LoRA adapter.
+
+    Args:
+        model_config: The FULL model's config (anything :func:`model_shape` takes); the
+            setup's ``num_layers`` says how many of its layers the sub-LLM keeps.
+        setup: The training setup.
+
+    Returns:
+        The :class:`MemoryEstimate`: on CPU the peak resident set of the training process;
+        on CUDA the device memory (on a Jetson, the process's share of the unified memory).
+
+    Raises:
+        ModelError: The config cannot be read.
+        ConfigError: ``num_layers`` exceeds the model's layers.
+    """
+    shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
+    n_layers = setup.num_layers or shape.num_layers
+    if n_layers > shape.num_layers:
+        raise ConfigError(f"the setup keeps {n_layers} layers but the model has only {shape.num_layers}")
+    setup = replace(setup, num_layers=n_layers)
+    tokens = setup.tokens
+    cb = _DTYPE_BYTES[setup.resolved_compute_dtype]
+    on_cpu = setup.device == "cpu"
+    heap_factor = CPU_HEAP_FACTOR if on_cpu else CUDA_FRAGMENTATION
+    threshold = CPU_MMAP_THRESHOLD if on_cpu else 1 << 62  # every CUDA block is cached
+
+    weights, _ = _weight_bytes(shape, n_layers, setup.precision)
+    n_lora = lora_param_count(shape, setup)
+    lora_state = n_lora * _LORA_STATE_BYTES[setup.optimizer]
+
+    per_layer = layer_activation_tensors(shape, setup)
+    if setup.grad_checkpointing:
+        # Kept: each layer's input; in backward one layer is recomputed and its gradients
+        # (about the same size again) are formed.
+        kept = [(shape.hidden_size * cb, n_layers)] + [(b, 2 * c) for b, c in per_layer]
+    else:
+        kept = [(b, c * n_layers) for b, c in per_layer]
+    kept.append((shape.hidden_size * 4, 1))  # the final norm's input
+    act_live, act_over = _sized(kept, tokens, heap_factor, threshold)
+    if setup.padded:
+        mask = setup.batch_size * setup.seq_len * setup.seq_len * cb  # one 4-D mask for all layers
+        m_live, m_over = _sized([(mask, 1)], 1, heap_factor, threshold)
+        act_live, act_over = act_live + m_live, act_over + m_over
+    # logits, log-softmax, its gradient and the logits' gradient, fp32, at the start of backward
+    logit_live, logit_over = _sized([(shape.vocab_size * 4, 4)], tokens, heap_factor, threshold)
+
+    dequant = 0
+    if on_cpu and setup.precision in ("nf4", "int8"):
+        # Buffers below the mmap threshold pile up in the heaps; larger ones are returned, but
+        # the biggest is held (forward or backward) while its matmul runs.
+        sizes = [lin.numel * cb for lin in shape.layer_linears]
+        dequant = int(CPU_DEQUANT_FACTOR * n_layers * sum(b for b in sizes if b < threshold)) + max(sizes)
+
+    allocator = act_over + logit_over + dequant
+    if not on_cpu:
+        # The CUDA allocator's overhead applies to everything it holds, weights included.
+        allocator = int((weights + lora_state + act_live + logit_live) * (CUDA_FRAGMENTATION - 1))
+    train = weights + lora_state + act_live + logit_live + allocator
+
+    load_peak = _load_peak(shape, n_layers, setup, weights)
+    if setup.device == "cuda" and setup.unified_memory:
+        framework = JETSON_RUNTIME_BYTES
+    elif setup.device == "cuda":
+        framework = CUDA_CONTEXT_BYTES
+    else:
+        framework = CPU_FRAMEWORK_BYTES
+    peak_phase: Literal["train", "load"] = "load" if load_peak > train else "train"
+    breakdown = {
+        "framework": framework,
+        "weights": weights,
+        "lora_state": lora_state,
+        "activations": act_live,
+        "logits": logit_live,
+        "allocator": allocator,
+        "load_peak": load_peak,
+    }
+    return MemoryEstimate(
+        total_bytes=framework + max(train, load_peak),
+        breakdown=breakdown,
+        peak_phase=peak_phase,
+        setup=setup,
+        lora_params=n_lora,
+        device=setup.device,
+    )
+
+
+def _load_peak(shape: ModelShape, n_layers: int, setup: TrainingSetup, weights: int) -> int:
+    """Bytes held while the weights load (file pages + converted copy)."""
+    source = setup.checkpoint_precision or setup.precision
+    if setup.device == "cuda" and not setup.unified_memory:
+        return weights  # the host holds the file; the device receives the final tensors
+    file_bytes, _ = _weight_bytes(shape, n_layers, source)
+    if source == setup.precision and source in ("fp32", "bf16", "fp16"):
+        # safetensors are memory-mapped and used in place (CPU); on a Jetson the model is
+        # loaded on the host then moved to the GPU, both in the same memory.
+        return weights * (2 if setup.unified_memory else 1)
+    # Converting or quantizing: the file's pages and the result coexist.
+    return file_bytes + weights
+
+
+def training_flops(model_config: Any, setup: TrainingSetup) -> float:
+    """FLOPs of one training step (forward, backward to the activations, LoRA updates).
+
+    Frozen weights need no weight gradients, so backward costs about one more forward
+    (``2 * params`` per token each); checkpointing adds a second forward. Attention adds
+    ``4 * seq_len * q_width`` per token per layer and pass.
+
+    Args:
+        model_config: The full model's config (or a :class:`ModelShape`).
+        setup: The training setup.
+
+    Returns:
+        FLOPs per optimizer step.
+    """
+    shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
+    n_layers = setup.num_layers or shape.num_layers
+    matmul_params = n_layers * shape.layer_linear_params + shape.hidden_size * shape.vocab_size
+    attention = 4 * setup.seq_len * shape.num_heads * shape.head_dim * n_layers
+    passes = 3 if setup.grad_checkpointing else 2
+    per_token = passes * (2 * matmul_params + attention) + 6 * lora_param_count(shape, setup)
+    return float(per_token * setup.tokens)
+
+
+def describe_bytes(n: int) -> str:
+    """``1234567890`` -> ``"1.15 GiB"``; for messages and tables."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KiB") else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def process_rss_bytes() -> int:
+    """Current resident set of this process (0 when it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # noqa: BLE001 - a missing psutil only removes a correction
+        return 0
+
+
+__all__ = [
+    "CPU_FRAMEWORK_BYTES",
+    "CPU_HEAP_FACTOR",
+    "LinearShape",
+    "MemoryEstimate",
+    "ModelShape",
+    "PRECISIONS",
+    "TrainingSetup",
+    "estimate_training_memory",
+    "layer_activation_tensors",
+    "lora_param_count",
+    "model_shape",
+    "training_flops",
+]
+

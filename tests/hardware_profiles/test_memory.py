@@ -1,0 +1,204 @@
+"""The memory estimator: shapes from configs, saved activations against autograd, monotonicity.
+
+These run the real (cut) SmolLM2 on CPU; the end-to-end accuracy check against measured peak
+RSS is benchmarks/memory_estimator.py (too slow for unit tests).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from hardware_profiles.memory import (
+    MemoryEstimate,
+    TrainingSetup,
+    estimate_training_memory,
+    layer_activation_tensors,
+    lora_param_count,
+    model_shape,
+    training_flops,
+)
+from shared.errors import ConfigError, ModelError
+
+LLAMA_7B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+
+
+def test_shape_from_a_model_folder_matches_the_real_model(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    shape = model_shape(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert shape.num_layers == 4 and shape.hidden_size == 576 and shape.num_kv_heads == 3
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    assert shape.lm_head_params == 0  # SmolLM2 ties its embeddings
+    assert {lin.name for lin in shape.layer_linears} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    }
+    assert shape.gated_mlp
+
+
+def test_config_forms_agree(tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    as_dict = json.loads((tiny_model_dir / "config.json").read_text())
+    assert model_shape(config) == model_shape(tiny_model_dir) == model_shape(tiny_model_dir / "config.json") == model_shape(as_dict)
+
+
+def test_unreadable_configs_raise_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="config.json"):
+        model_shape(tmp_path)
+    with pytest.raises(ModelError, match="model_type"):
+        model_shape({"hidden_size": 8})
+
+
+def test_big_configs_build_on_the_meta_device_without_memory() -> None:
+    shape = model_shape(LLAMA_7B)
+    assert 6.7e9 < shape.total_params() < 6.8e9  # Llama-2-7B: 6.74 B parameters
+    assert shape.lm_head_params == 32000 * 4096
+
+
+def test_lora_parameter_count_matches_peft(tiny_model_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    real = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    setup = TrainingSetup(lora_rank=16, lora_targets=("q_proj", "v_proj", "down_proj"))
+    assert lora_param_count(model_shape(tiny_model_dir), setup) == real
+
+
+def _saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd saved, leaving out parameters and the logits."""
+    out = model(**batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+    stack, visited = [out.loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                ptr = value.untyped_storage().data_ptr()
+                if ptr not in seen and ptr not in params:
+                    seen.add(ptr)
+                    total += value.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    vocab = out.logits.shape[-1]
+    return total - batch["input_ids"].numel() * vocab * 4  # the saved log-softmax (counted in `logits`)
+
+
+@pytest.mark.parametrize(
+    ("targets", "dropout", "dtype"),
+    [
+        (("q_proj", "v_proj"), 0.0, "fp32"),
+        (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 0.0, "fp32"),
+        (("q_proj", "k_proj", "v_proj", "o_proj"), 0.1, "fp32"),
+        (("q_proj", "v_proj"), 0.0, "bf16"),
+    ],
+)
+def test_activation_formula_matches_what_autograd_saves(tiny_model_dir: Path, targets, dropout: float, dtype: str) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype)
+    model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules=list(targets)))
+    model.train()
+    b, t = 2, 48
+    ids = torch.randint(0, 1000, (b, t), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # padded, as the client's batches are
+    measured = _saved_activation_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
+
+    shape = model_shape(tiny_model_dir)
+    setup = TrainingSetup(precision=dtype, lora_targets=targets, lora_dropout=dropout, batch_size=b, seq_len=t)
+    per_layer = sum(bytes_ * count for bytes_, count in layer_activation_tensors(shape, setup)) * b * t
+    cb = 4 if dtype == "fp32" else 2
+    predicted = shape.num_layers * per_layer + b * t * shape.hidden_size * 4 + b * t * t * cb
+    assert predicted == pytest.approx(measured, rel=0.08)
+    # The estimate's activation term is this same prediction.
+    est = estimate_training_memory(tiny_model_dir, setup)
+    assert est.breakdown["activations"] == predicted
+
+
+def test_estimate_breakdown_and_plain_dict(tiny_model_dir: Path) -> None:
+    est = estimate_training_memory(tiny_model_dir, TrainingSetup(precision="fp32", batch_size=2, seq_len=32))
+    assert isinstance(est, MemoryEstimate) and est.device == "cpu"
+    train = sum(v for k, v in est.breakdown.items() if k not in ("framework", "load_peak"))
+    assert est.total_bytes == est.breakdown["framework"] + max(train, est.breakdown["load_peak"])
+    plain = est.to_dict()
+    assert json.loads(json.dumps(plain)) == plain
+    assert plain["setup"]["num_layers"] == 4
+
+
+def test_estimate_grows_and_shrinks_the_right_way() -> None:
+    base = TrainingSetup(num_layers=16, precision="bf16", batch_size=4, seq_len=256, device="cuda")
+
+    def total(**kw) -> int:
+        return estimate_training_memory(LLAMA_7B, replace(base, **kw)).total_bytes
+
+    reference = total()
+    assert total(num_layers=24) > reference > total(num_layers=8)
+    assert total(batch_size=8) > reference > total(batch_size=2)
+    assert total(seq_len=512) > reference
+    assert total(lora_rank=64) > reference
+    assert total(grad_checkpointing=True) < reference
+    assert total(precision="fp32") > reference > total(precision="int8") > total(precision="nf4")
+    assert total(optimizer="sgd") < reference
+    assert total(device="cuda", unified_memory=True) > reference  # the host process shares the memory
+
+
+def test_nf4_weights_are_about_a_quarter_of_bf16_for_big_models() -> None:
+    nf4 = estimate_training_memory(LLAMA_7B, TrainingSetup(precision="nf4", device="cuda")).breakdown["weights"]
+    bf16 = estimate_training_memory(LLAMA_7B, TrainingSetup(precision="bf16", device="cuda")).breakdown["weights"]
+    # Embedding and lm_head stay fp32 (prepare_model_for_kbit_training); the rest is 4-bit.
+    assert 3.5e9 < nf4 < 5.0e9 and 13.0e9 < bf16 < 13.8e9
+
+
+def test_loading_a_converted_checkpoint_can_set_the_peak(tiny_model_dir: Path) -> None:
+    lean = TrainingSetup(precision="bf16", batch_size=1, seq_len=8)
+    same = estimate_training_memory(tiny_model_dir, lean)
+    converted = estimate_training_memory(tiny_model_dir, replace(lean, checkpoint_precision="fp32"))
+    assert converted.peak_phase == "load" and converted.total_bytes > same.total_bytes
+
+
+def test_training_flops_scale_with_tokens_and_checkpointing() -> None:
+    setup = TrainingSetup(num_layers=32, precision="bf16", batch_size=4, seq_len=512)
+    flops = training_flops(LLAMA_7B, setup)
+    # ~4 * params * tokens for forward + activation backward of a frozen 6.7 B model
+    assert 4 * 6.5e9 * 2048 < flops < 4 * 7.2e9 * 2048 * 1.2
+    assert training_flops(LLAMA_7B, replace(setup, grad_checkpointing=True)) == pytest.approx(flops * 1.5, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(precision="fp8"), dict(batch_size=0), dict(lora_dropout=1.0), dict(lora_targets=()), dict(optimizer="lion"),
+     dict(device="cpu", unified_memory=True)],
+)
+def test_invalid_setups_are_refused(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        TrainingSetup(**bad)
+
+
+def test_more_layers_than_the_model_has_is_an_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="only 4"):
+        estimate_training_memory(tiny_model_dir, TrainingSetup(num_layers=5))
