@@ -6,7 +6,7 @@ FedOT-style uniform drop (first and last 2 layers kept) at the same depth, held-
 perplexity before and after ODA, and the size of the 4-bit package.
 
 Writes ``benchmarks/results/pruning.json``, ``pruning.md`` and ``pruning_distances.png``.
-Sized for about 10 minutes on 2 CPU cores:
+Sized for about 10 minutes on 2 otherwise idle CPU cores (longer when they are shared):
 
     .venv/bin/python benchmarks/pruning.py            # defaults below
     .venv/bin/python benchmarks/pruning.py --oda-steps 48 --block-size 2
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--oda-steps", type=int, default=24)
     parser.add_argument("--oda-lr", type=float, default=3e-4)
+    parser.add_argument("--oda-batch-size", type=int, default=2)
     parser.add_argument("--align-layers", default="bridge", choices=["bridge", "all"])
     parser.add_argument("--precision", default="nf4", choices=["nf4", "bf16", "fp32"])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         seq_len=args.seq_len,
         eval_seq_len=args.eval_seq_len,
         oda=ODAConfig(steps=args.oda_steps, learning_rate=args.oda_lr, align_layers=args.align_layers),
+        oda_batch_size=args.oda_batch_size,
         precision=args.precision,
     )
     work = Path(tempfile.mkdtemp(prefix="fedsoda-bench-pruning-"))
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Calibration: {args.calib_samples} Wikipedia paragraphs x {args.seq_len} tokens; held-out: "
         f"{args.eval_samples} other paragraphs x {args.eval_seq_len} tokens. ODA: {args.oda_steps} steps, "
-        f"lr {args.oda_lr}, {args.align_layers} layers trainable, batch 4 x {args.seq_len} tokens.",
+        f"lr {args.oda_lr}, {args.align_layers} layers trainable, batch {args.oda_batch_size} x {args.seq_len} tokens.",
         "Package size (" + args.precision + "): "
         + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in package_bytes.items()),
         f"Checks: {checks}. Wall time: {result['wall_seconds']:.0f} s.",

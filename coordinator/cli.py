@@ -248,6 +248,7 @@ def prune(
     oda: Annotated[bool, typer.Option("--oda/--no-oda", help="Distil the sub-LLMs (ODA) before packaging.")] = True,
     oda_steps: Annotated[int, typer.Option(help="ODA optimiser steps.")] = 24,
     oda_lr: Annotated[float, typer.Option(help="ODA learning rate.")] = 3e-4,
+    oda_batch_size: Annotated[int, typer.Option(help="Sequences per ODA step.")] = 4,
     align_layers: Annotated[str, typer.Option(help="ODA trains the 'bridge' layers or 'all' layers.")] = "bridge",
     precision: Annotated[str, typer.Option(help="Package precision: nf4, bf16 or fp32.")] = "nf4",
     package: Annotated[bool, typer.Option("--package/--no-package", help="Write the tier packages.")] = True,
@@ -279,7 +280,7 @@ def prune(
             block_size=block_size, depth=depth, tiers=extra, keep_head=keep_head, keep_tail=keep_tail,
             token=token, calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len,
             oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
-            precision=precision, package=package,
+            oda_batch_size=oda_batch_size, precision=precision, package=package,
         )
         texts = public_text(public_data)
         console.print(f"[cyan]>[/] loading {model}")

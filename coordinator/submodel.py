@@ -31,6 +31,9 @@ LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index", "layer_number"
 #: Config keys that are per-layer lists even when they do not say "layer" in their name.
 _PER_LAYER_KEYS_EXTRA = frozenset({"sliding_window_pattern_list", "attention_type_list"})
 
+#: Config attribute where a sub-LLM records its layer map (saved in its config.json too).
+LAYER_MAP_ATTRIBUTE = "fedsoda_layer_map"
+
 #: Config keys that are never per-layer lists, whatever their length.
 _NEVER_PER_LAYER = frozenset({"architectures", "eos_token_id", "bos_token_id", "pad_token_id"})
 
@@ -147,6 +150,8 @@ def _subset_config_in_place(config, kept: list[int], old_layers: int) -> list[st
         )
     changed = ["num_hidden_layers"]
     for key, value in list(config.to_dict().items()):
+        if key == LAYER_MAP_ATTRIBUTE:
+            continue
         if key in _NEVER_PER_LAYER or not isinstance(value, (list, tuple)) or len(value) != old_layers:
             continue
         if "layer" not in key and key not in _PER_LAYER_KEYS_EXTRA:
@@ -173,7 +178,9 @@ def build_submodel(full_model: nn.Module, kept: Sequence[int]) -> nn.Module:
 
     Returns:
         The sub-LLM (same class, same dtype and device as ``full_model``). Its
-        ``config.num_hidden_layers == len(kept)``.
+        ``config.num_hidden_layers == len(kept)`` and its config records the layer map
+        (:func:`layer_map_of`), composed with the input's own map when the input was
+        itself a sub-LLM.
 
     Raises:
         ModelError: The decoder layers cannot be found, the layer map is invalid, or the
@@ -198,9 +205,28 @@ def build_submodel(full_model: nn.Module, kept: Sequence[int]) -> nn.Module:
                     setattr(module, attr, new_index)
     # deepcopy copied the config once and every sub-module that holds it points at that
     # copy, so editing it in place updates them all.
-    changed = _subset_config_in_place(text_config(sub), kept, old_layers)
+    config = text_config(sub)
+    # Pruning a sub-LLM again composes the maps, so indices always refer to the original model.
+    original = layer_map_of(full_model)
+    changed = _subset_config_in_place(config, kept, old_layers)
+    setattr(config, LAYER_MAP_ATTRIBUTE, [original[k] for k in kept])
     log.debug("built a %d-layer sub-LLM from %d layers (config keys cut: %s)", len(kept), old_layers, changed)
     return sub
+
+
+def layer_map_of(model: nn.Module) -> list[int]:
+    """The layer map a model's config records (identity for a model that was never pruned).
+
+    Args:
+        model: A causal LM, possibly built by :func:`build_submodel`.
+
+    Returns:
+        ``map[i]`` = index in the original model of layer ``i``.
+    """
+    recorded = getattr(text_config(model), LAYER_MAP_ATTRIBUTE, None)
+    if recorded is not None:
+        return [int(i) for i in recorded]
+    return list(range(len(find_decoder_layers(model)[1])))
 
 
 def uniform_drop_layers(num_layers: int, depth: int, keep_ends: int = 2) -> list[int]:

@@ -71,27 +71,35 @@ MIB = 1 << 20
 
 # --------------------------------------------------------------------------- constants
 
-CPU_FRAMEWORK_BYTES = 430 * MIB
-"""*Measured.* Resident set of a client process before the model loads: Python, torch 2.13,
-transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (388 MiB after the
-imports here) plus what the first training step adds beside its tensors (thread pools,
-oneDNN scratch, tokenizer and dataset: about 40 MiB)."""
+CPU_FRAMEWORK_BYTES = 450 * MIB
+"""*Measured.* Resident set of a client process beside its tensors: Python, torch 2.13,
+transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (388 MiB right after the
+imports here), plus what training adds that no formula here names (thread pools, oneDNN
+scratch, tokenizer, dataset, PEFT wrappers: about 60 MiB). Fitted with the other *measured*
+constants on the benchmark's configurations."""
 
-CPU_HEAP_FACTOR = 2.0
+CPU_HEAP_FACTOR = 2.2
 """*Measured.* Resident / live bytes of activation tensors that glibc serves from its heaps
 (those below :data:`CPU_MMAP_THRESHOLD`), once training has run a few steps: the fit over the
-benchmark's configurations. With ``MALLOC_MMAP_THRESHOLD_=131072`` the same runs come out at
-1.0 (the live size the formulas give), which is how this term was isolated."""
+benchmark's configurations. With ``MALLOC_MMAP_THRESHOLD_=131072`` (every tensor mmapped and
+returned on free) the full 30-layer fp32 run peaks at the live size the formulas give, which
+is how this term was isolated: the other ~1.2 times the live activations is heap that glibc
+keeps but cannot reuse for the next step's tensors."""
+
+CPU_LOGITS_HEAP_FACTOR = 1.0
+"""*Measured.* The same ratio for the four logits-sized tensors when they are small enough for
+the heaps (short batches): they are allocated and freed in the same order every step, so their
+chunks are reused exactly."""
 
 CPU_MMAP_THRESHOLD = 32 * MIB
 """glibc's largest dynamic mmap threshold on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
 bigger allocations are always mmapped and given back on free."""
 
-CPU_DEQUANT_FACTOR = 1.0
+CPU_DEQUANT_FACTOR = 1.25
 """*Measured.* bitsandbytes on CPU without its optional kernel package dequantizes each
 4-bit weight to the compute dtype for every matmul, forward and backward; the freed buffers
 (those below :data:`CPU_MMAP_THRESHOLD`) stay in glibc's heaps. Resident overhead, in units of
-the dequantized size of those weights."""
+the dequantized size of those weights, per forward + backward (checkpointing adds half again)."""
 
 CUDA_CONTEXT_BYTES = 500 * MIB
 """*Typical, not measured here.* CUDA context, cuBLAS / cuDNN workspaces on a discrete GPU
@@ -544,14 +552,18 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
         m_live, m_over = _sized([(mask, 1)], 1, heap_factor, threshold)
         act_live, act_over = act_live + m_live, act_over + m_over
     # logits, log-softmax, its gradient and the logits' gradient, fp32, at the start of backward
-    logit_live, logit_over = _sized([(shape.vocab_size * 4, 4)], tokens, heap_factor, threshold)
+    logit_live, logit_over = _sized([(shape.vocab_size * 4, 4)], tokens, CPU_LOGITS_HEAP_FACTOR if on_cpu else heap_factor, threshold)
 
     dequant = 0
     if on_cpu and setup.precision in ("nf4", "int8"):
-        # Buffers below the mmap threshold pile up in the heaps; larger ones are returned, but
-        # the biggest is held (forward or backward) while its matmul runs.
+        # Every pass over a layer (forward, backward, and the recomputation under
+        # checkpointing) dequantizes each of its weights once. Buffers below the mmap
+        # threshold pile up in the heaps; larger ones are returned, but the biggest is held
+        # while its matmul runs.
         sizes = [lin.numel * cb for lin in shape.layer_linears]
-        dequant = int(CPU_DEQUANT_FACTOR * n_layers * sum(b for b in sizes if b < threshold)) + max(sizes)
+        passes = 3 if setup.grad_checkpointing else 2
+        small = n_layers * sum(b for b in sizes if b < threshold)
+        dequant = int(CPU_DEQUANT_FACTOR * passes / 2 * small) + max(sizes)
 
     allocator = act_over + logit_over + dequant
     if not on_cpu:

@@ -203,10 +203,13 @@ class Plan:
 
     Attributes:
         tier: Tier name, ``L<kept layers>``.
-        pruned_blocks: Blocks of the ranking pruned (k).
+        pruned_blocks: Blocks of the ranking pruned (k). In a plan from :func:`assign_tier`,
+            which sees prepared tiers and not the ranking, the number of pruned layers.
         keep_layers: Full-LLM indices of the kept layers, ascending (the layer map).
         precision: Weight precision.
         lora_rank: LoRA rank.
+        lora_targets: Modules LoRA wraps.
+        lora_dropout: LoRA dropout.
         batch_size: Sequences per step.
         grad_accumulation: Steps accumulated to reach the requested batch.
         seq_len: Tokens per sequence.
@@ -222,6 +225,8 @@ class Plan:
     keep_layers: tuple[int, ...]
     precision: Precision
     lora_rank: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
     batch_size: int
     grad_accumulation: int
     seq_len: int
@@ -239,6 +244,8 @@ class Plan:
             "keep_layers": list(self.keep_layers),
             "precision": self.precision,
             "lora_rank": self.lora_rank,
+            "lora_targets": list(self.lora_targets),
+            "lora_dropout": self.lora_dropout,
             "batch_size": self.batch_size,
             "grad_accumulation": self.grad_accumulation,
             "seq_len": self.seq_len,
@@ -361,6 +368,8 @@ def _fit(
                 keep_layers=keep,
                 precision=precision,
                 lora_rank=options.lora_rank,
+                lora_targets=tuple(options.lora_targets),
+                lora_dropout=options.lora_dropout,
                 batch_size=batch,
                 grad_accumulation=accumulation,
                 seq_len=options.seq_len,
@@ -504,7 +513,7 @@ def assign_tier(
         keep_t = tuple(sorted(int(i) for i in keep))
         plan, est = _fit(shape, keep_t, -1, budget, options, precisions)
         if plan is not None:
-            plan = replace(plan, tier=name, pruned_blocks=_blocks_of(shape.num_layers, keep_t))
+            plan = replace(plan, tier=name, pruned_blocks=shape.num_layers - len(keep_t))
             return Assignment(
                 client_id=client_id,
                 accepted=True,
@@ -528,6 +537,68 @@ def assign_tier(
     )
 
 
-def _blocks_of(num_layers: int, keep: tuple[int, ...]) -> int:
-    """Pruned layer count of a prepared tier (its own blocks are not known here)."""
-    return num_layers - len(keep)
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """Whether an assigned plan fits the memory a client really has now.
+
+    Attributes:
+        fits: The estimate is within the budget.
+        estimate_bytes: Estimated peak of the plan.
+        budget_bytes: What the device offers now.
+        reason: One line with both numbers.
+    """
+
+    fits: bool
+    estimate_bytes: int
+    budget_bytes: int
+    reason: str
+
+
+def check_plan(
+    model_config: Any,
+    plan: Mapping[str, Any],
+    profile: DeviceProfile | DeviceClass | Budget,
+    *,
+    catalog: Catalog | None = None,
+    process_rss_bytes: int = 0,
+) -> MemoryCheck:
+    """Re-estimate an assigned plan against the memory free now (the client's preflight).
+
+    Args:
+        model_config: The FULL model's config (the plan's ``keep_layers`` cut it).
+        plan: :meth:`Plan.to_dict` output (``Assignment.plan``).
+        profile: The client's freshly measured profile (or a class / budget).
+        catalog: Catalog for the profile's class.
+        process_rss_bytes: The calling process's resident set (see :func:`budget_for`).
+
+    Returns:
+        The :class:`MemoryCheck`.
+
+    Raises:
+        ConfigError: The plan lacks a field or holds an invalid value.
+    """
+    try:
+        setup_fields = {
+            "num_layers": len(plan["keep_layers"]),
+            "precision": plan["precision"],
+            "lora_rank": int(plan["lora_rank"]),
+            "lora_targets": tuple(plan.get("lora_targets", ("q_proj", "v_proj"))),
+            "lora_dropout": float(plan.get("lora_dropout", 0.0)),
+            "batch_size": int(plan["batch_size"]),
+            "seq_len": int(plan["seq_len"]),
+            "grad_checkpointing": bool(plan["grad_checkpointing"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the assigned plan is incomplete or malformed ({exc!r}): {dict(plan)}") from None
+    budget = profile if isinstance(profile, Budget) else budget_for(profile, catalog, process_rss_bytes=process_rss_bytes)
+    setup = TrainingSetup(**setup_fields, device=budget.device, unified_memory=budget.unified_memory)
+    est = estimate_training_memory(model_config, setup)
+    fits = est.total_bytes <= budget.bytes
+    verdict = "fits" if fits else "does not fit"
+    return MemoryCheck(
+        fits=fits,
+        estimate_bytes=est.total_bytes,
+        budget_bytes=budget.bytes,
+        reason=f"{plan.get('tier', 'the plan')} {verdict}: needs {describe_bytes(est.total_bytes)}, {budget.source} gives {describe_bytes(budget.bytes)}",
+    )

@@ -56,7 +56,7 @@ def run_command(action: Callable[[], T]) -> T:
     try:
         return action()
     except FedSodaError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # unwrapped: paths stay copyable
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -131,6 +131,9 @@ class InboundMessage:
 class ConnectionEvent:
     """The connection came up or went down.
 
+    A ``connected`` event is queued only once the broker has acknowledged the renewed
+    subscriptions, so anything published after it reaches this client.
+
     Attributes:
         connected: True on (re)connect, False on loss.
         session_present: On connect: the broker still had our session.
@@ -252,7 +255,7 @@ class MqttTransport:
 
     @property
     def connected(self) -> bool:
-        """Whether the broker has accepted us and the link is up now."""
+        """Whether the link is up and every registered subscription is active at the broker."""
         return self._connected.is_set()
 
     @property

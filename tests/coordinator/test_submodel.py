@@ -14,6 +14,7 @@ from coordinator.submodel import (
     build_submodel,
     capture_layer_io,
     find_decoder_layers,
+    layer_map_of,
     no_pruning_layers,
     skip_layers,
     uniform_drop_layers,
@@ -114,6 +115,9 @@ def test_surgery_fixes_indices_and_config(arch):
     prefix, layers = find_decoder_layers(sub)
     assert prefix == EXPECTED_PREFIX[arch] and len(layers) == len(KEPT)
     assert sub.config.num_hidden_layers == len(KEPT)
+    assert layer_map_of(sub) == KEPT and layer_map_of(full) == list(range(6))
+    # Pruning again composes the maps: indices keep referring to the original model.
+    assert layer_map_of(build_submodel(sub, [0, 2, 3])) == [0, 3, 5]
     for i, layer in enumerate(layers):
         indices = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
         assert indices == {i}, f"layer {i} still carries indices {indices}"

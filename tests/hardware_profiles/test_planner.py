@@ -168,3 +168,20 @@ def test_small_real_model_on_this_cpu(tiny_model_dir: Path) -> None:
     profile = detect_profile()
     plan = plan_for_profile(tiny_model_dir, [[2], [1]], profile, options=PlannerOptions(batch_size=2, seq_len=32))
     assert plan.pruned_blocks == 0 and plan.keep_layers == (0, 1, 2, 3)
+
+
+def test_check_plan_is_the_clients_preflight(orin_nano: Path, fake_machine, tmp_path: Path) -> None:
+    from hardware_profiles.planner import check_plan
+
+    from .conftest import FakeMachine, GIB
+
+    plan = plan_for_profile(LLAMA_7B, RANKING, detect_profile(root=orin_nano), options=OPTIONS).to_dict()
+    ok = check_plan(LLAMA_7B, plan, detect_profile(root=orin_nano))
+    assert ok.fits and ok.estimate_bytes == plan["estimate_bytes"]
+    # Later, something else took most of the memory: the same plan no longer fits.
+    fake_machine(FakeMachine(total=int(7.4 * GIB), available=int(1.5 * GIB), cpus=6, gpu_name="Orin",
+                             gpu_total=int(7.4 * GIB), gpu_free=int(1.4 * GIB), capability=(8, 7)))
+    late = check_plan(LLAMA_7B, plan, detect_profile(root=orin_nano))
+    assert not late.fits and "does not fit" in late.reason and "GiB" in late.reason
+    with pytest.raises(ConfigError, match="incomplete"):
+        check_plan(LLAMA_7B, {"precision": "bf16"}, detect_profile(root=orin_nano))
