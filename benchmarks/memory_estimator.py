@@ -3,8 +3,8 @@
 For each configuration (layer count, precision, LoRA rank and targets, batch, sequence
 length, checkpointing) a separate process loads the real SmolLM2-135M (or a copy cut to fewer
 layers), trains a LoRA adapter for a few steps with the client's own training loop
-(:func:`edge_client.trainer.train_adapter`, on IMDB reviews mixed with short Rotten Tomatoes
-sentences so batches are full-length and padded), and exits. Its peak resident set is read
+(:func:`edge_client.trainer.train_adapter`) on IMDB reviews cut to ``seq_len - 0..3`` tokens, so
+every batch is full-length and padded like the client's, and exits. Its peak resident set is read
 from outside with ``os.wait4`` (the kernel's ``ru_maxrss`` of that one child) and compared
 with :func:`hardware_profiles.memory.estimate_training_memory`.
 
@@ -67,7 +67,6 @@ def worker(spec: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_client.data import load_dataset
     from edge_client.trainer import train_adapter
     from shared.protocol import TrainingParams
     from shared.subllm import disable_cpu_4bit_repacking
@@ -91,9 +90,9 @@ def worker(spec: dict) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     mark("load")
-    dataset = load_dataset(spec["data"])
+    dataset = _full_length_dataset(spec["data"], tokenizer, spec["seq_len"])
     params = TrainingParams(
-        local_steps=STEPS,
+        local_steps=spec["steps"],
         learning_rate=1e-4,
         batch_size=spec["batch"],
         seq_len=spec["seq_len"],
@@ -120,6 +119,31 @@ def worker(spec: dict) -> None:
     print(json.dumps({"stages": stages, "metrics": result.metrics}))
 
 
+def _full_length_dataset(path: str, tokenizer, seq_len: int, n: int = 48):
+    """Examples whose tokenized length is ``seq_len - (i % 4)``: batches are padded yet full."""
+    from edge_client.data import dataset_from_records, tokenize_example
+
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()[:n]]
+
+    def length(text: str, label: int) -> int:
+        example = dataset_from_records([{"text": text, "label": label}]).examples[0]
+        return len(tokenize_example(tokenizer, example, 4 * seq_len, add_eos=False).input_ids)
+
+    records = []
+    for i, row in enumerate(rows):
+        ids = tokenizer(row["text"], add_special_tokens=False).input_ids
+        target = seq_len - i % 4
+        lo, hi = 1, len(ids)
+        while lo < hi:  # the most text tokens whose example still fits `target`
+            mid = (lo + hi + 1) // 2
+            if length(tokenizer.decode(ids[:mid]), row["label"]) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        records.append({"text": tokenizer.decode(ids[:lo]), "label": row["label"]})
+    return dataset_from_records(records, source="benchmark reviews")
+
+
 # --------------------------------------------------------------------------- parent
 
 
@@ -134,14 +158,11 @@ def _prepare_models(layer_counts: set[int]) -> dict[int, Path]:
 
 
 def _prepare_data(folder: Path) -> Path:
-    """IMDB reviews (long: every batch reaches seq_len) mixed with short sentences (padding)."""
+    """Long IMDB reviews (3,000+ characters, 600+ tokens): enough text for any seq_len here."""
     from coordinator.datasets import movie_reviews
 
     rng = random.Random(0)
-    # Reviews of 3,000+ characters (600+ tokens) fill even 512-token sequences.
-    long_rows = rng.sample([r for r in movie_reviews("imdb") if len(r["text"]) >= 3000], 200)
-    short_rows = rng.sample(movie_reviews("rotten_tomatoes"), 200)
-    rows = [r for pair in zip(long_rows, short_rows) for r in pair]
+    rows = rng.sample([r for r in movie_reviews("imdb") if len(r["text"]) >= 3000], 48)
     path = folder / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -268,6 +289,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"training steps per configuration (default {STEPS})")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
     args = parser.parse_args()
     if args.worker:
@@ -295,7 +317,7 @@ def main() -> int:
             spec = {
                 "name": name, "layers": layers, "precision": precision, "rank": rank, "targets": list(targets),
                 "batch": batch, "seq_len": seq_len, "gc": gc, "dropout": dropout,
-                "model_dir": str(dirs[layers]), "data": str(data),
+                "model_dir": str(dirs[layers]), "data": str(data), "steps": args.steps,
             }
             measured, report, wall = _run_child_wait4(spec)
             est = _estimate(dirs[30], spec)
@@ -329,7 +351,7 @@ def main() -> int:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "bitsandbytes": bnb_version,
-        "steps": STEPS,
+        "steps": args.steps,
         "passed": sum(r["ok"] for r in rows),
         "worst_over": max(r["error"] for r in rows),
         "worst_under": min(r["error"] for r in rows),

@@ -133,15 +133,24 @@ def _print_outcome(outcome, as_json: bool) -> None:
 
 #: `make demo`: the real SmolLM2-135M, SGP + ODA to 18 layers, 4-bit, 3 clients, 3 rounds,
 #: sized to finish within 15 minutes on a 2-core CPU (see README, "The demo").
+#: Measured on this CPU: ODA ~3.7 s/step (4 x 64 tokens, full teacher), NF4 training of the
+#: 18-layer sub-LLM ~2 s/step per client thread, scoring the full model ~0.4 s/sentence.
 DEMO_OVERRIDES: dict[str, Any] = {
     "run_id": "demo",
     "model.model": "bundled",
+    "model.calibration_samples": 32,
+    "model.calibration_seq_len": 64,
     "pruning.strategy": "fedsoda",
     "pruning.tiers": [12],
+    "alignment.pre_align_steps": 10,
+    "alignment.realign_steps": 4,
     "rounds.rounds": 3,
     "rounds.min_clients": 3,
     "rounds.realign_every": 2,
     "rounds.round_timeout_s": 600.0,
+    "training.local_steps": 10,
+    "training.learning_rate": 1e-3,
+    "evaluation.test_samples": 200,
 }
 
 

@@ -91,6 +91,11 @@ CPU_LOGITS_HEAP_FACTOR = 1.0
 the heaps (short batches): they are allocated and freed in the same order every step, so their
 chunks are reused exactly."""
 
+CPU_CHECKPOINT_HEAP_FACTOR = 0.5
+"""*Measured.* With gradient checkpointing on CPU, heap that stays resident in units of the
+activations the layers would have saved without checkpointing (below the mmap threshold):
+every layer's forward runs twice and frees its tensors in between."""
+
 CPU_MMAP_THRESHOLD = 32 * MIB
 """glibc's largest dynamic mmap threshold on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
 bigger allocations are always mmapped and given back on free."""
@@ -539,14 +544,21 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
     lora_state = n_lora * _LORA_STATE_BYTES[setup.optimizer]
 
     per_layer = layer_activation_tensors(shape, setup)
+    recompute_over = 0
     if setup.grad_checkpointing:
         # Kept: each layer's input; in backward one layer is recomputed and its gradients
         # (about the same size again) are formed.
         kept = [(shape.hidden_size * cb, n_layers)] + [(b, 2 * c) for b, c in per_layer]
+        if on_cpu:
+            # Each layer's forward runs twice and frees its tensors in between, leaving heap
+            # fragments in proportion to what the layers would have saved without checkpointing.
+            small, _ = _sized([(b, c * n_layers) for b, c in per_layer if b * tokens < threshold], tokens, 1.0, threshold)
+            recompute_over = int(CPU_CHECKPOINT_HEAP_FACTOR * small)
     else:
         kept = [(b, c * n_layers) for b, c in per_layer]
     kept.append((shape.hidden_size * 4, 1))  # the final norm's input
     act_live, act_over = _sized(kept, tokens, heap_factor, threshold)
+    act_over += recompute_over
     if setup.padded:
         mask = setup.batch_size * setup.seq_len * setup.seq_len * cb  # one 4-D mask for all layers
         m_live, m_over = _sized([(mask, 1)], 1, heap_factor, threshold)

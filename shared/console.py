@@ -8,6 +8,8 @@ code, so a user sees what went wrong and a script can tell failures apart.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,6 +41,16 @@ def setup_logging(verbose: bool = False) -> None:
     # Third-party libraries are chatty at INFO; keep their warnings only.
     for noisy in ("transformers", "accelerate", "peft", "bitsandbytes", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Their deprecation notices and per-load progress bars are about their internals, not
+    # about anything a user of fedsoda can act on; our own progress is drawn with rich.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a dependency; this only guards partial installs
+        pass
 
 
 def run_command(action: Callable[[], T]) -> T:

@@ -316,12 +316,15 @@ def label_word_logprobs(
             if single:
                 # encode_pair tokenizes answers alone, so their ids are the same after every prompt.
                 answer_ids = torch.tensor([ids[-1] for ids, _ in encoded[0]])
-                for start in range(0, len(prompts), batch_size):
-                    rows = [encoded[i][0][0][:-1] for i in range(start, min(start + batch_size, len(prompts)))]
+                # Batch prompts of similar length together: padding is wasted compute.
+                order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0][0]))
+                for start in range(0, len(order), batch_size):
+                    index = order[start : start + batch_size]
+                    rows = [encoded[i][0][0][:-1] for i in index]
                     logits = _forward(model, rows, pad_id, device)
                     last = torch.tensor([len(r) - 1 for r in rows])
                     logp = torch.log_softmax(logits[torch.arange(len(rows)), last].float(), dim=-1).cpu()
-                    out[start : start + len(rows)] = logp[:, answer_ids]
+                    out[index] = logp[:, answer_ids]
             else:
                 pairs = [(i, k) for i in range(len(prompts)) for k in range(len(targets))]
                 for start in range(0, len(pairs), batch_size):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -10,6 +11,19 @@ from typer.testing import CliRunner
 from coordinator.cli import app
 from coordinator.datasets import public_text
 from shared.subllm import read_meta
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI configures the root logger for the terminal; give later tests the old setup back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    noisy = {name: logging.getLogger(name).level for name in ("transformers", "accelerate", "peft", "bitsandbytes")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in noisy.items():
+        logging.getLogger(name).setLevel(old)
 
 
 @pytest.fixture(scope="module")
