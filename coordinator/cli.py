@@ -194,11 +194,18 @@ def simulate(
         return run_simulation(config, options, folder, progress=_progress_printer())
 
     outcome, client_outcomes = run_command(body)
-    _print_outcome(outcome, as_json)
-    if not as_json:
-        from coordinator.reports import load_report, render_summary
+    if as_json:
+        _print_outcome(outcome, as_json)
+    else:
+        from coordinator.reports import load_report, render_summary, write_plots
+        from shared.console import console
 
-        render_summary(load_report(outcome.run_dir))
+        data = run_command(lambda: load_report(outcome.run_dir))
+        render_summary(data)
+        plots = write_plots(data, outcome.run_dir / "plots")
+        console.print(f"run directory: {outcome.run_dir}  (plots: {', '.join(p.name for p in plots)} in {plots[0].parent})")
+        if outcome.reason:
+            console.print(f"[red]{outcome.status}[/]: {outcome.reason}")
     if outcome.status != "finished" or any(c.get("status") != "finished" for c in client_outcomes):
         raise typer.Exit(1)
 

@@ -85,25 +85,26 @@ def render_summary(data: dict[str, Any]) -> None:
     Args:
         data: A loaded report.
     """
+    from rich import box
     from rich.table import Table
 
     from shared.console import console
 
-    rounds = Table(title=f"run {data['run_id']} ({data.get('strategy', '?')}): {data['phase']}")
-    for col in ("round", "participants", "reported", "dropouts", "rejected", "late", "duplicates", "examples", "seconds", "outcome"):
-        rounds.add_column(col, justify="right" if col not in ("participants", "outcome") else "left")
+    rounds = Table(title=f"run {data['run_id']} ({data.get('strategy', '?')}): {data['phase']}", box=box.SIMPLE_HEAD)
+    for col in ("round", "reported", "dropped", "rejected", "late", "dup", "examples", "seconds", "outcome"):
+        rounds.add_column(col, justify="left" if col == "outcome" else "right")
     for rec in data["rounds"]:
         seconds = (rec["closed_at"] - rec["started_at"]) if rec.get("closed_at") else None
         rounds.add_row(
-            str(rec["round"]), ", ".join(rec["participants"]), str(len(rec["reported"])), str(rec["dropouts"]),
+            str(rec["round"]), f"{len(rec['reported'])}/{len(rec['participants'])}", str(rec["dropouts"]),
             str(rec["rejected"]), str(rec["late"]), str(rec["duplicates"]), str(rec["examples"]),
             f"{seconds:.0f}" if seconds is not None else "-", rec["outcome"],
         )
     console.print(rounds)
 
-    clients = Table(title="clients")
-    for col in ("client", "tier", "device", "rounds", "down MiB", "up MiB", "peak RSS GiB", "budget GiB", "train s", "loss first -> last"):
-        clients.add_column(col, justify="left" if col in ("client", "tier", "device") else "right")
+    clients = Table(title="clients (traffic counted at the MQTT layer)", box=box.SIMPLE_HEAD)
+    for col in ("client", "tier", "rounds", "MiB down", "MiB up", "peak GiB", "budget", "train s", "loss"):
+        clients.add_column(col, justify="left" if col in ("client", "tier") else "right")
     assignments = data.get("assignments", {})
     outcomes = {c.get("client_id", str(i)): c for i, c in enumerate(data.get("client_outcomes", []))}
     for client_id, info in sorted(data.get("clients", {}).items()):
@@ -112,9 +113,9 @@ def render_summary(data: dict[str, Any]) -> None:
         down = final.get("bytes_received", sum(r["bytes_down"] for r in rows))
         up = final.get("bytes_sent", sum(r["bytes_up"] for r in rows))
         budget = assignments.get(client_id, {}).get("budget_bytes")
-        losses = f"{rows[0]['loss_first']:.3f} -> {rows[-1]['loss_last']:.3f}" if rows and rows[0]["loss_first"] is not None else "-"
+        losses = f"{rows[0]['loss_first']:.2f}>{rows[-1]['loss_last']:.2f}" if rows and rows[0]["loss_first"] is not None else "-"
         clients.add_row(
-            client_id, info.get("tier") or "refused", rows[-1]["device_class"] if rows else "-", str(len(rows)),
+            client_id, info.get("tier") or "refused", str(len(rows)),
             f"{down / MIB:.1f}", f"{up / MIB:.2f}",
             f"{max((r['peak_rss_bytes'] for r in rows), default=0) / GIB:.2f}",
             f"{budget / GIB:.1f}" if budget else "-",
@@ -124,7 +125,7 @@ def render_summary(data: dict[str, Any]) -> None:
 
     results = data.get("results") or {}
     if results:
-        table = Table(title="results", show_header=False)
+        table = Table(title="results", show_header=False, box=box.SIMPLE)
         for key, value in results.items():
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         for name, tier in data.get("tiers", {}).items():

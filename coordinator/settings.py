@@ -81,7 +81,7 @@ class AlignmentSettings:
     alpha: float = 1.0
     beta: float = 1.0
     temperature: float = 2.0
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     batch_size: int = 4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +15,16 @@ from shared.console import parse_broker_address
 from shared.errors import ConfigError
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures root logging for a terminal; put it back for the tests that follow."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_both_apps_list_their_commands():
