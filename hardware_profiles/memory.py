@@ -39,9 +39,11 @@ adds up, in bytes:
     Loading from a checkpoint of another precision holds the file's pages and the converted
     weights at once; the peak is the larger of loading and training.
 
-The constants marked *measured* were fitted with ``benchmarks/memory_estimator.py`` (peak RSS
-of separate processes training the real SmolLM2 on CPU); the CUDA ones are typical figures
-from PyTorch practice, not measured here, and say so.
+The constants marked *measured* were fitted to one run of ``benchmarks/memory_estimator.py``
+(peak RSS of separate processes training the real SmolLM2 on CPU, six steps each; grid search
+for the smallest worst-case distance from +5%), then checked on a second run with partly
+different configurations (``benchmarks/results/memory_estimator.md``). The CUDA ones are
+typical figures from PyTorch practice, not measured here, and say so.
 """
 
 from __future__ import annotations
@@ -71,20 +73,20 @@ MIB = 1 << 20
 
 # --------------------------------------------------------------------------- constants
 
-CPU_FRAMEWORK_BYTES = 450 * MIB
+CPU_FRAMEWORK_BYTES = 480 * MIB
 """*Measured.* Resident set of a client process beside its tensors: Python, torch 2.13,
-transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (388 MiB right after the
-imports here), plus what training adds that no formula here names (thread pools, oneDNN
-scratch, tokenizer, dataset, PEFT wrappers: about 60 MiB). Fitted with the other *measured*
+transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (345-390 MiB right
+after the imports here), plus what training adds that no formula here names (thread pools, oneDNN
+scratch, tokenizer, dataset, PEFT wrappers: about 100 MiB). Fitted with the other *measured*
 constants on the benchmark's configurations."""
 
-CPU_HEAP_FACTOR = 2.2
+CPU_HEAP_FACTOR = 2.4
 """*Measured.* Resident / live bytes of activation tensors that glibc serves from its heaps
 (those below :data:`CPU_MMAP_THRESHOLD`), once training has run a few steps: the fit over the
 benchmark's configurations. With ``MALLOC_MMAP_THRESHOLD_=131072`` (every tensor mmapped and
 returned on free) the full 30-layer fp32 run peaks at the live size the formulas give, which
-is how this term was isolated: the other ~1.2 times the live activations is heap that glibc
-keeps but cannot reuse for the next step's tensors."""
+is how this term was isolated: the rest is heap that glibc keeps but cannot reuse for the
+next step's tensors (1.4 times the live size, fitted)."""
 
 CPU_LOGITS_HEAP_FACTOR = 1.0
 """*Measured.* The same ratio for the four logits-sized tensors when they are small enough for
@@ -100,7 +102,7 @@ CPU_MMAP_THRESHOLD = 32 * MIB
 """glibc's largest dynamic mmap threshold on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
 bigger allocations are always mmapped and given back on free."""
 
-CPU_DEQUANT_FACTOR = 1.25
+CPU_DEQUANT_FACTOR = 0.75
 """*Measured.* bitsandbytes on CPU without its optional kernel package dequantizes each
 4-bit weight to the compute dtype for every matmul, forward and backward; the freed buffers
 (those below :data:`CPU_MMAP_THRESHOLD`) stay in glibc's heaps. Resident overhead, in units of
