@@ -251,8 +251,9 @@ def _write_outputs(rows: list[dict], meta: dict) -> None:
             f"{b['load_peak'] / mib:.0f} | {r['peak_phase']} |"
         )
     if meta.get("throughput_tflops"):
-        lines += ["", f"Sustained fp32 LoRA training throughput on this machine: {meta['throughput_tflops']:.3f} TFLOP/s "
-                  "(median over the fp32 configurations, FLOPs from `hardware_profiles.memory.training_flops`)."]
+        lines += ["", f"Sustained fp32 LoRA training throughput measured here: {meta['throughput_tflops']:.3f} TFLOP/s "
+                  "(median over the fp32 configurations, FLOPs from `hardware_profiles.memory.training_flops`; "
+                  "step times include whatever else ran on the machine, so they are not a clean throughput figure)."]
     (RESULTS / "memory_estimator.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

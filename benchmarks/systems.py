@@ -26,8 +26,9 @@ One run measures, on the CPU:
   real client path: proximal term, clipping, per-step batching, no checkpoints) against a
   bare PEFT loop (``get_peft_model`` + AdamW + forward/backward on pre-built batches, same
   batches) on a 4-layer cut of SmolLM2 in fp32 and from its nf4 package, batch 4,
-  seq 64, r 8, q/v, A,B,A,B interleaved (4 pairs of 1 warm-up + 4 timed steps); ratio =
-  median client step / median bare step (and of the fastest steps). The cost of the
+  seq 64, r 8, q/v, 12 steps after 2 warm-up, interleaved step by step (the bare step runs
+  from the client's progress callback, on its own copy of the model and the same batch);
+  ratio = median over steps of client step / bare step. The cost of the
   client's extra per-step work (batching, proximal term, clipping) is timed on its own too.
 
 Writes benchmarks/results/systems.json, systems.md and systems.png (memory vs N).
@@ -312,28 +313,6 @@ def _bench_params(steps: int) -> TrainingParams:
     return dataclasses.replace(RunConfig().training, local_steps=steps)
 
 
-def client_step_seconds(model, tokenizer, dataset, steps: int, warmup: int) -> tuple[list[float], float]:
-    """One ``train_adapter`` call of ``warmup + steps`` steps, as the client runs it.
-
-    Returns:
-        ``(seconds of each step after warm-up, seconds of the call outside its steps)``: the
-        first from the progress callback's timestamps, the second from the trainer's own
-        step timings.
-    """
-    from edge_client.trainer import train_adapter
-
-    stamps: list[float] = []
-    t0 = time.perf_counter()
-    result = train_adapter(
-        model, tokenizer, dataset, _bench_params(warmup + steps), None,
-        list(range(CUT_LAYERS)), "model.layers", "cpu",
-        progress_cb=lambda _p: stamps.append(time.perf_counter()),
-    )
-    total = time.perf_counter() - t0
-    per_step = [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:])]
-    return per_step, total - result.metrics["step_seconds_mean"] * (warmup + steps)
-
-
 def bench_batches(tokenizer, dataset, n: int) -> list[dict[str, torch.Tensor]]:
     """The batches ``train_adapter`` draws in steps ``0..n-1`` of round 0 (same seed)."""
     from edge_client.data import batch_indices, make_batch
@@ -347,32 +326,92 @@ def bench_batches(tokenizer, dataset, n: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def bare_step_seconds(model, batches: list[dict[str, torch.Tensor]], warmup: int) -> list[float]:
-    """A bare PEFT loop over pre-built ``batches`` (AdamW, forward, backward): seconds of each step after warm-up.
+class BareLoop:
+    """A bare PEFT training loop: ``get_peft_model``, AdamW, forward/backward, one step per call.
 
-    The LoRA layers are removed afterwards (``unload``), so ``model`` comes back bare.
+    Args:
+        model: A causal LM, bare; LoRA is injected here and removed by :meth:`close`.
+        params: Rank, alpha, dropout, targets and learning rate come from here.
     """
-    from peft import LoraConfig, get_peft_model
 
-    params = _bench_params(len(batches))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                   target_modules=list(params.target_modules), bias="none", task_type="CAUSAL_LM"),
-    )
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=params.learning_rate)
-    peft_model.train()
-    times = []
-    for batch in batches:
+    def __init__(self, model: torch.nn.Module, params: TrainingParams) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        self.model = get_peft_model(
+            model,
+            LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                       target_modules=list(params.target_modules), bias="none", task_type="CAUSAL_LM"),
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
+        self.model.train()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimizer step on ``batch``; returns its seconds."""
         t0 = time.perf_counter()
-        peft_model(**batch, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    peft_model.unload()
-    model.eval()
-    return times[warmup:]
+        self.model(**batch, use_cache=False).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Remove the LoRA layers; the base model comes back bare, in eval mode."""
+        self.model.unload().eval()
+
+
+def paired_steps(client_model, bare_model, tokenizer, dataset, steps: int, warmup: int) -> dict:
+    """Client steps and bare steps, interleaved step by step on the same batches.
+
+    ``train_adapter`` runs as the client runs it (checkpointing off); from its progress
+    callback, right after client step k, the bare loop takes its step k on the same batch
+    (on its own copy of the model). A client step is timed from the callback's return to
+    the next callback, so the bare step is not counted in it. Adjacent pairs see the same
+    machine load, which a busy shared machine otherwise turns into noise.
+
+    Args:
+        client_model: The model ``train_adapter`` trains.
+        bare_model: An identical copy for the bare loop.
+        tokenizer: The tokenizer.
+        dataset: The local dataset.
+        steps: Timed steps (after ``warmup`` untimed ones, >= 1).
+        warmup: Warm-up steps.
+
+    Returns:
+        ``client_step_s`` and ``bare_step_s`` (paired lists) and ``client_call_outside_steps_s``
+        (the call's time outside its steps, from the trainer's own step timings).
+    """
+    from edge_client.trainer import train_adapter
+
+    total_steps = warmup + steps
+    params = _bench_params(total_steps)
+    batches = bench_batches(tokenizer, dataset, total_steps)
+    bare = BareLoop(bare_model, params)
+    client_s: list[float] = []
+    bare_s: list[float] = []
+    resumed, in_callbacks = [0.0], [0.0]
+
+    def after_client_step(progress) -> None:
+        ended = time.perf_counter()
+        if progress.step > warmup:
+            client_s.append(ended - resumed[0])
+        seconds = bare.step(batches[progress.step - 1])
+        if progress.step > warmup:
+            bare_s.append(seconds)
+        resumed[0] = time.perf_counter()
+        in_callbacks[0] += resumed[0] - ended
+
+    try:
+        t0 = time.perf_counter()
+        result = train_adapter(
+            client_model, tokenizer, dataset, params, None, list(range(CUT_LAYERS)), "model.layers", "cpu",
+            progress_cb=after_client_step,
+        )
+        total = time.perf_counter() - t0 - in_callbacks[0]  # the bare steps ran inside the call
+    finally:
+        bare.close()
+    outside = total - result.metrics["step_seconds_mean"] * total_steps
+    return {"client_step_s": client_s, "bare_step_s": bare_s, "client_call_outside_steps_s": outside}
 
 
 def extra_work_seconds(model, tokenizer, dataset, reps: int = 20) -> dict[str, float]:
@@ -385,6 +424,7 @@ def extra_work_seconds(model, tokenizer, dataset, reps: int = 20) -> dict[str, f
     for i in range(reps):
         make_batch(dataset, tokenizer, range(4 * i, 4 * i + params.batch_size), params.seq_len)
     batching = (time.perf_counter() - t0) / reps
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     peft_model = attach_lora(model, params)
     try:
         adapter = adapter_parameters(peft_model)
@@ -400,26 +440,23 @@ def extra_work_seconds(model, tokenizer, dataset, reps: int = 20) -> dict[str, f
     finally:
         detach_lora(peft_model)
         for p in model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad[id(p)])
         model.eval()
     return {"make_batch_s": batching, "proximal_term_fwd_bwd_s": prox, "clip_grad_norm_s": clip}
 
 
-def client_overhead(steps: int, warmup: int, repeats: int, precisions: list[str], workdir: Path) -> dict:
-    """Client s/step vs bare PEFT s/step on a cut SmolLM2, A,B interleaved ``repeats`` times.
-
-    Step times are pooled over the repeats; the ratio is of their medians (and, less
-    sensitive to a busy machine, of the fastest step of each side).
+def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Path) -> dict:
+    """Client s/step vs bare PEFT s/step on a cut SmolLM2, steps paired (:func:`paired_steps`).
 
     Args:
-        steps: Timed steps per run (after ``warmup`` untimed ones).
-        warmup: Warm-up steps per run (>= 1).
-        repeats: A,B pairs per precision.
+        steps: Timed steps per precision (after ``warmup`` untimed ones).
+        warmup: Warm-up steps (>= 1).
         precisions: ``"fp32"`` (the cut copy) and/or ``"nf4"`` (its nf4 package).
         workdir: Where the nf4 package is written.
 
     Returns:
-        Per precision: both step-time lists, medians and the ratios; the extra work timings.
+        Per precision: the paired step times, their medians, the median of the per-pair
+        ratios (the headline) and the ratio of medians; the extra work timings.
     """
     from coordinator.datasets import movie_reviews
     from coordinator.models import bundled_model_path, cache_dir, cut_model_copy, load_model
@@ -427,28 +464,25 @@ def client_overhead(steps: int, warmup: int, repeats: int, precisions: list[str]
 
     cut = cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{CUT_LAYERS}", CUT_LAYERS)
     dataset = dataset_from_records(movie_reviews("rotten_tomatoes")[:256], source="rotten_tomatoes")
-    out: dict = {"model": f"SmolLM2-135M cut to {CUT_LAYERS} layers", "steps": steps, "warmup": warmup, "repeats": repeats,
+    out: dict = {"model": f"SmolLM2-135M cut to {CUT_LAYERS} layers", "steps": steps, "warmup": warmup,
                  "params": dataclasses.asdict(_bench_params(warmup + steps))}
     for precision in precisions:
-        model, tokenizer = load_model(cut)
         if precision == "nf4":
             from coordinator.packaging import write_package
             from shared.subllm import load_package
 
+            model, tokenizer = load_model(cut)
             write_package(model, tokenizer, list(range(CUT_LAYERS)), "L4", 1, workdir / "nf4", "nf4", full_num_layers=30)
-            model, tokenizer, _ = load_package(workdir / "nf4")
-        batches = bench_batches(tokenizer, dataset, warmup + steps)
-        client, bare, fixed = [], [], []
-        for _ in range(repeats):
-            per_step, outside = client_step_seconds(model, tokenizer, dataset, steps, warmup)
-            client += per_step
-            fixed.append(outside)
-            bare += bare_step_seconds(model, batches, warmup)
+            (model, tokenizer, _), (bare_model, _, _) = load_package(workdir / "nf4"), load_package(workdir / "nf4")
+        else:
+            (model, tokenizer), (bare_model, _) = load_model(cut), load_model(cut)
+        pairs = paired_steps(model, bare_model, tokenizer, dataset, steps, warmup)
+        client, bare = pairs["client_step_s"], pairs["bare_step_s"]
         out[precision] = {
-            "client_step_s": client, "bare_step_s": bare, "client_call_outside_steps_s": fixed,
+            **pairs,
             "client_median": statistics.median(client), "bare_median": statistics.median(bare),
-            "ratio": statistics.median(client) / statistics.median(bare),
-            "ratio_fastest": min(client) / min(bare),
+            "ratio": statistics.median(c / b for c, b in zip(client, bare)),
+            "ratio_of_medians": statistics.median(client) / statistics.median(bare),
         }
         if precision == precisions[0]:
             out["extra_work"] = extra_work_seconds(model, tokenizer, dataset)
@@ -518,23 +552,23 @@ def markdown(result: dict) -> str:
         f"## Client framework overhead per training step ({cli['model']}, batch {cli['params']['batch_size']}, "
         f"seq {cli['params']['seq_len']}, r {cli['params']['lora_rank']}, {'/'.join(cli['params']['target_modules'])})",
         "",
-        "| weights | train_adapter s/step | bare PEFT loop s/step | ratio | ratio of fastest steps |",
+        "| weights | train_adapter s/step | bare PEFT loop s/step | ratio (median of pairs) | ratio of medians |",
         "|---|---:|---:|---:|---:|",
     ]
     for precision in ("fp32", "nf4"):
         if precision in cli:
             c = cli[precision]
             lines.append(f"| {precision} | {c['client_median']:.4f} | {c['bare_median']:.4f} | "
-                         f"{c['ratio']:.3f}x | {c['ratio_fastest']:.3f}x |")
+                         f"{c['ratio']:.3f}x | {c['ratio_of_medians']:.3f}x |")
     extra = cli["extra_work"]
     lines += [
         "",
-        f"Median step times over {cli['repeats']} A,B-interleaved runs each of {cli['steps']} steps after "
-        f"{cli['warmup']} warm-up. "
+        f"{cli['steps']} timed steps after {cli['warmup']} warm-up, interleaved step by step: after each "
+        "train_adapter step its progress callback runs the bare loop's step on the same batch (own model copy). "
         f"The client's extra per-step work timed alone: make_batch {extra['make_batch_s'] * 1e3:.2f} ms, "
         f"proximal term fwd+bwd {extra['proximal_term_fwd_bwd_s'] * 1e3:.2f} ms, "
         f"clip_grad_norm {extra['clip_grad_norm_s'] * 1e3:.2f} ms. Per round the client also pays "
-        f"{statistics.median(cli[cli_first(cli)]['client_call_outside_steps_s']):.3f} s outside its steps "
+        f"{cli[cli_first(cli)]['client_call_outside_steps_s']:.3f} s outside its steps "
         "(LoRA attach, init, delta, unload).",
         "",
         f"Runtime {result['runtime_s']:.0f} s.",
@@ -591,7 +625,7 @@ def run(quick: bool, nf4: bool, out_dir: Path) -> dict:
         work = Path(tmp)
         aggregation = aggregation_throughput(shapes, max(counts), 1 if quick else 3, work)
         memory = memory_vs_clients(shapes, counts, work / "run")
-        client = client_overhead(1 if quick else 4, 1, 1 if quick else 4,
+        client = client_overhead(1 if quick else 12, 1 if quick else 2,
                                  ["fp32", "nf4"] if nf4 and not quick else ["fp32"], work)
     result = {
         "quick": quick,

@@ -297,10 +297,10 @@ class EdgeClient:
 
     def _check_fits(self) -> None:
         manifest = self.manifests.get(self.assignment.tier)
-        if manifest is None or self.schedule is None:
-            return  # the retained manifest and schedule arrive right after subscribing
+        if manifest is None:
+            return  # the retained manifest arrives right after subscribing
         now = self.measure_profile() if self.measure_profile is not None else self.profile
-        verdict = preflight(manifest, self.assignment.plan, self.schedule.training, now)
+        verdict = preflight(manifest, self.assignment.plan, now)
         if not verdict.fits:
             raise InsufficientMemoryError(verdict.reason)
         self.events.on_status(f"tier {self.assignment.tier} fits: {verdict.reason}")
