@@ -18,6 +18,7 @@ from pathlib import Path
 
 from coordinator.models import cache_dir
 from shared.errors import DataError
+from shared.tasks import read_jsonl_rows
 
 EVALS_WHEEL_GLOB = "evals-3.0.1.post1-*.whl"
 _PUBLIC_MEMBERS = {
@@ -72,20 +73,11 @@ def _read_text_file(path: Path) -> list[str]:
         raise DataError(
             f"public data {str(path)!r} is neither a file nor one of {', '.join(PUBLIC_TEXT_NAMES)}"
         )
-    raw = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl":
-        return [p.strip() for p in raw.split("\n\n")]
+        return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
     texts = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        value = row.get("text") if isinstance(row, dict) else None
-        if value is None and isinstance(row, dict):
-            value = next((v for v in row.values() if isinstance(v, str)), None)
+    for number, row in read_jsonl_rows(path):
+        value = row.get("text", next((v for v in row.values() if isinstance(v, str)), None))
         if not isinstance(value, str):
             raise DataError(f"{path}:{number}: no text field in this row")
         texts.append(value.strip())

@@ -52,7 +52,6 @@ from shared import codec, topics
 from shared.blobs import BlobServer
 from shared.errors import FedSodaError, ProtocolError, RunStateError
 from shared.protocol import (
-    Assignment,
     GlobalAdapter,
     Hello,
     MessageType,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import DataError
-from shared.tasks import ClassificationTask, Example, TaskFormat, detect_format, encode_pair
+from shared.tasks import ClassificationTask, Example, TaskFormat, detect_format, encode_pair, read_jsonl_rows
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +84,7 @@ def load_dataset(
         raise DataError(f"dataset file {path} does not exist (pass a .jsonl or .csv file)")
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        rows = _read_jsonl(path)
+        rows = read_jsonl_rows(path)
     elif suffix in CSV_SUFFIXES:
         rows = _read_csv(path)
     else:
@@ -115,27 +114,6 @@ def dataset_from_records(
         DataError: No rows, missing columns or a bad row.
     """
     return _build(((i + 1, dict(r)) for i, r in enumerate(records)), task=task, source=source, limit=limit)
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
-    return rows
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:

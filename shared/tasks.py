@@ -17,9 +17,11 @@ client trains on is exactly the one the coordinator scores. This module must not
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError, DataError
@@ -384,3 +386,35 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     if len(predictions) != len(labels) or not labels:
         raise DataError(f"accuracy needs equally long, non-empty lists (got {len(predictions)} and {len(labels)})")
     return sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
+
+
+def read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSONL file: one JSON object per line, blank lines skipped.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``(line number, object)`` pairs in file order.
+
+    Raises:
+        DataError: Unreadable, not UTF-8, or a line that is not a JSON object (named by line).
+    """
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+                rows.append((number, row))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
+    return rows
