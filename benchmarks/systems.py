@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -595,6 +595,7 @@ def plot(mem: dict, path: Path) -> None:
     ax.plot(ns, [n * mem["delta_bytes"] / MiB for n in ns], ls=":", color="grey", label="if every delta were kept")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("clients aggregated (N)")
     ax.set_ylabel("peak RSS growth (MiB)")
     ax.set_title("Coordinator memory vs number of clients")

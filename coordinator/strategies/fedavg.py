@@ -72,10 +72,10 @@ def _accumulate(
             raise UpdateRejectedError(
                 f"update {index}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
             )
-        contribution = tensor.detach().to(torch.float32) * float(num_examples)
         if key in sums:
-            sums[key].add_(contribution)
+            # In place with alpha: no temporary per tensor (add_ upcasts bf16/fp16 into fp32).
+            sums[key].add_(tensor.detach(), alpha=float(num_examples))
         else:
-            sums[key] = contribution
+            sums[key] = tensor.detach().to(torch.float32) * float(num_examples)
             dtypes.setdefault(key, tensor.dtype)
         weights[key] = weights.get(key, 0) + num_examples
