@@ -148,7 +148,8 @@ def _full_length_dataset(path: str, tokenizer, seq_len: int, n: int = 48):
 
 
 def _prepare_models(layer_counts: set[int]) -> dict[int, Path]:
-    from coordinator.models import bundled_model_path, cache_dir, cut_model_copy
+    from coordinator.models import bundled_model_path, cut_model_copy
+    from shared.config import cache_dir
 
     full = bundled_model_path()
     dirs = {}

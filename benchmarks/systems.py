@@ -459,7 +459,8 @@ def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Pat
         ratios (the headline) and the ratio of medians; the extra work timings.
     """
     from coordinator.datasets import movie_reviews
-    from coordinator.models import bundled_model_path, cache_dir, cut_model_copy, load_model
+    from coordinator.models import bundled_model_path, cut_model_copy, load_model
+    from shared.config import cache_dir
     from edge_client.data import dataset_from_records
 
     cut = cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{CUT_LAYERS}", CUT_LAYERS)

@@ -16,7 +16,7 @@ import random
 import zipfile
 from pathlib import Path
 
-from coordinator.models import cache_dir
+from shared.config import cache_dir
 from shared.errors import DataError
 from shared.tasks import read_jsonl_rows
 

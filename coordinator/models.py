@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from shared.config import cache_dir
 from shared.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,6 @@ BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The word a user may pass to ``--model`` to mean the bundled SmolLM2.
 BUNDLED_ALIAS = "bundled"
-
-
-def cache_dir() -> Path:
-    """Return fedsoda's cache folder (``$FEDSODA_CACHE`` or ``~/.cache/fedsoda``)."""
-    return Path(os.environ.get("FEDSODA_CACHE", Path.home() / ".cache" / "fedsoda"))
 
 
 def _bundled_gguf_folder() -> Path:

@@ -103,6 +103,7 @@ class ModelPipeline:
         self.tiers: dict[str, PreparedTier] = {}
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
+        self._initial: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ preparation
 
@@ -244,6 +245,8 @@ class ModelPipeline:
         Returns:
             Canonical full-LLM key -> fp32 tensor.
         """
+        if self._initial is not None:
+            return {k: v.clone() for k, v in self._initial.items()}
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
         layers = sorted({i for t in self.tiers.values() for i in t.kept})
@@ -260,7 +263,9 @@ class ModelPipeline:
             ),
         )
         state = get_peft_model_state_dict(peft_model)
-        return {k: v.detach().float().clone() for k, v in state.items()}
+        # Built once: it deep-copies the whole model, and expected_shapes needs it too.
+        self._initial = {k: v.detach().float().clone() for k, v in state.items()}
+        return {k: v.clone() for k, v in self._initial.items()}
 
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """For each tier, the adapter keys (canonical) and shapes its clients must send."""

@@ -358,7 +358,7 @@ class CoordinatorServer:
         try:
             info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         except ProtocolError as exc:
-            client = _client_of(message.topic)
+            client = topics.client_of(message.topic)
             if client is not None:
                 self._send_nack(client, -1, "", "bad_message", str(exc))
             raise
@@ -401,12 +401,6 @@ class CoordinatorServer:
             ),
         )
 
-
-def _client_of(topic: str) -> str | None:
-    try:
-        return topics.parse(topic).client
-    except ProtocolError:
-        return None
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -122,6 +122,7 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
     from edge_client.data import load_dataset
     from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
     from hardware_profiles.detect import detect_profile
+    from shared.config import cache_dir
     from shared.console import console, parse_broker_address
     from shared.transport import TransportConfig
 
@@ -133,7 +134,7 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
     options = ClientOptions(
         run_id=run_id,
         client_id=client_id,
-        state_dir=state_dir or _default_state_dir(client_id),
+        state_dir=state_dir or cache_dir() / "clients" / client_id,
         device=device,
         idle_timeout=idle_timeout,
     )
@@ -163,10 +164,3 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
     console.print(f"[bold]{outcome.status}[/]: {outcome.reason}; rounds sent {outcome.rounds_sent}, "
                   f"{outcome.bytes_received / 2**20:.1f} MiB down, {outcome.bytes_sent / 2**20:.1f} MiB up")
     return outcome
-
-
-def _default_state_dir(client_id: str) -> Path:
-    import os
-
-    root = Path(os.environ.get("FEDSODA_CACHE", Path.home() / ".cache" / "fedsoda"))
-    return root / "clients" / client_id

@@ -188,6 +188,10 @@ class EdgeClient:
         body = Presence(client_id=self.client_id, online=online, reason=reason)
         return codec.encode(MessageType.PRESENCE, body, run=self.run_id, round=-1, sender=self.client_id)
 
+    def _announce(self, online: bool, reason: str) -> None:
+        """Publish our retained presence (the Last Will carries the offline one)."""
+        self.transport.publish(topics.presence(self.run_id, self.client_id), self._presence(online, reason), qos=1, retain=True)
+
     def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
         payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=self.client_id)
         self.transport.publish(topic, payload, qos=1, retain=retain)
@@ -259,14 +263,14 @@ class EdgeClient:
             self._leave()
 
     def _serve(self, stop: Callable[[], bool]) -> ClientOutcome:
-        self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, True, "joined"), retain=True)
+        self._announce(True, "joined")
         self._subscribe()
         idle_since = time.monotonic()
         while not stop():
             event = self.transport.poll(0.5)
             if isinstance(event, ConnectionEvent) and event.connected:
                 # The broker may have lost our presence (restart without persistence): restate it.
-                self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, True, "reconnected"), retain=True)
+                self._announce(True, "reconnected")
             if self.assignment is None:
                 self._say_hello()
                 continue
@@ -395,7 +399,7 @@ class EdgeClient:
     def _leave(self) -> None:
         try:
             if self.transport.connected:
-                self._publish(topics.presence(self.run_id, self.client_id), MessageType.PRESENCE, Presence(self.client_id, False, "left"), retain=True)
+                self._announce(False, "left")
                 self.transport.flush(timeout=5.0)
         except FedSodaError as exc:
             log.warning("could not announce leaving: %s", exc)

@@ -582,7 +582,7 @@ class BlobServer:
         except ProtocolError as exc:
             self.requests_rejected += 1
             log.warning("refused chunk request on %s: %s", message.topic, exc)
-            client = _client_of(message.topic)
+            client = topics.client_of(message.topic)
             if client is not None:
                 self._nack(client, "", -1, "bad_message", str(exc))
             return 0
@@ -604,13 +604,6 @@ def _stamp(path: Path) -> tuple[int, int]:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
 
-
-def _client_of(topic: str) -> str | None:
-    """The client segment of a topic if it parses, for nacking a bad message."""
-    try:
-        return topics.parse(topic).client
-    except ProtocolError:
-        return None
 
 
 @dataclass(frozen=True)

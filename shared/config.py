@@ -49,6 +49,15 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def cache_dir() -> Path:
+    """fedsoda's cache folder: ``$FEDSODA_CACHE`` or ``~/.cache/fedsoda``.
+
+    Holds the converted bundled model, the evals wheel, and each client's chunk cache and
+    resume state (``clients/<id>``).
+    """
+    return Path(os.environ.get("FEDSODA_CACHE", Path.home() / ".cache" / "fedsoda"))
+
+
 def env_var_name(dotted: str, prefix: str = ENV_PREFIX) -> str:
     """The environment variable that sets a field.
 

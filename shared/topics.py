@@ -214,6 +214,17 @@ def _segment(value: str, what: str) -> str:
     return value if value == "+" else check_id(value, what)
 
 
+def client_of(topic: str) -> str | None:
+    """The client segment of a topic if it parses as a fedsoda per-client topic, else None.
+
+    Used to answer a message that failed to decode: the topic is all we can trust of it.
+    """
+    try:
+        return parse(topic).client
+    except TopicError:
+        return None
+
+
 def message_type_for(kind: TopicKind) -> MessageType:
     """The message type a topic kind carries.
 

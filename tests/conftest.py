@@ -77,7 +77,8 @@ def bundled_model_dir():
 
 
 def _cut_copy(n_layers: int):
-    from coordinator.models import bundled_model_path, cache_dir, cut_model_copy
+    from coordinator.models import bundled_model_path, cut_model_copy
+    from shared.config import cache_dir
 
     return cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{n_layers}", n_layers)
 
