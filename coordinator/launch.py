@@ -11,12 +11,14 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.credentials import CredentialStore
 from coordinator.pipeline import ModelPipeline, Progress
 from coordinator.server import COORDINATOR_ID, CoordinatorServer, RunOutcome
 from coordinator.settings import BrokerSettings, RunConfig
-from shared.broker import BrokerHandle, start_embedded_broker
+from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
 from shared.transport import MqttTransport, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -61,26 +63,105 @@ def transport_config(broker: BrokerSettings, host: str, port: int, client_id: st
     )
 
 
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    """The broker a run uses.
+
+    Attributes:
+        host: Where clients connect.
+        port: Where clients connect.
+        coordinator: How the coordinator connects (address, login, TLS).
+    """
+
+    host: str
+    port: int
+    coordinator: TransportConfig
+
+
 @contextlib.contextmanager
-def broker_for(settings: BrokerSettings, progress: Progress) -> Iterator[tuple[str, int]]:
-    """Yield the broker address, starting the embedded broker for the block if configured.
+def broker_for(settings: BrokerSettings, progress: Progress, workdir: Path | None = None) -> Iterator[BrokerEndpoint]:
+    """Yield the broker to use, starting one for the block if ``settings.mode`` asks for it.
 
     Args:
         settings: Broker settings.
         progress: Status messages.
+        workdir: Folder for a started mosquitto's config, log and persistence (a temp folder
+            if None).
 
     Yields:
-        ``(host, port)`` of the broker to use.
+        The broker's endpoint.
+
+    Raises:
+        BrokerError: The broker could not be started.
+        ConfigError: Bad credentials folder.
     """
-    if not settings.embedded:
-        yield settings.host, settings.port
+    if settings.mode == "external":
+        login = transport_config(settings, settings.host, settings.port, COORDINATOR_ID)
+        if settings.credentials_dir and not settings.username:
+            # Your own broker on the credentials folder's passwd and acl: log in as their coordinator.
+            own = CredentialStore(settings.credentials_dir).coordinator_credentials()
+            login = dataclasses.replace(login, username=own.username, password=own.password)
+        yield BrokerEndpoint(settings.host, settings.port, login)
+        return
+    if settings.mode == "mosquitto":
+        with _local_mosquitto(settings, progress, workdir) as endpoint:
+            yield endpoint
         return
     # Listens where the settings say: 127.0.0.1 keeps it private, 0.0.0.0 lets other machines in.
     handle: BrokerHandle = start_embedded_broker(port=settings.port, host=settings.host)
     progress(f"embedded MQTT broker listening on {handle.host}:{handle.port}")
     try:
-        yield handle.host, handle.port
+        yield BrokerEndpoint(handle.host, handle.port, TransportConfig(handle.host, handle.port, COORDINATOR_ID))
     finally:
+        handle.close()
+
+
+@contextlib.contextmanager
+def _local_mosquitto(settings: BrokerSettings, progress: Progress, workdir: Path | None) -> Iterator[BrokerEndpoint]:
+    """A mosquitto on the credentials folder's password file and ACL (+ a TLS listener)."""
+    store = CredentialStore(settings.credentials_dir or None)
+    login = store.coordinator_credentials()  # also (re)writes passwd and acl from the registry
+    tls: list[str] = []
+    if settings.server_cert_file:
+        tls = [
+            f"certfile {Path(settings.server_cert_file).resolve()}",
+            f"keyfile {Path(settings.server_key_file).resolve()}",
+        ]
+        if settings.ca_file:
+            tls.append(f"cafile {Path(settings.ca_file).resolve()}")
+        if settings.require_client_cert:
+            tls.append("require_certificate true")
+    handle = start_mosquitto(
+        port=settings.port,
+        host=settings.host,
+        password_file=store.passwd_file,
+        acl_file=store.acl_file,
+        username_as_client_id=True,
+        # The coordinator comes in on loopback, so the TLS certificate need only name the
+        # host the clients dial.
+        local_listener=True,
+        extra_config=tls,
+        workdir=workdir,
+    )
+    assert handle.local_port is not None
+    store.record_broker(handle)
+    active = sum(c.active for c in store.clients())
+    progress(
+        f"mosquitto listening on {handle.host}:{handle.port} ({'TLS' if tls else 'plaintext'}"
+        f"{', client certificates required' if settings.require_client_cert else ''}); "
+        f"logins and ACL from {store.directory} ({active} client(s))"
+    )
+    try:
+        yield BrokerEndpoint(
+            handle.host,
+            handle.port,
+            TransportConfig(
+                "127.0.0.1", handle.local_port, COORDINATOR_ID,
+                username=login.username, password=login.password,
+            ),
+        )
+    finally:
+        store.forget_broker(handle)
         handle.close()
 
 
@@ -108,11 +189,11 @@ def serve_run(
     config = effective_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with broker_for(config.broker, progress) as (host, port):
+    with broker_for(config.broker, progress, run_dir / "broker") as broker:
         if on_broker is not None:
-            on_broker(host, port)
+            on_broker(broker.host, broker.port)
         pipeline = ModelPipeline.prepare(config, run_dir, resume=resume, progress=progress)
-        transport = MqttTransport(transport_config(config.broker, host, port, COORDINATOR_ID))
+        transport = MqttTransport(broker.coordinator)
         transport.connect()
         try:
             server = CoordinatorServer(config, run_dir, pipeline, transport, resume=resume)

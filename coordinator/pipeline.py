@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from coordinator import evaluation, sgp, submodel
-from coordinator.datasets import movie_reviews, public_text, train_test_split
+from coordinator.datasets import movie_reviews, public_text, task_prompts, train_test_split
 from coordinator.export import export_adapter
 from coordinator.models import load_model
 from coordinator.oda import ODAConfig, distill
@@ -152,6 +153,13 @@ class ModelPipeline:
         if self._calibration is None:
             settings = self.config.model
             texts = public_text(settings.public_data, n=settings.calibration_samples)
+            if settings.task_calibration:
+                texts += task_prompts(
+                    settings.task_calibration, ClassificationTask.from_label_words(), self.tokenizer,
+                    settings.task_calibration_samples, settings.calibration_seq_len,
+                )
+                # Mix the two kinds so every distillation batch sees both.
+                random.Random(self.config.seed).shuffle(texts)
             self._calibration = evaluation.tokenize_texts(
                 self.tokenizer, texts, max_length=settings.calibration_seq_len, batch_size=self.config.alignment.batch_size
             )
@@ -182,10 +190,11 @@ class ModelPipeline:
             self._save_aligned(name, 1, kept, student)
             self.tiers[name] = self._package(name, kept, 1, student)
 
-    def _oda_config(self, steps: int) -> ODAConfig:
+    def _oda_config(self, steps: int, *, realign: bool = False) -> ODAConfig:
         a = self.config.alignment
-        # FedOT distils every layer once; FedSODA trains the bridge layers by default.
-        layers = "all" if self.config.pruning.strategy == "fedot" else a.align_layers
+        # FedOT distils every layer once; FedSODA trains the bridge layers by default. A
+        # re-alignment has its own choice: every layer it trains is a chunk clients download again.
+        layers = "all" if self.config.pruning.strategy == "fedot" else (a.realign_layers if realign else a.align_layers)
         return ODAConfig(
             steps=steps,
             learning_rate=a.learning_rate,
@@ -322,7 +331,7 @@ class ModelPipeline:
                 student,
                 tier.kept,
                 self.calibration_batches(),
-                self._oda_config(self.config.alignment.realign_steps),
+                self._oda_config(self.config.alignment.realign_steps, realign=True),
                 global_adapter=global_state,
                 lora=self.lora,
             )
@@ -406,8 +415,8 @@ class ModelPipeline:
         prompts = [task.prompt(row["text"]) for row in test]
         labels = [task.label_index(row["label"]) for row in test]
         self.progress(f"evaluating the full model on {len(test)} {settings.task} test examples")
-        before = accuracy(score_label_words(self.full_model, self.tokenizer, prompts, task.words), labels)
+        before = accuracy(score_label_words(self.full_model, self.tokenizer, prompts, task.words, max_length=settings.max_length), labels)
         # PEFT wraps the model it is given in place: hand it a copy so the base model stays clean.
         adapted = PeftModel.from_pretrained(submodel.build_submodel(self.full_model, list(range(self.num_layers))), str(adapter_dir))
-        after = accuracy(score_label_words(adapted, self.tokenizer, prompts, task.words), labels)
+        after = accuracy(score_label_words(adapted, self.tokenizer, prompts, task.words, max_length=settings.max_length), labels)
         return {"task": settings.task, "test_examples": len(test), "accuracy_before": before, "accuracy_after": after}

@@ -79,6 +79,22 @@ def per_client_rounds(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def refused_rows(data: dict[str, Any]) -> list[tuple[str, int]]:
+    """The coordinator's refused inbound messages, most frequent reason first.
+
+    Args:
+        data: A loaded report.
+
+    Returns:
+        ``(reason, count)`` pairs: an error class (``MalformedMessageError``, ``TopicError``
+        ...) or a rejection code (``nan``, ``not_assigned`` ...), then a ``total`` row; empty
+        when nothing was refused.
+    """
+    counts = data.get("refused") or {}
+    rows = sorted(((str(k), int(v)) for k, v in counts.items()), key=lambda kv: (-kv[1], kv[0]))
+    return [*rows, ("total", sum(v for _, v in rows))] if rows else []
+
+
 def render_summary(data: dict[str, Any]) -> None:
     """Print the run's rounds, clients and results as rich tables on the console.
 
@@ -122,6 +138,15 @@ def render_summary(data: dict[str, Any]) -> None:
             f"{sum(r['wall_seconds'] for r in rows):.0f}", losses,
         )
     console.print(clients)
+
+    refused = refused_rows(data)
+    if refused:
+        table = Table(title="refused inbound messages", box=box.SIMPLE_HEAD)
+        table.add_column("reason")
+        table.add_column("count", justify="right")
+        for reason, count in refused:
+            table.add_row(reason, str(count))
+        console.print(table)
 
     results = data.get("results") or {}
     if results:

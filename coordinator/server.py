@@ -8,8 +8,12 @@ actions out (publish, persist, aggregate, re-align, export). Model work lives be
 
 * an update is validated, then persisted (fsync), and only then counted, so a coordinator
   killed at any moment restarts with ``serve --resume`` and loses no accepted update;
-* every decode or validation failure is logged with its reason, answered with a Nack where
-  there is someone to answer, counted, and the loop keeps serving.
+* nothing on the wire is trusted: every decode or validation failure, every message whose
+  sender disagrees with its topic, every update from a client that is not assigned to the
+  round it names or for a round that is not open, and every chunk request from a client that
+  was never admitted is refused: logged as ``refused <kind> on <topic>: [<reason>] <detail>``,
+  counted by reason (``ServerCounters.refused``, the run report's ``refused``), answered with
+  a Nack where there is someone to answer, and the loop keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -50,7 +57,7 @@ from coordinator.strategies import get_strategy
 from coordinator.updates import RoundContext, UpdateLimits, UpdateValidationError, validate_update
 from shared import codec, topics
 from shared.blobs import BlobServer
-from shared.errors import FedSodaError, ProtocolError, RunStateError
+from shared.errors import FedSodaError, FieldTypeError, ProtocolError, RunStateError, TopicError
 from shared.protocol import (
     GlobalAdapter,
     Hello,
@@ -61,13 +68,26 @@ from shared.protocol import (
 )
 from shared.tensors import state_to_payloads
 from shared.topics import TopicKind
-from shared.transport import InboundMessage, MqttTransport
+from shared.transport import ConnectionEvent, InboundMessage, MqttTransport
+from shared.typed import short_repr
 
 log = logging.getLogger(__name__)
 
 COORDINATOR_ID = "coordinator"
 ASSIGNMENTS_FILE = "assignments.json"
 TICK_SECONDS = 0.2
+FAULT_PAUSE_ENV = "FEDSODA_FAULT_PAUSE"
+"""Test hook for fault injection: ``FEDSODA_FAULT_PAUSE=aggregation:<round>`` makes the server
+stop itself (SIGSTOP) in the middle of aggregating that round (FedAvg done, new global adapter
+not yet saved), so a test can SIGKILL it at exactly that point (tests/faults). Unset, it costs
+one dictionary lookup per aggregation; after SIGCONT the server carries on normally."""
+
+
+def _fault_pause(point: str) -> None:
+    """Stop this process here if the fault-injection hook names ``point`` (see FAULT_PAUSE_ENV)."""
+    if os.environ.get(FAULT_PAUSE_ENV) == point:
+        log.warning("%s=%s: stopping this process for a fault-injection test", FAULT_PAUSE_ENV, point)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass
@@ -75,8 +95,12 @@ class ServerCounters:
     """What the loop refused or ignored, by reason (for the run report).
 
     Attributes:
-        refused: Messages that failed decoding or validation, keyed by reason code.
-        ignored: Well-formed messages with nothing to do (e.g. our own echoes), by kind.
+        refused: Inbound messages refused, keyed by reason: the error class of a decoding or
+            topic failure (``MalformedMessageError``, ``TopicError`` ...), an update's
+            rejection code (``nan``, ``not_assigned``, ``late`` ...), a chunk request's nack
+            code (``not_admitted``, ``unknown_blob`` ...), or ``internal_error`` for a bug
+            a message triggered.
+        ignored: Well-formed messages with nothing to do (repeated updates), by kind.
     """
 
     refused: Counter = field(default_factory=Counter)
@@ -129,9 +153,10 @@ class CoordinatorServer:
         self.run_id = config.run_id
         self.counters = ServerCounters()
         self.strategy = get_strategy("fedavg")
-        self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID)
+        self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID, refused=self.counters.refused)
         self._events: deque = deque()
         self._outcome: RunOutcome | None = None
+        self._retained: dict[str, bytes] = {}  # topic -> our latest retained payload on it
         self.assignments = self._load_assignments(run_dir)
         if resume:
             resumed = load_run(run_dir)
@@ -174,7 +199,9 @@ class CoordinatorServer:
         self._post(Start(self.clock()))
         while self._outcome is None and not stop():
             self._drain()
-            self.transport.poll(TICK_SECONDS)
+            event = self.transport.poll(TICK_SECONDS)
+            if isinstance(event, ConnectionEvent) and event.connected and not event.session_present and self.transport.reconnects:
+                self._republish_retained()
             self._post(Tick(self.clock()))
         self._drain()
         self.transport.flush(timeout=30.0)
@@ -199,13 +226,33 @@ class CoordinatorServer:
             try:
                 handler(message)
             except ProtocolError as exc:
-                self.counters.refused[type(exc).__name__] += 1
-                log.warning("refused %s message on %s: %s", kind, message.topic, exc)
+                self._refuse(kind, message.topic, type(exc).__name__, str(exc))
+                # The topic is all we can trust of a message that failed to decode: answer its
+                # client, so a real one learns why (a version mismatch, say). Presence is a
+                # client's Last Will: nobody listens for an answer to it.
+                client = topics.client_of(message.topic)
+                if client is not None and kind is not TopicKind.PRESENCE:
+                    self._send_nack(client, -1, "", "bad_message", f"{type(exc).__name__}: {exc}")
             except FedSodaError as exc:
-                self.counters.refused[type(exc).__name__] += 1
-                log.error("could not handle %s message on %s: %s", kind, message.topic, exc)
+                self._refuse(kind, message.topic, type(exc).__name__, str(exc), level=logging.ERROR)
+            except Exception:  # a bug one message triggers must not stop the coordinator
+                self.counters.refused["internal_error"] += 1
+                log.exception("refused %s on %s: [internal_error] handling it raised", kind, message.topic)
 
         return run_handler
+
+    def _refuse(self, kind: str, topic: str, reason: str, detail: str, *, level: int = logging.WARNING) -> None:
+        """Count and log one refused inbound message.
+
+        Args:
+            kind: What it was (topic kind).
+            topic: Where it arrived.
+            reason: The counter key: an error class name or a rejection code.
+            detail: What exactly was wrong.
+            level: Log level.
+        """
+        self.counters.refused[reason] += 1
+        log.log(level, "refused %s on %s: [%s] %s", kind, topic, reason, detail)
 
     def _post(self, event: Any) -> None:
         self._events.append(event)
@@ -242,6 +289,19 @@ class CoordinatorServer:
     def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
         payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=COORDINATOR_ID)
         self.transport.publish(topic, payload, qos=1, retain=retain)
+        if retain:
+            self._retained[topic] = payload
+
+    def _republish_retained(self) -> None:
+        """Publish our retained messages again: the broker lost our session, so maybe them too.
+
+        A broker that crashed without saving (or an in-memory one) comes back without the
+        manifests, schedule and adapter; a client that (re)joins after that would otherwise
+        wait for them until the next round's.
+        """
+        log.warning("the broker lost our session: publishing the %d retained messages again", len(self._retained))
+        for topic, payload in self._retained.items():
+            self.transport.publish(topic, payload, qos=1, retain=True)
 
     def _publish_schedule(self, action: PublishSchedule) -> None:
         schedule = Schedule(
@@ -279,6 +339,7 @@ class CoordinatorServer:
         # A generator: FedAvg streams, so only one client's delta is in memory at a time.
         deltas = ((u.num_examples, u.load_delta()) for u in persisted)
         self.global_state = self.strategy.aggregate(self.global_state, deltas)
+        _fault_pause(f"aggregation:{round_}")
         self.run_dir.save_global(round_, self.global_state)
         log.info("round %d aggregated from %d updates", round_, len(persisted))
         # Publish the adapter before AggregationDone lets the next round's schedule out, so a
@@ -316,6 +377,7 @@ class CoordinatorServer:
             "chunks_served": self.blobs.chunks_served,
             "bytes_served": self.blobs.bytes_served,
             "refused": dict(self.counters.refused),
+            "ignored": dict(self.counters.ignored),
             "coordinator_bytes_sent": self.transport.bytes_sent,
             "coordinator_bytes_received": self.transport.bytes_received,
             "results": results or {},
@@ -327,8 +389,7 @@ class CoordinatorServer:
     def _on_hello(self, message: InboundMessage) -> None:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         hello: Hello = envelope.body
-        if hello.client_id != info.client or envelope.sender != info.client:
-            raise ProtocolError(f"hello on {message.topic} claims to be from {hello.client_id!r}/{envelope.sender!r}")
+        check_hello(hello, info.client, max_examples=self.config.validation.max_examples)
         assignment = self.pipeline.assign(hello.client_id, hello.profile)
         self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
         (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
@@ -347,32 +408,40 @@ class CoordinatorServer:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         presence: Presence = envelope.body
         if presence.client_id != info.client:
-            raise ProtocolError(f"presence on {message.topic} names another client {presence.client_id!r}")
+            raise TopicError(f"presence on {message.topic} names another client {short_repr(presence.client_id)}")
         log.info("%s is %s (%s)", info.client, "online" if presence.online else "offline", presence.reason)
         self._post(ClientOnline(info.client) if presence.online else ClientOffline(info.client))
 
     def _on_chunk_request(self, message: InboundMessage) -> None:
-        self.blobs.handle(message)
+        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        assert info.client is not None  # chunkreq topics are per-client
+        client = self.state.client(info.client)
+        if client is None or not client.accepted:
+            # Packages go to admitted clients only: a stranger cannot make us stream them.
+            self._refuse(TopicKind.CHUNKREQ, message.topic, "not_admitted", f"{info.client} was never admitted to this run")
+            self._send_nack(info.client, envelope.round, envelope.message_id, "not_admitted", "say hello and be admitted first")
+            return
+        self.blobs.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
 
     def _on_update(self, message: InboundMessage) -> None:
-        try:
-            info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
-        except ProtocolError as exc:
-            client = topics.client_of(message.topic)
-            if client is not None:
-                self._send_nack(client, -1, "", "bad_message", str(exc))
-            raise
+        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         client_id = info.client
         update = envelope.body
+        # The sender is the topic's client (decode_message); it must also be assigned to the
+        # round it names, and that round must be open.
         verdict = rounds.admission(self.state, client_id, update.round)
         if not verdict.accepted:
-            # The state machine counts it and answers (a duplicate silently).
+            if verdict.verdict == "duplicate":  # a QoS 1 repeat: nothing wrong with it
+                self.counters.ignored["duplicate_update"] += 1
+            else:
+                self._refuse(TopicKind.UPDATE, message.topic, verdict.verdict, verdict.reason)
+            # The state machine counts it in the round record and answers (a duplicate silently).
             self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=verdict.verdict, reason=verdict.reason))
             return
         try:
             delta = validate_update(envelope, topic_client_id=client_id, context=self._round_context())
         except UpdateValidationError as exc:
-            self.counters.refused[exc.code] += 1
+            self._refuse(TopicKind.UPDATE, message.topic, exc.code, exc.reason)
             self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=exc.code, reason=exc.reason))
             return
         self.run_dir.save_update(
@@ -401,6 +470,47 @@ class CoordinatorServer:
             ),
         )
 
+
+
+MAX_MEMORY_BYTES = 1 << 56
+"""Largest memory size a hello may report (64 PiB): beyond it the numbers are not a device's."""
+
+_COMPUTE_CAPABILITY_RE = re.compile(r"\d{1,2}\.\d{1,2}", re.ASCII)
+_MAX_NAME_CHARS = 256
+
+
+def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) -> None:
+    """Refuse a hello no real client sends, before the planner computes with its numbers.
+
+    Args:
+        hello: The decoded hello.
+        topic_client: The client id segment of its topic.
+        max_examples: Largest example count a client may claim.
+
+    Raises:
+        TopicError: The hello names another client than its topic.
+        FieldTypeError: A count, memory size, compute capability or name no device has.
+    """
+    if hello.client_id != topic_client:
+        raise TopicError(f"hello on the topic of {topic_client!r} names client {short_repr(hello.client_id)}")
+    if not 0 < hello.num_examples <= max_examples:
+        raise FieldTypeError(f"hello num_examples={hello.num_examples}; it must be in 1..{max_examples}")
+    profile = hello.profile
+    for name in ("total_memory_bytes", "available_memory_bytes", "gpu_total_memory_bytes", "gpu_free_memory_bytes"):
+        value = getattr(profile, name)
+        if not 0 <= value <= MAX_MEMORY_BYTES:
+            raise FieldTypeError(f"hello profile.{name}={value} is not a memory size (0..{MAX_MEMORY_BYTES})")
+    if not 0 <= profile.cpu_count <= 1 << 20:
+        raise FieldTypeError(f"hello profile.cpu_count={profile.cpu_count} is not a CPU count")
+    if profile.compute_capability and not _COMPUTE_CAPABILITY_RE.fullmatch(profile.compute_capability):
+        raise FieldTypeError(
+            f"hello profile.compute_capability={short_repr(profile.compute_capability)} is not 'major.minor'"
+        )
+    for name in ("name", "device_class", "gpu_name"):
+        if len(getattr(profile, name)) > _MAX_NAME_CHARS:
+            raise FieldTypeError(f"hello profile.{name} is longer than {_MAX_NAME_CHARS} characters")
+    if len(hello.software_version) > _MAX_NAME_CHARS:
+        raise FieldTypeError(f"hello software_version is longer than {_MAX_NAME_CHARS} characters")
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -28,12 +28,21 @@ class ModelSettings:
         public_data: ``"wikipedia"``, ``"owt"`` or a JSONL / text file of public text.
         calibration_samples: Public paragraphs used for SGP and ODA.
         calibration_seq_len: Tokens per calibration sequence.
+        task_calibration: Unlabelled public in-domain text, put in the task's prompt template
+            (``"Review: ...\nSentiment:"``) and mixed into the calibration set, so distillation
+            also restores the next-token distribution where the task reads its answer (a pruned
+            model loses it first): ``imdb`` or ``rotten_tomatoes`` (the bundled movie-review
+            corpora, labels dropped), a JSONL / text file, or ``""`` for none. Pick a corpus
+            other than the clients' (the demo aligns on IMDB reviews for a Rotten Tomatoes task).
+        task_calibration_samples: How many task-format prompts to add.
     """
 
     model: str = "bundled"
     public_data: str = "wikipedia"
     calibration_samples: int = 64
     calibration_seq_len: int = 128
+    task_calibration: str = ""
+    task_calibration_samples: int = 32
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,9 @@ class AlignmentSettings:
         pre_align_steps: Distillation steps before round 1 (0 disables pre-alignment).
         realign_steps: Steps of each intermittent re-alignment.
         align_layers: ``bridge`` (only the layer after each pruned block trains) or ``all``.
+        realign_layers: The same choice for re-alignments. Clients download again every layer
+            a re-alignment trains, so ``bridge`` (the default) keeps re-alignment cheap on the
+            wire even when pre-alignment trains ``all``.
         alpha: Weight of the logit KL term.
         beta: Weight of the hidden-state alignment term.
         temperature: Distillation temperature tau.
@@ -78,6 +90,7 @@ class AlignmentSettings:
     pre_align_steps: int = 30
     realign_steps: int = 10
     align_layers: Literal["bridge", "all"] = "bridge"
+    realign_layers: Literal["bridge", "all"] = "bridge"
     alpha: float = 1.0
     beta: float = 1.0
     temperature: float = 2.0
@@ -100,27 +113,59 @@ class ValidationSettings:
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Where the MQTT broker is and how to log in.
+    """Which MQTT broker the run uses and how the coordinator logs in.
 
     Attributes:
-        host: Broker host; ignored when ``embedded``.
-        port: Broker port; 0 with ``embedded`` picks a free one.
-        embedded: Start the embedded broker in a child process (one-machine runs).
-        username: MQTT user name ("" for anonymous).
-        password: MQTT password.
-        ca_file: CA certificate for TLS ("" for plaintext).
-        cert_file: Client certificate for mutual TLS ("").
-        key_file: Client key for mutual TLS ("").
+        mode: ``external``: a broker you run, at ``host:port``, logged in to with
+            ``username``/``password`` (and TLS files); ``embedded``: the embedded broker in a
+            child process, no logins (one-machine runs and trusted networks); ``mosquitto``: a
+            local mosquitto in a child process with the per-client logins and ACL of
+            ``credentials_dir`` (``fedsoda-coordinator credentials``), and TLS when
+            ``server_cert_file`` is set. The coordinator then logs in with its own generated
+            user, on a loopback listener.
+        host: Broker host (``external``), or the address the started broker listens on
+            (``0.0.0.0`` lets other machines in).
+        port: Broker port; 0 with a started broker picks a free one.
+        username: MQTT user name ("" for anonymous); ``external`` only.
+        password: MQTT password; ``external`` only.
+        ca_file: CA certificate for TLS ("" for plaintext). ``mosquitto`` mode: the CA that
+            signed the client certificates when ``require_client_cert``.
+        cert_file: Client certificate for mutual TLS (""); ``external`` only.
+        key_file: Client key for mutual TLS (""); ``external`` only.
+        credentials_dir: The credentials folder of ``fedsoda-coordinator credentials``.
+            ``mosquitto`` mode: the broker's logins and ACL ("" = ``~/.config/fedsoda/credentials``);
+            ``external`` mode without ``username``: your broker uses its ``passwd`` and ``acl``
+            files, and the coordinator logs in with the folder's coordinator login.
+        server_cert_file: ``mosquitto`` mode: the broker's TLS certificate (PEM); "" = plaintext.
+        server_key_file: ``mosquitto`` mode: its private key (PEM).
+        require_client_cert: ``mosquitto`` mode: clients must also present a certificate
+            signed by ``ca_file`` (mutual TLS).
     """
 
+    mode: Literal["external", "embedded", "mosquitto"] = "external"
     host: str = "127.0.0.1"
     port: int = 1883
-    embedded: bool = False
     username: str = ""
     password: str = ""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    credentials_dir: str = ""
+    server_cert_file: str = ""
+    server_key_file: str = ""
+    require_client_cert: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        tls_server = self.server_cert_file or self.server_key_file or self.require_client_cert
+        if tls_server and self.mode != "mosquitto":
+            problems.append("server_cert_file, server_key_file and require_client_cert apply only to mode = 'mosquitto'")
+        if bool(self.server_cert_file) != bool(self.server_key_file):
+            problems.append("server_cert_file and server_key_file go together")
+        if self.require_client_cert and not (self.server_cert_file and self.ca_file):
+            problems.append("require_client_cert needs server_cert_file, server_key_file and ca_file (the clients' CA)")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -131,11 +176,14 @@ class EvaluationSettings:
         task: ``rotten_tomatoes``, ``imdb``, or ``""`` to skip evaluation.
         test_samples: Test examples scored (0 = the whole test split).
         split_seed: Seed of the fixed train/test split.
+        max_length: Tokens per scored test prompt; longer prompts lose tokens on the left
+            (IMDB reviews run to hundreds of tokens; their end carries the verdict).
     """
 
     task: str = "rotten_tomatoes"
     test_samples: int = 300
     split_seed: int = 0
+    max_length: int = 512
 
 
 def _default_training() -> TrainingParams:

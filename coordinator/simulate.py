@@ -193,7 +193,7 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
     Returns:
         The coordinator's outcome and each client's outcome.
     """
-    config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, embedded=True, port=0))
+    config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", port=0))
     run_dir = Path(run_dir)
     data = write_client_data(config, options, run_dir)
     progress(f"wrote {options.partition} shares of {config.evaluation.task} for {options.clients} clients under {run_dir / 'clients'}")

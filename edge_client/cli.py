@@ -67,7 +67,7 @@ def _default_client_id() -> str:
 @app.command()
 def join(
     data: Annotated[Path, typer.Option(help="Local training data: .jsonl or .csv (see README for the formats).")],
-    broker: Annotated[str, typer.Option(help="Broker HOST:PORT.", envvar="FEDSODA_BROKER")] = "127.0.0.1:1883",
+    broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default: the credentials file's, else 127.0.0.1:1883).", envvar="FEDSODA_BROKER")] = None,
     run_id: Annotated[str, typer.Option("--run", help="Run id to join.", envvar="FEDSODA_RUN")] = "demo",
     client_id: Annotated[Optional[str], typer.Option(help="This client's stable id (default: the host name).", envvar="FEDSODA_CLIENT_ID")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Override the detected device class by catalog name (see `fedsoda-coordinator profiles`).")] = None,
@@ -79,7 +79,9 @@ def join(
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate: enables TLS.")] = None,
     cert_file: Annotated[Optional[Path], typer.Option(help="Client certificate for mutual TLS.")] = None,
     key_file: Annotated[Optional[Path], typer.Option(help="Client key for mutual TLS.")] = None,
+    credentials: Annotated[Optional[Path], typer.Option(help="Credentials file from `fedsoda-coordinator credentials add` (client id, login, broker, CA): keeps the password off the command line.", envvar="FEDSODA_CREDENTIALS")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds with nothing to do.")] = None,
+    keepalive: Annotated[int, typer.Option(min=1, help="Seconds between MQTT pings; after 1.5x this without a word the broker declares this client gone (its Last Will).", envvar="FEDSODA_KEEPALIVE")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -87,10 +89,13 @@ def join(
     from shared.console import run_command, setup_logging
 
     setup_logging(verbose)
-    outcome = run_command(
-        lambda: _join(data, broker, run_id, client_id or _default_client_id(), profile, state_dir, device,
-                      label_words, username, password, ca_file, cert_file, key_file, idle_timeout)
-    )
+
+    def body():
+        address, cid, user, secret, ca = _login(credentials, broker, client_id, username, password, ca_file, state_dir)
+        return _join(data, address, run_id, cid, profile, state_dir, device,
+                     label_words, user, secret, ca, cert_file, key_file, idle_timeout, keepalive)
+
+    outcome = run_command(body)
     if as_json:
         import dataclasses
         import json
@@ -98,6 +103,24 @@ def join(
         typer.echo(json.dumps(dataclasses.asdict(outcome)))
     if outcome.status != "finished":
         raise typer.Exit(1)
+
+
+def _login(credentials, broker, client_id, username, password, ca_file, state_dir):
+    """(broker, client id, user, password, CA file) from the flags and the --credentials file."""
+    from shared.config import cache_dir
+    from shared.credentials import load_client_credentials
+    from shared.errors import ConfigError
+
+    if credentials is None:
+        return broker or "127.0.0.1:1883", client_id or _default_client_id(), username, password, ca_file
+    creds = load_client_credentials(credentials)
+    if username is not None or password is not None:
+        raise ConfigError("--credentials holds the login already: drop --username/--password (or FEDSODA_USERNAME/FEDSODA_PASSWORD)")
+    if client_id is not None and client_id != creds.client_id:
+        raise ConfigError(f"--client-id {client_id!r} is not the credentials file's client {creds.client_id!r}: "
+                          "the broker lets this login act only as that client")
+    ca = ca_file or creds.ca_file(state_dir or cache_dir() / "clients" / creds.client_id)
+    return broker or creds.broker or "127.0.0.1:1883", creds.client_id, creds.username, creds.password, ca
 
 
 def _parse_label_words(text: str | None):
@@ -116,7 +139,7 @@ def _parse_label_words(text: str | None):
 
 
 def _join(data, broker, run_id, client_id, profile_name, state_dir, device, label_words, username, password,
-          ca_file, cert_file, key_file, idle_timeout):
+          ca_file, cert_file, key_file, idle_timeout, keepalive):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edge_client.data import load_dataset
@@ -140,7 +163,7 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
     )
     transport_config = TransportConfig(
         host=host, port=port, client_id=client_id, username=username, password=password,
-        ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        ca_file=ca_file, cert_file=cert_file, key_file=key_file, keepalive=keepalive,
     )
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bars:
         fetch_bar = train_bar = None

@@ -5,9 +5,16 @@ global adapter) and replies (assignment, nacks) to handlers that only record the
 then decides what to do next from that state. Because the schedule, manifests and adapter
 are retained, a client that reconnects or restarts learns the current round at once.
 
+Nothing received is trusted: every message is decoded, must come from the coordinator, and
+is checked (:mod:`edge_client.inbound`) before it replaces what the client holds; a bad or
+stale one is refused (logged as ``refused message on <topic>: [<reason>] <detail>`` and
+counted in ``ClientOutcome.refused``) and the client carries on with what it had.
+
 What survives a crash lives in the state folder: verified sub-LLM chunks (so a broken
-download resumes), the rounds already sent (so a restart does not train twice), and the
-mid-round training checkpoint (so a restart resumes from the last saved step).
+download resumes), the rounds already sent (so a restart does not train twice), the
+mid-round training checkpoint (so a restart resumes from the last saved step), and a
+trained update the broker has not acknowledged yet (so a restart sends it again instead of
+losing it: a round counts as sent only once the broker has acknowledged its update).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +31,13 @@ from typing import Any
 import torch
 
 from edge_client.data import LocalDataset
+from edge_client.inbound import check_adapter, check_addressed_to, check_manifest, check_schedule
 from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
 from edge_client.trainer import TrainProgress, clear_checkpoint, load_checkpoint, train_adapter
 from shared import codec, topics
-from shared.blobs import BlobFetcher, ChunkStore, FetchProgress
-from shared.errors import FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError
+from shared.blobs import BlobFetcher, ChunkStore, FetchProgress, check_chunk
+from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError, TopicError
 from shared.protocol import (
     Assignment,
     DeviceProfile,
@@ -43,14 +52,20 @@ from shared.protocol import (
 )
 from shared.subllm import load_package
 from shared.tensors import payloads_to_state, state_to_payloads
-from shared.topics import TopicKind
 from shared.transport import ConnectionEvent, InboundMessage, MqttTransport, TransportConfig, Will
+from shared.typed import short_repr
 
 log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "fedsoda 0.1.0"
 HELLO_RETRY_SECONDS = 5.0
+COORDINATOR_SENDER = "coordinator"
+"""The envelope sender of everything the coordinator publishes (its MQTT client id)."""
 STATE_FILE = "client.json"
+PENDING_FILE = "update-unacked.msgpack"
+"""The encoded update of the round named ``unacked_round`` in client.json, kept until acknowledged."""
+ACK_WAIT_SECONDS = 10.0
+"""How long sending an update blocks for the broker's acknowledgement before the loop goes on waiting."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,8 @@ class ClientOutcome:
         chunks_fetched: Sub-LLM chunks downloaded.
         chunks_reused: Sub-LLM chunks found in the cache.
         nacks: Refusals received, as ``{"round", "code", "reason"}``.
+        refused: Inbound messages this client refused, by reason (error class, ``stale``,
+            or ``internal_error``); each is also logged with its topic and detail.
     """
 
     client_id: str
@@ -114,6 +131,7 @@ class ClientOutcome:
     chunks_fetched: int = 0
     chunks_reused: int = 0
     nacks: list[dict[str, Any]] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 class EdgeClient:
@@ -153,7 +171,12 @@ class EdgeClient:
         self.manifests: dict[str, Manifest] = {}
         self.adapter: GlobalAdapter | None = None
         self.nacks: list[dict[str, Any]] = []
-        self._sent = self._load_sent()
+        self.refused: Counter[str] = Counter()
+        self._fetching = False  # while a BlobFetcher runs, chunk messages are its own
+        self._sent, self._unacked = self._load_sent()
+        self._last_update: tuple[int, bytes] | None = None  # (round, encoded update) sent last
+        self._schedule_seen: Schedule | None = None
+        self._broker_lost_state = False  # a reconnect found our session gone since the last update
         self._loaded: tuple[str, Any, Any, Any] | None = None  # (blob_id, model, tokenizer, PackageMeta)
         self._fetch_stats = [0, 0]
         self._hello_at = 0.0
@@ -164,23 +187,70 @@ class EdgeClient:
     def _state_path(self) -> Path:
         return self.options.state_dir / STATE_FILE
 
-    def _load_sent(self) -> list[int]:
+    def _load_sent(self) -> tuple[list[int], int | None]:
+        """Rounds whose update the broker acknowledged, and the round of an unacknowledged one."""
         path = self._state_path()
         if not path.is_file():
-            return []
+            return [], None
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise RunStateError(f"{path} is corrupt ({exc.msg}); delete it to start this client afresh") from exc
         if data.get("run_id") != self.run_id:
-            return []  # another run used this folder: its chunks stay useful, its rounds do not
-        return [int(r) for r in data.get("rounds_sent", [])]
+            return [], None  # another run used this folder: its chunks stay useful, its rounds do not
+        unacked = data.get("unacked_round")
+        if unacked is not None and not (self.options.state_dir / PENDING_FILE).is_file():
+            unacked = None
+        return [int(r) for r in data.get("rounds_sent", [])], None if unacked is None else int(unacked)
 
     def _save_sent(self) -> None:
         path = self._state_path()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "client_id": self.client_id, "rounds_sent": self._sent}))
+        tmp.write_text(json.dumps({"run_id": self.run_id, "client_id": self.client_id, "rounds_sent": self._sent,
+                                   "unacked_round": self._unacked}))
         tmp.replace(path)
+
+    def _send_update(self, round_num: int, payload: bytes) -> None:
+        """Publish an encoded update, saved first so that a restart can send it again.
+
+        A QoS 1 publish made while the broker is unreachable waits in this process's memory:
+        were the round marked sent now, a crash before the broker's acknowledgement would lose
+        the update. The coordinator keeps the first copy it accepts, so sending twice is safe.
+        """
+        pending = self.options.state_dir / PENDING_FILE
+        pending.with_suffix(".tmp").write_bytes(payload)
+        pending.with_suffix(".tmp").replace(pending)
+        self._unacked = round_num
+        self._save_sent()
+        self._last_update = (round_num, payload)
+        self._broker_lost_state = False  # only a loss after this publish can drop it
+        self.transport.publish(topics.update(self.run_id, self.client_id), payload, qos=1)
+
+    def _resend_if_still_awaited(self, schedule: Schedule | None) -> None:
+        """After the broker lost its state, send our update again when the coordinator republishes its round.
+
+        A broker that crashed comes back without sessions: it may acknowledge our update and
+        drop it because the coordinator has not subscribed again yet. The coordinator
+        republishes its schedule once it has; the round still running means it may still
+        wait for us. It keeps the first copy it accepts.
+        """
+        if (not self._broker_lost_state or schedule is None or self._last_update is None
+                or self._unacked is not None or schedule.status != "running"
+                or schedule.round != self._last_update[0] or self.client_id not in schedule.participants):
+            return
+        self._broker_lost_state = False
+        self.events.on_status(f"round {schedule.round}: the broker lost its state; sending our update again")
+        self.transport.publish(topics.update(self.run_id, self.client_id), self._last_update[1], qos=1)
+
+    def _check_acknowledged(self, timeout: float) -> bool:
+        """Mark the unacknowledged round sent once the broker has acknowledged everything we published."""
+        if self._unacked is None or not self.transport.flush(timeout=timeout):
+            return False
+        self._sent.append(self._unacked)
+        self._unacked = None
+        self._save_sent()
+        (self.options.state_dir / PENDING_FILE).unlink(missing_ok=True)
+        return True
 
     # ------------------------------------------------------------------ messages
 
@@ -197,7 +267,7 @@ class EdgeClient:
         self.transport.publish(topic, payload, qos=1, retain=retain)
 
     def _subscribe(self) -> None:
-        handlers: dict[str, Callable[[InboundMessage], None]] = {
+        handlers: dict[str, Callable[[str, Any], None]] = {
             topics.assign(self.run_id, self.client_id): self._on_assignment,
             topics.nack(self.run_id, self.client_id): self._on_nack,
             topics.schedule(self.run_id): self._on_schedule,
@@ -206,39 +276,71 @@ class EdgeClient:
         }
         for topic_filter, handler in handlers.items():
             self.transport.subscribe(topic_filter, self._guarded(handler))
+        # Chunks are the fetcher's while it runs; outside a download they are refused or ignored here.
+        on_chunk = self._guarded(self._on_stray_chunk)
+        self.transport.subscribe(topics.chunk(self.run_id, self.client_id), lambda m: None if self._fetching else on_chunk(m))
 
-    def _guarded(self, handler: Callable[[InboundMessage], None]) -> Callable[[InboundMessage], None]:
+    def _guarded(self, handler: Callable[[str, Any], None]) -> Callable[[InboundMessage], None]:
+        """Decode, check the sender, and hand the envelope on; refuse (log, count) what fails."""
+
         def run_handler(message: InboundMessage) -> None:
             try:
                 info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
-            except ProtocolError as exc:
-                log.warning("refused message on %s: %s", message.topic, exc)
-                return
-            if info.kind is not TopicKind.NACK and envelope.sender != "coordinator":
-                log.warning("refused %s from %r: only the coordinator publishes it", info.kind, envelope.sender)
-                return
-            handler(envelope)
+                if envelope.sender != COORDINATOR_SENDER:
+                    raise TopicError(f"{info.kind} messages come from the coordinator, not from {short_repr(envelope.sender)}")
+                handler(message.topic, envelope)
+            except (ProtocolError, BlobError) as exc:
+                self._refuse(message.topic, type(exc).__name__, str(exc))
+            except Exception:  # a bug one message triggers must not stop the client
+                self.refused["internal_error"] += 1
+                log.exception("refused message on %s: [internal_error] handling it raised", message.topic)
 
         return run_handler
 
-    def _on_assignment(self, envelope: Any) -> None:
+    def _refuse(self, topic: str, reason: str, detail: str) -> None:
+        """Count and log one refused inbound message (the client keeps what it had)."""
+        self.refused[reason] += 1
+        log.warning("refused message on %s: [%s] %s", topic, reason, detail)
+
+    def _on_assignment(self, topic: str, envelope: Any) -> None:
+        check_addressed_to(envelope.body, self.client_id)
         self.assignment = envelope.body
 
-    def _on_nack(self, envelope: Any) -> None:
+    def _on_nack(self, topic: str, envelope: Any) -> None:
         nack: Nack = envelope.body
+        check_addressed_to(nack, self.client_id)
         self.nacks.append({"round": nack.round, "code": nack.code, "reason": nack.reason})
         if nack.code not in ("unknown_chunk", "unknown_blob"):  # the fetcher handles its own
             self.events.on_status(f"coordinator refused our message ({nack.code}): {nack.reason}")
 
-    def _on_schedule(self, envelope: Any) -> None:
-        self.schedule = envelope.body
+    def _on_schedule(self, topic: str, envelope: Any) -> None:
+        schedule: Schedule = envelope.body
+        check_schedule(schedule)
+        if self.schedule is not None and schedule.round < self.schedule.round:
+            self._refuse(topic, "stale", f"schedule of round {schedule.round} after one of round {self.schedule.round}")
+            return
+        self.schedule = schedule
 
-    def _on_manifest(self, envelope: Any) -> None:
+    def _on_manifest(self, topic: str, envelope: Any) -> None:
         manifest: Manifest = envelope.body
+        check_manifest(manifest, topics.parse(topic).tier)
+        held = self.manifests.get(manifest.tier)
+        if held is not None and manifest.version < held.version:
+            self._refuse(topic, "stale", f"manifest v{manifest.version} of tier {manifest.tier} after v{held.version}")
+            return
         self.manifests[manifest.tier] = manifest
 
-    def _on_adapter(self, envelope: Any) -> None:
-        self.adapter = envelope.body
+    def _on_adapter(self, topic: str, envelope: Any) -> None:
+        adapter: GlobalAdapter = envelope.body
+        check_adapter(adapter)
+        if self.adapter is not None and adapter.round < self.adapter.round:
+            self._refuse(topic, "stale", f"global adapter of round {adapter.round} after one of round {self.adapter.round}")
+            return
+        self.adapter = adapter
+
+    def _on_stray_chunk(self, topic: str, envelope: Any) -> None:
+        check_chunk(envelope)  # corrupt or forged data is refused even when nobody waits for it
+        log.debug("ignoring chunk %s on %s: no download is running", envelope.body.hash[:12], topic)
 
     # ------------------------------------------------------------------ main loop
 
@@ -265,12 +367,28 @@ class EdgeClient:
     def _serve(self, stop: Callable[[], bool]) -> ClientOutcome:
         self._announce(True, "joined")
         self._subscribe()
+        if self._unacked is not None:
+            # Trained before a crash but never acknowledged: send it again rather than lose it.
+            self.events.on_status(f"round {self._unacked}: re-sending the update the broker never acknowledged")
+            self._last_update = (self._unacked, (self.options.state_dir / PENDING_FILE).read_bytes())
+            self.transport.publish(topics.update(self.run_id, self.client_id), self._last_update[1], qos=1)
         idle_since = time.monotonic()
         while not stop():
             event = self.transport.poll(0.5)
+            if self._check_acknowledged(timeout=0.0):
+                self.events.on_status(f"round {self._sent[-1]}: the broker acknowledged our update")
             if isinstance(event, ConnectionEvent) and event.connected:
                 # The broker may have lost our presence (restart without persistence): restate it.
                 self._announce(True, "reconnected")
+                self._broker_lost_state |= not event.session_present
+            schedule = self.schedule
+            if schedule is not self._schedule_seen:
+                self._schedule_seen = schedule
+                self._resend_if_still_awaited(schedule)
+            if schedule is not None and schedule.status in ("finished", "failed"):
+                # Before the assignment: a client (re)joining a run that has just ended gets
+                # no assignment any more, only the retained final schedule.
+                return self._outcome(schedule.status, "the run " + schedule.status)
             if self.assignment is None:
                 self._say_hello()
                 continue
@@ -278,11 +396,8 @@ class EdgeClient:
                 raise InsufficientMemoryError(f"the coordinator did not admit this device: {self.assignment.reason}")
             if not self._preflight_done:
                 self._check_fits()
-            schedule = self.schedule
             if schedule is None:
                 continue
-            if schedule.status in ("finished", "failed"):
-                return self._outcome(schedule.status, "the run " + schedule.status)
             if self._ready_to_train(schedule):
                 self._train_and_send(schedule)
                 idle_since = time.monotonic()
@@ -311,7 +426,7 @@ class EdgeClient:
         self._preflight_done = True
 
     def _ready_to_train(self, schedule: Schedule) -> bool:
-        if schedule.status != "running" or schedule.round in self._sent:
+        if schedule.status != "running" or schedule.round in self._sent or schedule.round == self._unacked:
             return False
         tier = schedule.participants.get(self.client_id)
         if tier is None:
@@ -326,8 +441,13 @@ class EdgeClient:
             return self._loaded[1], self._loaded[2], self._loaded[3]
         self._loaded = None  # free the old version before loading the new one
         self.events.on_status(f"fetching sub-LLM {manifest.tier} v{manifest.version}")
-        fetcher = BlobFetcher(self.transport, self.store, run=self.run_id, client_id=self.client_id, progress=self.events.on_fetch)
-        folder = fetcher.fetch(manifest, self.options.state_dir / "packages" / manifest.blob_id)
+        fetcher = BlobFetcher(self.transport, self.store, run=self.run_id, client_id=self.client_id,
+                              progress=self.events.on_fetch, refused=self.refused)
+        self._fetching = True
+        try:
+            folder = fetcher.fetch(manifest, self.options.state_dir / "packages" / manifest.blob_id)
+        finally:
+            self._fetching = False
         self._fetch_stats[0] += fetcher.stats.fetched
         self._fetch_stats[1] += fetcher.stats.reused
         self.events.on_status(f"sub-LLM ready: {fetcher.stats.fetched} chunks fetched, {fetcher.stats.reused} reused from the cache")
@@ -375,13 +495,13 @@ class EdgeClient:
             metrics=result.metrics,
             resources=report,
         )
-        self._publish(topics.update(self.run_id, self.client_id), MessageType.UPDATE, update, round_=round_num)
-        self.transport.flush(timeout=60.0)
-        self._sent.append(round_num)
-        self._save_sent()
+        self._send_update(round_num, codec.encode(MessageType.UPDATE, update, run=self.run_id, round=round_num, sender=self.client_id))
         clear_checkpoint(checkpoint_dir)
         loss = result.metrics.get("loss_last", float("nan"))
-        self.events.on_status(f"round {round_num}: sent update (loss {loss:.3f})")
+        if self._check_acknowledged(timeout=ACK_WAIT_SECONDS):
+            self.events.on_status(f"round {round_num}: sent update (loss {loss:.3f})")
+        else:
+            self.events.on_status(f"round {round_num}: update (loss {loss:.3f}) waits for the broker's acknowledgement")
 
     def _outcome(self, status: str, reason: str) -> ClientOutcome:
         return ClientOutcome(
@@ -394,6 +514,7 @@ class EdgeClient:
             chunks_fetched=self._fetch_stats[0],
             chunks_reused=self._fetch_stats[1],
             nacks=list(self.nacks),
+            refused=dict(self.refused),
         )
 
     def _leave(self) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from edge_client.data import LocalDataset, batch_indices, make_batch
+from edge_client.data import IGNORE_INDEX, LocalDataset, batch_indices, make_batch
 from shared.adapters import to_full_keys, to_sub_keys
 from shared.errors import DataError, ModelError, RunStateError
 
@@ -558,6 +558,11 @@ def train_adapter(
     """
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: no examples to train on")
+    if params.objective == "label_words" and dataset.task is None:
+        raise DataError(
+            f"{dataset.source}: the run trains with objective 'label_words', which needs classification "
+            "data (text,label); this dataset is generation data (prompt,answer)"
+        )
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -640,6 +645,25 @@ def _check_resume(state: TrainCheckpoint, params: TrainingParams, round_num: int
         raise RunStateError(f"the checkpoint is at step {state.step}, outside 0..{params.local_steps}")
 
 
+def label_word_loss(logits: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor, label_word_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the label words at the answer position (the ``label_words`` objective).
+
+    Args:
+        logits: ``[B, T, V]`` model outputs.
+        labels: ``[B, T]`` token labels, ``IGNORE_INDEX`` before the answer (as :func:`make_batch` builds).
+        choices: ``[B]`` index of each example's label in ``label_word_ids``.
+        label_word_ids: ``[K]`` first token of each label's answer.
+
+    Returns:
+        The mean loss (a scalar).
+    """
+    # The logits that predict the first answer token sit one position before it.
+    answer_start = (labels != IGNORE_INDEX).int().argmax(dim=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    scores = logits[rows, answer_start - 1][:, label_word_ids].float()
+    return torch.nn.functional.cross_entropy(scores, choices)
+
+
 def _train_loop(
     peft_model: torch.nn.Module,
     tokenizer: Any,
@@ -677,14 +701,21 @@ def _train_loop(
         start_step = resume_state.step
         log.info("resuming round %d at step %d of %d", round_num, start_step, params.local_steps)
     prox_value = 0.0
+    label_word_ids = None
+    if params.objective == "label_words":
+        label_word_ids = torch.tensor(dataset.task.first_answer_tokens(tokenizer), device=device)
     peft_model.train()
     total_steps = int(params.local_steps)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         indices = batch_indices(len(dataset), int(params.batch_size), seed, step)
         batch = {k: v.to(device) for k, v in make_batch(dataset, tokenizer, indices, int(params.seq_len)).items()}
-        out = peft_model(**batch)
-        task_loss = out.loss
+        if label_word_ids is None:
+            task_loss = peft_model(**batch).loss
+        else:
+            choices = torch.tensor([dataset.examples[i].label for i in indices], device=device)
+            logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            task_loss = label_word_loss(logits, batch["labels"], choices, label_word_ids)
         prox = proximal_term(adapter, theta_global)
         loss = task_loss.float() + 0.5 * mu * prox
         if not torch.isfinite(loss):

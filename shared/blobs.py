@@ -11,8 +11,10 @@ keeps every verified chunk, a broken transfer or a restart costs only the chunks
 stored, and a re-aligned package that shares most files with the cached one costs only
 its new chunks.
 
-Nothing a manifest names can escape the destination: absolute paths, ``..``, backslashes
-and symlinked directories raise :class:`~shared.errors.UnsafePathError`.
+Nothing a manifest names can escape the destination: absolute paths, ``..``, backslashes,
+symlinked directories and a blob id (a client's folder name) that is not a sha256 raise
+:class:`~shared.errors.UnsafePathError`. Every received chunk is hashed before anything else
+looks at it (:func:`check_chunk`): one that does not match its name is refused and never stored.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,7 +37,7 @@ from typing import Any, BinaryIO
 
 from shared import codec, topics
 from shared.errors import BlobError, ChunkHashMismatchError, ProtocolError, UnsafePathError
-from shared.protocol import Chunk, ChunkRequest, FileEntry, Manifest, MessageType, Nack
+from shared.protocol import Chunk, ChunkRequest, Envelope, FileEntry, Manifest, MessageType, Nack
 from shared.transport import ConnectionEvent, InboundMessage, Transport
 from shared.typed import check_plain
 
@@ -181,10 +184,13 @@ def validate_manifest(manifest: Manifest) -> None:
         manifest: The manifest.
 
     Raises:
-        UnsafePathError: A path could escape the destination, or two entries collide.
+        UnsafePathError: A path could escape the destination, two entries collide, or the
+            blob_id (a client names its package folder after it) is not a sha256 hex digest.
         BlobError: Bad chunk size, chunk counts that do not fit file sizes, malformed
             hashes, or a blob_id that does not match the file list.
     """
+    if not _HASH_RE.fullmatch(manifest.blob_id):
+        raise UnsafePathError(f"manifest blob_id {manifest.blob_id[:80]!r} is not a sha256 hex digest")
     if manifest.chunk_size <= 0:
         raise BlobError(f"manifest {manifest.blob_id[:12]} has chunk_size {manifest.chunk_size}")
     seen: set[str] = set()
@@ -231,6 +237,29 @@ def chunk_lengths(manifest: Manifest) -> dict[str, int]:
 def manifest_size(manifest: Manifest) -> int:
     """Total bytes of the files a manifest lists."""
     return sum(f.size for f in manifest.files)
+
+
+def check_chunk(envelope: Envelope) -> None:
+    """Check that a received chunk's bytes hash to the name it carries.
+
+    Done before anything else looks at a chunk, so corrupt or forged data is refused (and
+    logged) whether or not a download is waiting for it.
+
+    Args:
+        envelope: A decoded ``chunk`` envelope.
+
+    Raises:
+        BlobError: The hash is not a sha256 hex digest.
+        ChunkHashMismatchError: The data hashes to something else.
+    """
+    chunk: Chunk = envelope.body
+    if not _HASH_RE.fullmatch(chunk.hash):
+        raise BlobError(f"chunk hash {chunk.hash[:80]!r} is not a sha256 hex digest")
+    actual = hashlib.sha256(chunk.data).hexdigest()
+    if actual != chunk.hash:
+        raise ChunkHashMismatchError(
+            f"chunk {chunk.hash[:12]} ({len(chunk.data)} bytes) hashes to {actual[:12]}: corrupt or forged, not used"
+        )
 
 
 class ChunkStore:
@@ -327,8 +356,20 @@ class ChunkStore:
         self.path(digest).unlink(missing_ok=True)
 
 
-def _resolve_inside(root: Path, rel: str) -> Path:
-    """``root / rel``, refusing anything that resolves outside ``root`` (symlinks included)."""
+def resolve_inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing anything that resolves outside ``root`` (symlinks included).
+
+    Args:
+        root: The folder a package is being built in.
+        rel: A manifest path.
+
+    Returns:
+        The path to write.
+
+    Raises:
+        UnsafePathError: ``rel`` is not a safe relative path, or resolves outside ``root``
+            (through ``..`` or a symlinked folder).
+    """
     check_relative_path(rel)
     target = root / rel
     resolved_root = root.resolve()
@@ -365,7 +406,7 @@ def materialize(
     tmp.mkdir()
     try:
         for entry in manifest.files:
-            target = _resolve_inside(tmp, entry.path)
+            target = resolve_inside(tmp, entry.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("wb") as fh:
                 for digest in entry.chunks:
@@ -435,10 +476,17 @@ class BlobServer:
         run: Run id.
         sender: Envelope sender (the coordinator's id).
         max_hashes_per_request: Chunks served per request at most (bounds queued memory).
+        refused: Counts each refusal by its nack code (the owner's refusal counters).
     """
 
     def __init__(
-        self, transport: Transport, *, run: str, sender: str = "coordinator", max_hashes_per_request: int = 32
+        self,
+        transport: Transport,
+        *,
+        run: str,
+        sender: str = "coordinator",
+        max_hashes_per_request: int = 32,
+        refused: Counter[str] | None = None,
     ) -> None:
         self.transport = transport
         self.run = topics.check_id(run, "run id")
@@ -450,6 +498,7 @@ class BlobServer:
         self.chunks_served = 0
         self.bytes_served = 0
         self.requests_rejected = 0
+        self.refused: Counter[str] = Counter() if refused is None else refused
 
     def add(self, manifest: Manifest, folder: str | os.PathLike[str]) -> None:
         """Serve a manifest's chunks from ``folder``.
@@ -590,7 +639,8 @@ class BlobServer:
         return self.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
 
     def _nack(self, client_id: str, ref: str, round: int, code: str, reason: str) -> None:
-        log.warning("nack %s to %s: %s", code, client_id, reason)
+        self.refused[code] += 1
+        log.warning("refused chunk request on %s: [%s] %s", topics.chunkreq(self.run, client_id), code, reason)
         body = Nack(client_id=client_id, round=round, ref_message_id=ref, code=code, reason=reason)
         payload = codec.encode(MessageType.NACK, body, run=self.run, round=round, sender=self.sender)
         self.transport.publish(topics.nack(self.run, client_id), payload, qos=1)
@@ -673,6 +723,7 @@ class BlobFetcher:
         request_timeout: Seconds without progress before re-requesting.
         max_attempts: Requests per chunk before giving up.
         progress: Called with a :class:`FetchProgress` after each stored chunk.
+        refused: Counts each refused chunk message by reason (the owner's refusal counters).
     """
 
     def __init__(
@@ -686,6 +737,7 @@ class BlobFetcher:
         request_timeout: float = 20.0,
         max_attempts: int = 6,
         progress: Callable[[FetchProgress], None] | None = None,
+        refused: Counter[str] | None = None,
     ) -> None:
         if window < 1:
             raise BlobError(f"window must be at least 1, got {window}")
@@ -697,6 +749,7 @@ class BlobFetcher:
         self.request_timeout = request_timeout
         self.max_attempts = max_attempts
         self.progress = progress
+        self.refused: Counter[str] = Counter() if refused is None else refused
         self.stats = FetchStats()
         self._lengths: dict[str, int] = {}
         self._pending: dict[str, None] = {}  # an ordered set: requested in manifest order
@@ -826,9 +879,14 @@ class BlobFetcher:
     def _on_chunk_message(self, message: InboundMessage) -> None:
         try:
             _info, envelope = codec.decode_message(message.topic, message.payload, run=self.run)
-        except ProtocolError as exc:
-            self.stats.rejected += 1
-            log.warning("dropped a bad chunk message: %s", exc)
+            check_chunk(envelope)
+        except (ProtocolError, BlobError) as exc:
+            self.refused[type(exc).__name__] += 1
+            log.warning("refused chunk on %s: [%s] %s", message.topic, type(exc).__name__, exc)
+            if not isinstance(exc, ChunkHashMismatchError):
+                self.stats.rejected += 1
+            elif envelope.body.hash in self._lengths and envelope.body.hash not in self._done:
+                self._corrupt(envelope.body.hash)  # a chunk we need: asked for again, never stored
             return
         body: Chunk = envelope.body
         digest = body.hash
@@ -839,15 +897,9 @@ class BlobFetcher:
             log.debug("ignoring chunk %s that this blob does not need", digest[:12])
             return
         # A needed chunk we did not ask for in this fetch (an answer to a request from before a
-        # restart, kept by the persistent session) is as good as a requested one.
-        if len(body.data) != self._lengths[digest]:
-            self._corrupt(digest, f"length {len(body.data)} instead of {self._lengths[digest]}")
-            return
-        try:
-            self.store.put(digest, body.data)
-        except ChunkHashMismatchError as exc:
-            self._corrupt(digest, str(exc))
-            return
+        # restart, kept by the persistent session) is as good as a requested one: its bytes
+        # hash to its name (checked above).
+        self.store.put(digest, body.data)
         self._inflight.pop(digest, None)
         self._pending.pop(digest, None)
         self._done.add(digest)
@@ -858,9 +910,9 @@ class BlobFetcher:
         self._last_activity = time.monotonic()
         self._report()
 
-    def _corrupt(self, digest: str, why: str) -> None:
+    def _corrupt(self, digest: str) -> None:
+        """Count a corrupt delivery of a needed chunk and ask for it again (never store it)."""
         self.stats.corrupt += 1
-        log.warning("chunk %s arrived corrupt (%s); asking again", digest[:12], why)
         if digest in self._inflight:  # else it is still pending and gets requested in turn
             self._re_request([digest], "corrupt")
 

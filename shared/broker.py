@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from shared.credentials import mosquitto_password_hash, write_private
 from shared.errors import BrokerError
 from shared.protocol import MAX_MESSAGE_BYTES
 
@@ -93,6 +94,9 @@ class BrokerHandle:
         port: Listening port (kept across :meth:`restart`).
         workdir: Folder with its config, log and persistence data.
         mqtt_version: Highest MQTT version it speaks (5 or 4 for 3.1.1).
+        local_port: mosquitto's extra plaintext listener on 127.0.0.1, if it has one (the
+            coordinator's own way in when the main listener speaks TLS).
+        config_file: mosquitto's config file (None for the embedded broker).
     """
 
     kind: Literal["embedded", "mosquitto"]
@@ -105,6 +109,8 @@ class BrokerHandle:
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_workdir: bool = field(default=False, repr=False)
     _log_file: Path | None = field(default=None, repr=False)
+    local_port: int | None = None
+    config_file: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -362,6 +368,10 @@ def start_mosquitto(
     max_packet_bytes: int = DEFAULT_MAX_PAYLOAD,
     persistence: bool = True,
     users: dict[str, str] | None = None,
+    password_file: str | os.PathLike[str] | None = None,
+    acl_file: str | os.PathLike[str] | None = None,
+    username_as_client_id: bool = False,
+    local_listener: bool = False,
     extra_config: str | Sequence[str] = (),
     workdir: str | os.PathLike[str] | None = None,
     timeout: float = 15.0,
@@ -373,8 +383,18 @@ def start_mosquitto(
         host: Listen host.
         max_packet_bytes: Largest accepted packet (``max_packet_size``, capped at 256 MiB - 1).
         persistence: Keep retained messages and sessions across :meth:`BrokerHandle.restart`.
-        users: user -> password; when given, anonymous clients are refused.
-        extra_config: Lines appended after the listener (so listener options like
+        users: user -> password, written to a password file in the work folder; anonymous
+            clients are refused.
+        password_file: An existing mosquitto password file to use instead of ``users``
+            (mosquitto re-reads it on SIGHUP); anonymous clients are refused.
+        acl_file: A mosquitto ACL file (what each user may publish and read).
+        username_as_client_id: The broker replaces each client's MQTT client id with its user
+            name, so an authenticated user can never take over another user's session.
+        local_listener: Also listen, in plaintext, on a free port of 127.0.0.1
+            (:attr:`BrokerHandle.local_port`): a way in for a process on this machine when the
+            main listener speaks TLS with a certificate for the public host name. Logins and
+            the ACL apply there too.
+        extra_config: Lines appended after the main listener (so listener options like
             ``cafile``/``certfile``/``keyfile``/``require_certificate`` apply to it).
         workdir: Folder for config, log and data; a temp folder (deleted on close) by default.
         timeout: Seconds to wait for the listener.
@@ -385,18 +405,24 @@ def start_mosquitto(
     Raises:
         BrokerError: mosquitto is missing, rejected the config, or did not come up.
     """
+    if users and password_file is not None:
+        raise BrokerError("give start_mosquitto either users or password_file, not both")
     binary = find_mosquitto()
     root, owned = _workdir(workdir, "fedsoda-mosquitto-")
     extra = [extra_config] if isinstance(extra_config, str) else list(extra_config)
-    auth = ["allow_anonymous true"]
     if users:
-        passwd = root / "passwd"
-        passwd.write_text("")
-        for user, password in users.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
-        auth = ["allow_anonymous false", f"password_file {passwd}"]
+        lines = "".join(f"{user}:{mosquitto_password_hash(password)}\n" for user, password in users.items())
+        password_file = write_private(root / "passwd", lines)
+    auth = ["allow_anonymous true"]
+    if password_file is not None:
+        auth = ["allow_anonymous false", f"password_file {Path(password_file).resolve()}"]
+    if acl_file is not None:
+        auth.append(f"acl_file {Path(acl_file).resolve()}")
+    # A listener option: it must follow each listener line.
+    per_listener = ["use_username_as_clientid true"] if username_as_client_id else []
 
     def make(p: int) -> BrokerHandle:
+        local_port = free_port("127.0.0.1") if local_listener else None
         lines = [
             # As root mosquitto would switch to the 'mosquitto' user, who cannot read our temp files.
             f"user {getpass.getuser()}",
@@ -415,13 +441,18 @@ def start_mosquitto(
             "log_type notice",
             "connection_messages false",
             f"listener {p} {host}",
+            *per_listener,
             *extra,
         ]
+        if local_port is not None:
+            lines += [f"listener {local_port} 127.0.0.1", *per_listener]
         conf = root / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
-        return BrokerHandle(
+        handle = BrokerHandle(
             "mosquitto", host, p, root, 5, [binary, "-c", str(conf)], None, None, owned, root / "mosquitto.log"
         )
+        handle.local_port, handle.config_file = local_port, conf
+        return handle
 
     return _start_with_port_retry(make, port, host, timeout)
 

@@ -3,7 +3,8 @@
 Decoding untrusted bytes checks, in this order, so a hostile message costs little:
 
 1. the size cap, before anything is unpacked (:class:`PayloadTooLargeError`);
-2. msgpack limits on string, binary, array and map lengths, no ext types, str map keys
+2. msgpack limits on string, binary, array and map lengths (never more than the message's
+   own size could hold), no ext types, str map keys, at most 1024 nesting levels
    (:class:`MalformedMessageError` for truncated or garbage bytes);
 3. the envelope's protocol major version (:class:`VersionError`), before any body field,
    so a newer peer's message fails on what matters;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -48,15 +50,19 @@ from shared.protocol import (
     Envelope,
     MessageType,
 )
-from shared.typed import DEFAULT_MAX_DEPTH, INVALID, Problem, field_hints, from_plain, to_plain
+from shared.typed import DEFAULT_MAX_DEPTH, INVALID, Problem, field_hints, from_plain, short_repr, to_plain
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = MAX_MESSAGE_BYTES
 """Default size cap for :func:`decode`: the protocol's hard cap."""
 
-MAX_ARRAY_LEN = 1 << 20
-"""Longest list a message may hold (a manifest of a 4 TB model at 4 MiB chunks)."""
+MAX_ARRAY_LEN = 1 << 16
+"""Longest list a message may hold (the chunk list of a 256 GiB file at 4 MiB chunks).
+
+msgpack reserves a list's declared length before reading its items, at every nesting level
+at once, so this times 8 bytes times the nesting depth bounds what a hostile message can
+make it reserve."""
 
 MAX_MAP_LEN = 1 << 16
 """Largest map a message may hold (adapter dicts have hundreds of keys)."""
@@ -66,9 +72,11 @@ MAX_STR_LEN = 1 << 20
 
 _SPLICE_MIN_BYTES = 64 * 1024
 
+_TYPE_VALUES = tuple(t.value for t in MessageType)
 _HEADER_FIELDS = ("version", "type", "run", "round", "sender", "message_id", "timestamp", "body")
 _HEADER_HINTS = {k: v for k, v in field_hints(Envelope).items() if k not in ("type", "body")}
 
+_MAX_WARNED_UNKNOWN = 256
 _warned_unknown: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
@@ -200,19 +208,28 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
     if size > max_bytes:
         raise PayloadTooLargeError(f"message is {size} bytes, over the cap of {max_bytes}; refusing to unpack it")
     try:
+        # msgpack allocates a container's declared length before reading its items, so a few
+        # bytes could claim millions of slots at each of many nesting levels. Every item takes
+        # at least one byte (a map entry two), which bounds honest lengths by the size.
         raw = msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_bin_len=max_bytes,
-            max_str_len=min(MAX_STR_LEN, max_bytes),
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
+            max_bin_len=size,
+            max_str_len=min(MAX_STR_LEN, size),
+            max_array_len=min(MAX_ARRAY_LEN, size),
+            max_map_len=min(MAX_MAP_LEN, size // 2),
             max_ext_len=0,
         )
     except msgpack.ExtraData as exc:
         raise MalformedMessageError(f"message has {len(exc.extra)} trailing bytes after the envelope") from exc
+    except msgpack.StackError as exc:
+        raise MalformedMessageError("message nests containers deeper than msgpack's limit of 1024 levels") from exc
+    except msgpack.FormatError as exc:
+        raise MalformedMessageError(
+            "message is not a valid msgpack envelope (it holds a type byte msgpack does not define, e.g. 0xc1)"
+        ) from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # msgpack says "incomplete input" for truncated bytes and names the exceeded limit otherwise.
         raise MalformedMessageError(f"message is not a valid msgpack envelope ({exc})") from exc
@@ -229,12 +246,13 @@ def _envelope_from_plain(raw: dict[str, Any]) -> Envelope:
     type_value = raw.get("type")
     if type_value is None:
         raise MissingFieldError("envelope field 'type' is missing")
-    try:
-        msg_type = MessageType(type_value)
-    except ValueError:
+    # Look the value up ourselves: MessageType(value) puts repr(value) in its error, and the
+    # repr of a list nested a thousand levels deep overflows the stack.
+    if not isinstance(type_value, str) or type_value not in _TYPE_VALUES:
         raise UnknownMessageTypeError(
-            f"unknown message type {type_value!r}; known: {', '.join(t.value for t in MessageType)}"
-        ) from None
+            f"unknown message type {short_repr(type_value)}; known: {', '.join(_TYPE_VALUES)}"
+        )
+    msg_type = MessageType(type_value)
     problems: list[Problem] = []
     header: dict[str, Any] = {}
     for name, hint in _HEADER_HINTS.items():
@@ -254,13 +272,15 @@ def _envelope_from_plain(raw: dict[str, Any]) -> Envelope:
     return Envelope(type=msg_type, body=body, **header)
 
 
+_VERSION_RE = re.compile(r"(\d{1,9})\.(\d{1,9})", re.ASCII)
+
+
 def _check_version(version: Any) -> None:
-    if not isinstance(version, str):
-        raise VersionError(f"envelope version must be a 'major.minor' string, got {version!r}")
-    major_text, _, minor_text = version.partition(".")
-    if not (major_text.isdigit() and minor_text.isdigit()):
-        raise VersionError(f"envelope version {version!r} is not 'major.minor'")
-    major = int(major_text)
+    # ASCII digits only, and few of them: int() of thousands of digits raises ValueError.
+    match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        raise VersionError(f"envelope version must be a 'major.minor' string, got {short_repr(version)}")
+    major = int(match.group(1))
     if major != PROTOCOL_MAJOR:
         newer = "newer" if major > PROTOCOL_MAJOR else "older"
         raise VersionError(
@@ -288,10 +308,13 @@ def _raise_for(problems: list[Problem], msg_type: MessageType) -> None:
 def _warn_unknown(msg_type: MessageType, path: str) -> None:
     key = (msg_type.value, path)
     with _warned_lock:
-        if key in _warned_unknown:
+        # Field names come from the sender: cap what we remember so they cannot grow it for ever.
+        if key in _warned_unknown or len(_warned_unknown) >= _MAX_WARNED_UNKNOWN:
             return
         _warned_unknown.add(key)
-    log.warning("dropping unknown field %r of %s messages (a newer peer?); warned once per field", path, msg_type.value)
+    log.warning(
+        "dropping unknown field %s of %s messages (a newer peer?); warned once per field", short_repr(path), msg_type.value
+    )
 
 
 def decode_message(
@@ -323,12 +346,12 @@ def decode_message(
     info = topics.parse(topic, run=run)
     envelope = decode(payload, max_bytes=max_bytes)
     if envelope.run != run:
-        raise TopicError(f"envelope names run {envelope.run!r} but arrived on {topic!r} of run {run!r}")
+        raise TopicError(f"envelope names run {short_repr(envelope.run)} but arrived on {topic!r} of run {run!r}")
     expected = topics.message_type_for(info.kind)
     if envelope.type is not expected:
         raise TopicError(f"topic {topic!r} carries {expected.value} messages, got {envelope.type.value}")
     if info.kind in topics.CLIENT_PUBLISHED and envelope.sender != info.client:
-        raise TopicError(f"message on {topic!r} claims sender {envelope.sender!r}, not the topic's client")
+        raise TopicError(f"message on {topic!r} claims sender {short_repr(envelope.sender)}, not the topic's client")
     return info, envelope
 
 

@@ -142,6 +142,10 @@ class TrainingParams:
         target_modules: Module names LoRA wraps (e.g. ``["q_proj", "v_proj"]``).
         mu: Proximal term weight (FedProx); 0 disables it.
         seed: Seed for the client's data order and adapter init.
+        objective: ``answer``: causal-LM loss on the answer tokens (any task). ``label_words``:
+            classification only, cross-entropy over the label words' first-token logits at
+            the answer position, the very scores evaluation compares; no step is spent
+            teaching the model to emit *some* label word.
     """
 
     local_steps: int
@@ -154,6 +158,7 @@ class TrainingParams:
     target_modules: list[str]
     mu: float
     seed: int
+    objective: Literal["answer", "label_words"] = "answer"
 
 
 ScheduleStatus = Literal["waiting", "running", "aligning", "finished", "failed"]

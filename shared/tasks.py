@@ -184,6 +184,26 @@ class ClassificationTask:
         known = ", ".join(f"{k} ({w})" for k, w in zip(self.labels, self.words))
         raise DataError(f"label {label!r} is not one of the task's labels: {known}")
 
+    def first_answer_tokens(self, tokenizer: Any) -> list[int]:
+        """The first token id of each label's answer, in label order (the ``label_words`` objective).
+
+        Raises:
+            DataError: An answer tokenizes to nothing, or two answers start with the same token
+                (then only the ``answer`` objective can tell them apart).
+        """
+        ids = []
+        for target in self.targets():
+            tokens = tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise DataError(f"answer {target!r} tokenizes to no tokens")
+            ids.append(int(tokens[0]))
+        if len(set(ids)) != len(ids):
+            raise DataError(
+                f"the answers {self.targets()} do not start with distinct tokens ({ids}); "
+                "use training objective 'answer' or label words that differ in their first token"
+            )
+        return ids
+
     def example(self, text: str, label: Any) -> Example:
         """Turn one classification row into an :class:`Example`.
 

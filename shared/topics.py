@@ -210,6 +210,25 @@ def all_of(run: str, kind: TopicKind) -> str:
     return f"{_base(run)}/{kind}/+"
 
 
+def any_run_filter(kind: TopicKind, client: str = "+") -> str:
+    """Filter matching topics of ``kind`` in every run (``fedsoda/v1/+/...``), for broker ACLs.
+
+    Args:
+        kind: Any kind.
+        client: For per-client kinds, one client id or ``"+"`` for all; tiers are always ``"+"``.
+
+    Returns:
+        A topic filter; credentials issued once work for every run on the broker.
+    """
+    kind = TopicKind(kind)
+    base = f"{ROOT}/{VERSION_SEGMENT}/+/{kind}"
+    if kind in RUN_WIDE:
+        return base
+    if kind in PER_TIER:
+        return f"{base}/+"
+    return f"{base}/{_segment(client, 'client id')}"
+
+
 def _segment(value: str, what: str) -> str:
     return value if value == "+" else check_id(value, what)
 

@@ -200,6 +200,21 @@ class _Subscription:
     handlers: list[Handler] = field(default_factory=list)
 
 
+_AUTH_REFUSALS = frozenset({0x86, 0x87})
+"""CONNACK Bad user name or password / Not authorized (paho maps 3.1.1's codes 4 and 5 onto them)."""
+
+
+def _refusal_text(reason_code: object) -> str:
+    """A refused CONNACK in words a user can act on."""
+    value = getattr(reason_code, "value", None)
+    if value in _AUTH_REFUSALS:
+        return (
+            f"{reason_code} (0x{value:02X}): the broker does not accept this user name and password, or this "
+            "user may not connect (revoked?); check the credentials"
+        )
+    return str(reason_code)
+
+
 class MqttTransport:
     """paho-mqtt client with a network thread, reconnects, size checks and an event queue.
 
@@ -303,9 +318,13 @@ class MqttTransport:
             if time.monotonic() > deadline:
                 last = self._last_error
                 self.close(graceful=False)
+                hint = "start one (python -m shared.broker) or check host, port and TLS settings"
+                if self.config.ca_file is None and last.startswith("connection closed before CONNACK"):
+                    # What a TLS listener does with a plaintext CONNECT.
+                    hint = "the broker hung up without answering: if this port expects TLS, give the broker's CA certificate (ca_file)"
                 raise BrokerError(
                     f"no MQTT broker accepted us at {self.config.host}:{self.config.port} within {wait:.0f} s "
-                    f"(last error: {last}); start one (python -m shared.broker) or check host, port and TLS settings"
+                    f"(last error: {last}); {hint}"
                 )
         return self
 
@@ -639,8 +658,10 @@ class MqttTransport:
                 self._last_error = f"broker refused MQTT {self.protocol}: {text}"
                 self._maybe_fall_back()
                 return
-            self._refused = text
-            self._last_error = f"refused: {text}"
+            self._refused = _refusal_text(reason_code)
+            self._last_error = f"refused: {self._refused}"
+            if self._ever_connected:  # no connect() call to raise in: say it, keep retrying with backoff
+                log.error("broker %s:%s refused to reconnect %s: %s", self.config.host, self.config.port, self.client_id, self._refused)
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self._broker_max_packet = int(max_packet) if max_packet else None
@@ -710,7 +731,7 @@ class MqttTransport:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            log.warning("broker refused publish %s: %s", mid, reason_code)
+            log.warning("broker refused publish (mid %s): %s (reason code 0x%02X)", mid, reason_code, reason_code.value)
         with self._ack_cond:
             if mid in self._unacked:
                 self._unacked.discard(mid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -97,11 +98,31 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def short_repr(value: Any) -> str:
+    """A repr of at most about 60 characters that costs little whatever ``value`` is.
+
+    Received values may be 200 MiB of bytes or lists nested a thousand levels deep; a plain
+    ``repr`` would copy the first and overflow the stack on the second.
+
+    Args:
+        value: Anything (typically a received plain value).
+
+    Returns:
+        The shortened repr.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview, str)) and len(value) > 60:
+        return repr(value[:57])[:60] + "..."
+    text = _REPR.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def check_plain(value: Any, path: str, problems: list[Problem], max_depth: int = DEFAULT_MAX_DEPTH) -> None:

@@ -372,3 +372,49 @@ def test_cuda_training_matches_cpu(fp32, rt_dataset, tiny_model_dir):
     nf4 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, device_map="cuda")
     result = train_adapter(nf4, tokenizer, rt_dataset, _params(local_steps=3), None, SUB_MAP, PREFIX, "cuda")
     assert all(torch.isfinite(v).all() for v in result.delta.values()) and result.metrics["delta_norm"] > 0
+
+
+def test_label_word_loss_is_cross_entropy_over_the_label_words_at_the_answer_position():
+    from edge_client.trainer import label_word_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.full((2, 5), -100)
+    labels[0, 3], labels[1, 2] = 7, 4  # answers start at positions 3 and 2
+    word_ids = torch.tensor([4, 7])
+    choices = torch.tensor([1, 0])
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 2, [4, 7]], logits[1, 1, [4, 7]]]), choices)
+    assert torch.allclose(label_word_loss(logits, labels, choices, word_ids), expected)
+
+
+def test_label_words_objective_learns_to_separate_the_labels(fp32, rt_dataset):
+    """The objective trains the model's preference between the label words, which is what
+    evaluation scores: the 2-way loss falls, and the delta differs from the answer objective's."""
+    model, tokenizer = fp32
+    losses = []
+    params = _params(local_steps=8, objective="label_words")
+    result = train_adapter(model, tokenizer, rt_dataset, params, None, [0, 1, 2, 3], PREFIX, "cpu",
+                           progress_cb=lambda p: losses.append(p.loss))
+    # A 2-way cross-entropy starts near ln 2 for an untuned model, far below the full-vocabulary loss.
+    assert losses[0] < 3.0
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    answer = train_adapter(model, tokenizer, rt_dataset, _params(local_steps=8), None, [0, 1, 2, 3], PREFIX, "cpu")
+    key = next(iter(result.delta))
+    assert not torch.allclose(result.delta[key], answer.delta[key])
+
+
+def test_label_words_objective_refuses_generation_data(fp32):
+    model, tokenizer = fp32
+    data = dataset_from_records([{"prompt": "2+2=", "answer": "4"}], source="gsm")
+    with pytest.raises(DataError, match="label_words"):
+        train_adapter(model, tokenizer, data, _params(objective="label_words"), None, [0, 1, 2, 3], PREFIX, "cpu")
+
+
+def test_label_words_need_distinct_first_tokens(fp32):
+    from shared.tasks import ClassificationTask
+
+    _, tokenizer = fp32
+    task = ClassificationTask.from_label_words({0: "not good", 1: "not bad"})
+    with pytest.raises(DataError, match="distinct tokens"):
+        task.first_answer_tokens(tokenizer)
+    assert len(set(ClassificationTask.from_label_words().first_answer_tokens(tokenizer))) == 2

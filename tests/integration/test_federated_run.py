@@ -11,12 +11,8 @@ bare sleep.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,9 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from coordinator.datasets import movie_reviews, train_test_split
-from shared import codec, topics
-from shared.protocol import Schedule
-from shared.transport import InboundMessage, MqttTransport, TransportConfig
+from tests.runlib import Processes, ScheduleWatch, check_ledger, wait_until, write_rows
 
 pytestmark = pytest.mark.integration
 
@@ -84,72 +78,12 @@ port = {port}
     return path
 
 
-def _client_data(folder: Path, rows: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-class Processes:
-    """Child processes of the test, killed at the end whatever happens."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = (self.root / f"{name}.log").open("a")
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def kill_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float, procs: Processes, watch: str | None = "coordinator") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        proc = procs.procs.get(watch) if watch else None
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{watch} exited ({proc.returncode}) while waiting for {what}:\n{procs.log(watch)[-4000:]}")
-        time.sleep(0.2)  # polling files written by other processes; bounded by the deadline
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{procs.log(watch or 'coordinator')[-4000:]}")
-
-
-class ScheduleWatch:
-    """Follows the retained schedule of a run over MQTT."""
-
-    def __init__(self, port: int, run_id: str) -> None:
-        self.latest: Schedule | None = None
-        self.transport = MqttTransport(TransportConfig(host="127.0.0.1", port=port, client_id=f"watch-{run_id}")).connect()
-        self.run_id = run_id
-        self.transport.subscribe(topics.schedule(run_id), self._on)
-
-    def _on(self, message: InboundMessage) -> None:
-        self.latest = codec.decode_message(message.topic, message.payload, run=self.run_id)[1].body
-
-    def running(self, round_: int) -> bool:
-        self.transport.poll(0.1)
-        return self.latest is not None and self.latest.status == "running" and self.latest.round == round_
-
-
 def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosquitto_broker, small_model_dir, unique_id):
     run_id = unique_id("it")
     run_dir = tmp_path / "run"
     config = _config(tmp_path / "run.toml", run_id, small_model_dir, mosquitto_broker.port)
     train, _ = train_test_split(movie_reviews("rotten_tomatoes"), seed=0)
-    data = {name: _client_data(tmp_path / name, train[i * 40:(i + 1) * 40]) for i, name in enumerate(["alice", "bob", "carol"])}
+    data = {name: write_rows(tmp_path / name / "data.jsonl", train[i * 40:(i + 1) * 40]) for i, name in enumerate(["alice", "bob", "carol"])}
     procs = Processes(tmp_path)
     serve = ["-m", "coordinator", "serve", "--config", str(config), "--run-dir", str(run_dir)]
 
@@ -167,24 +101,24 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
         join("bob")
         # Round 2: kill bob mid-round (after the schedule names him, before he reports). His
         # Last Will marks him offline, so the round closes on alice's report alone.
-        _wait(lambda: watch.running(2) and "bob" in watch.latest.participants, "round 2 running with bob", RUN_TIMEOUT, procs)
+        wait_until(lambda: watch.running(2) and "bob" in watch.latest.participants, "round 2 running with bob", RUN_TIMEOUT, procs)
         procs.procs["bob"].send_signal(signal.SIGKILL)
         # Carol joins late: after rounds 1 and 2 were scheduled without her.
         join("carol")
-        _wait(lambda: (run_dir / "global" / "round_0002.safetensors").exists(), "round 2 aggregated without bob", RUN_TIMEOUT, procs)
+        wait_until(lambda: (run_dir / "global" / "round_0002.safetensors").exists(), "round 2 aggregated without bob", RUN_TIMEOUT, procs)
         # Round 3: kill the coordinator once it has accepted (persisted) at least one update.
-        _wait(lambda: len(updates(3)) >= 1, "an accepted round-3 update", RUN_TIMEOUT, procs)
+        wait_until(lambda: len(updates(3)) >= 1, "an accepted round-3 update", RUN_TIMEOUT, procs)
         accepted_before_kill = updates(3)
         procs.procs["coordinator"].send_signal(signal.SIGKILL)
         procs.procs["coordinator"].wait(timeout=30)
         procs.start("coordinator", [*serve, "--resume"])
-        _wait(lambda: procs.procs["coordinator"].poll() is not None, "the resumed run to finish", RUN_TIMEOUT, procs, watch=None)
+        wait_until(lambda: procs.procs["coordinator"].poll() is not None, "the resumed run to finish", RUN_TIMEOUT, procs, watch=())
         assert procs.procs["coordinator"].returncode == 0, procs.log("coordinator")[-4000:]
         for name in ("alice", "carol"):
             procs.procs[name].wait(timeout=120)
             assert procs.procs[name].returncode == 0, procs.log(name)[-4000:]
     finally:
-        watch.transport.close()
+        watch.close()
         procs.kill_all()
 
     report = json.loads((run_dir / "report.json").read_text())
@@ -198,6 +132,8 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
     # No accepted update was lost across the coordinator's crash, and none counted twice.
     assert set(accepted_before_kill) <= set(updates(3))
     assert len(updates(3)) == 2
+    # Each round's global adapter is FedAvg of exactly its accepted updates, each once.
+    check_ledger(run_dir, {(3, name.removesuffix(".json")) for name in accepted_before_kill})
     assert all(r["outcome"] == "aggregated" for r in report["rounds"])
 
     # The global adapter changed every round.

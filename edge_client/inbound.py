@@ -1,0 +1,152 @@
+"""Checks of what the coordinator sends, before the edge client acts on any of it.
+
+The codec already guarantees every field's type; these checks refuse values that are
+well-typed but would crash or poison the client later (a zero step count, a NaN adapter, a
+manifest path outside the cache folder), so a bad message is refused where it arrives, with
+its reason, and the client keeps the good state it had. Staleness (an older round after a
+newer one) is the runner's business: it knows what it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from shared import topics
+from shared.adapters import PEFT_PREFIX
+from shared.blobs import validate_manifest
+from shared.errors import FieldTypeError, TensorError, TopicError
+from shared.protocol import Assignment, GlobalAdapter, Manifest, Nack, Schedule, TrainingParams
+from shared.tensors import from_payload
+from shared.typed import short_repr
+
+ADAPTER_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+"""Wire dtypes a global adapter's tensors may use."""
+
+_BLOB_ID_RE = re.compile(r"[0-9a-f]{64}")
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+_ADAPTER_KEY_RE = re.compile(re.escape(PEFT_PREFIX) + r"[A-Za-z0-9_.]+\.lora_[AB]\.weight")
+
+
+def _bounded(what: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise FieldTypeError(f"{what}={value!r} is outside {bracket}{low:g}, {high:g}]")
+
+
+def check_training(training: TrainingParams) -> None:
+    """Refuse hyper-parameters local training cannot run with.
+
+    Args:
+        training: A schedule's training parameters.
+
+    Raises:
+        FieldTypeError: The first value out of range, named.
+    """
+    _bounded("training.local_steps", training.local_steps, 1, 1_000_000)
+    _bounded("training.learning_rate", training.learning_rate, 0.0, 10.0, low_open=True)
+    _bounded("training.batch_size", training.batch_size, 1, 65_536)
+    _bounded("training.seq_len", training.seq_len, 1, 1 << 20)
+    _bounded("training.lora_rank", training.lora_rank, 1, 65_536)
+    _bounded("training.lora_alpha", training.lora_alpha, 0.0, 1e6, low_open=True)
+    if not (math.isfinite(training.lora_dropout) and 0.0 <= training.lora_dropout < 1.0):
+        raise FieldTypeError(f"training.lora_dropout={training.lora_dropout!r} is outside [0, 1)")
+    _bounded("training.mu", training.mu, 0.0, 1e6)
+    _bounded("training.seed", training.seed, 0, 2**63 - 1)
+    if not training.target_modules or not all(_MODULE_RE.fullmatch(m) for m in training.target_modules):
+        raise FieldTypeError(
+            f"training.target_modules={short_repr(training.target_modules)} must be a non-empty list of module names"
+        )
+
+
+def check_schedule(schedule: Schedule) -> None:
+    """Refuse a schedule the client could not follow.
+
+    Args:
+        schedule: A decoded schedule.
+
+    Raises:
+        FieldTypeError: A negative round, a non-finite deadline, bad training parameters,
+            or a tier or blob id that is not one.
+        TopicError: A participant or tier id that is not a valid topic segment.
+    """
+    if schedule.round < 0 or schedule.adapter_round < -1 or schedule.quorum < 0:
+        raise FieldTypeError(
+            f"schedule round={schedule.round}, adapter_round={schedule.adapter_round}, quorum={schedule.quorum}: "
+            "none may be negative (adapter_round -1 at the least)"
+        )
+    if not math.isfinite(schedule.deadline):
+        raise FieldTypeError(f"schedule deadline={schedule.deadline!r} is not a time")
+    check_training(schedule.training)
+    for client, tier in schedule.participants.items():
+        topics.check_id(client, "participant id")
+        topics.check_id(tier, "tier")
+    for tier, blob_id in schedule.manifests.items():
+        topics.check_id(tier, "tier")
+        if not _BLOB_ID_RE.fullmatch(blob_id):
+            raise FieldTypeError(f"schedule manifests[{tier!r}]={short_repr(blob_id)} is not a sha256 hex blob id")
+
+
+def check_manifest(manifest: Manifest, topic_tier: str | None) -> None:
+    """Refuse a manifest whose files could land outside the cache folder, or that is inconsistent.
+
+    Args:
+        manifest: A decoded manifest.
+        topic_tier: The tier segment of the topic it arrived on.
+
+    Raises:
+        TopicError: It describes another tier than its topic names.
+        UnsafePathError: A path (or the blob id, which names its folder) could escape.
+        BlobError: Chunk sizes, counts or hashes that do not add up, or a blob id that does
+            not match the file list.
+        FieldTypeError: Its meta lacks the model config the memory preflight needs.
+    """
+    if manifest.tier != topic_tier:
+        raise TopicError(f"manifest of tier {short_repr(manifest.tier)} arrived on the topic of tier {topic_tier!r}")
+    validate_manifest(manifest)
+    if not isinstance(manifest.meta.get("model_config"), dict):
+        raise FieldTypeError("manifest meta has no model_config map (the memory preflight needs it)")
+
+
+def check_adapter(adapter: GlobalAdapter) -> None:
+    """Refuse a global adapter that would poison or crash local training.
+
+    Args:
+        adapter: A decoded global adapter.
+
+    Raises:
+        FieldTypeError: A round below -1.
+        TensorError: A key that is not a LoRA weight, a non-float dtype, or a NaN/Inf value.
+    """
+    if adapter.round < -1:
+        raise FieldTypeError(f"global adapter round={adapter.round} is below -1")
+    for key, payload in adapter.tensors.items():
+        if not _ADAPTER_KEY_RE.fullmatch(key):
+            raise TensorError(f"global adapter key {short_repr(key)} is not a LoRA weight key ({PEFT_PREFIX}...lora_A/B.weight)")
+        if payload.dtype not in ADAPTER_DTYPES:
+            raise TensorError(f"global adapter tensor {key} has dtype {payload.dtype}; allowed: {', '.join(sorted(ADAPTER_DTYPES))}")
+        if not bool(torch.isfinite(from_payload(payload)).all()):
+            raise TensorError(f"global adapter tensor {key} holds NaN or Inf")
+
+
+def check_addressed_to(body: Assignment | Nack, client_id: str) -> None:
+    """Refuse an assignment or nack that names another client than this one.
+
+    Args:
+        body: The decoded body.
+        client_id: This client's id.
+
+    Raises:
+        TopicError: It names someone else.
+        FieldTypeError: An accepted assignment without a valid tier.
+    """
+    if body.client_id != client_id:
+        raise TopicError(f"{type(body).__name__.lower()} for {short_repr(body.client_id)} arrived on the topic of {client_id!r}")
+    if isinstance(body, Assignment) and body.accepted:
+        try:
+            topics.check_id(body.tier, "tier")
+        except TopicError as exc:
+            raise FieldTypeError(f"accepted assignment without a valid tier: {exc}") from None

@@ -1,0 +1,64 @@
+"""Smoke test of benchmarks/paper.py: the three strategies run through the real ``simulate``
+(embedded broker, client processes) on a 6-layer cut of SmolLM2 in quick mode, and the
+benchmark's numbers are the ones the run directories hold.
+
+No accuracy or timing is asserted (2 rounds x 2 steps teach nothing; the machine may be busy).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import paper
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, small_model_dir):
+    out = tmp_path_factory.mktemp("paper")
+    summary = paper.main([
+        "--quick", "--model", str(small_model_dir), "--tasks", "rotten_tomatoes", "--seeds", "0",
+        "--clients", "2", "--examples-per-client", "16", "--out-dir", str(out),
+        "--work-dir", str(out / "runs"),
+    ])
+    return out, summary
+
+
+def test_quick_run_writes_results_for_every_strategy(quick_run):
+    out, summary = quick_run
+    for name in ("paper.json", "paper.md", "paper.png"):
+        assert (out / name).stat().st_size > 0
+    rows = summary["rotten_tomatoes"]["strategies"]
+    assert set(rows) == {"fedsoda", "fedot", "fedpetuning"}
+    # fedsoda and fedot clients hold a 4-layer sub-LLM, fedpetuning clients the whole 6 layers.
+    assert rows["fedsoda"]["layers"] == rows["fedot"]["layers"] == [4]
+    assert rows["fedpetuning"]["layers"] == [6]
+    assert rows["fedsoda"]["storage_bytes"] < rows["fedpetuning"]["storage_bytes"]
+    # (No traffic comparison: on a 6-layer model the embedding table dominates the download and
+    # fedsoda's re-aligned versions can outweigh the 2 layers it saves.)
+    headline = summary["rotten_tomatoes"]["headline"]
+    assert set(headline) == set(paper.TARGETS)
+
+
+def test_bytes_and_accuracy_come_from_the_run_directories(quick_run):
+    out, _ = quick_run
+    saved = json.loads((out / "paper.json").read_text())
+    for run in saved["runs"]:
+        run_dir = out / "runs" / run["overrides"]["run_id"]
+        outcomes = json.loads((run_dir / "clients.json").read_text())
+        assert run["bytes_per_client"] == sum(c["bytes_received"] + c["bytes_sent"] for c in outcomes) / len(outcomes)
+        assert run["bytes_per_client"] > run["storage_bytes"] > 0  # a client downloads at least its package
+        evaluation = json.loads((run_dir / "evaluation.json").read_text())
+        assert run["accuracy_after"] == evaluation["accuracy_after"]
+        assert run["test_examples"] == 16
+
+
+def test_a_second_invocation_reuses_finished_runs(quick_run, small_model_dir, capsys):
+    out, summary = quick_run
+    again = paper.main([
+        "--quick", "--model", str(small_model_dir), "--tasks", "rotten_tomatoes", "--seeds", "0",
+        "--clients", "2", "--examples-per-client", "16", "--out-dir", str(out), "--work-dir", str(out / "runs"),
+    ])
+    assert capsys.readouterr().out.count("reusing") == 3
+    assert again == summary
