@@ -8,6 +8,7 @@ start their own with ``broker_factory``. Every test picks unique run/client ids
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -93,3 +94,13 @@ def tiny_model_dir():
 def small_model_dir():
     """SmolLM2 cut to its first 6 decoder layers: room for pruning a block and keeping ends."""
     return _cut_copy(6)
+
+
+@pytest.fixture
+def restore_logging():
+    """Put the root logger's handlers and level back after a test (the CLIs configure it for a terminal)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -17,14 +16,8 @@ from shared.errors import ConfigError
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI configures root logging for a terminal; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# The CLI configures root logging for a terminal; the fixture puts it back for the tests that follow.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_both_apps_list_their_commands():

@@ -8,7 +8,6 @@ its own topics only; the device's credentials file round-trips and feeds ``join`
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import stat
 import subprocess
@@ -34,14 +33,8 @@ from shared.errors import ConfigError
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI configures root logging for a terminal; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# The CLI configures root logging for a terminal; the fixture puts it back for the tests that follow.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd to compare with")

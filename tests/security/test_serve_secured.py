@@ -12,7 +12,6 @@ gets back in. Every wait is bounded and driven by progress.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import subprocess
@@ -38,20 +37,13 @@ from shared.protocol import Hello, MessageType, Presence, ResourceReport, Update
 from shared.tensors import state_to_payloads
 from shared.transport import InboundMessage, MqttTransport, TransportConfig
 
-pytestmark = pytest.mark.integration
 
 runner = CliRunner()
 TIMEOUT = 90.0
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI configures root logging for a terminal; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# The CLI configures root logging for a terminal; the fixture puts it back for the tests that follow.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_logging")]
 
 
 def _config(path: Path, run_id: str, model_dir: Path, port: int, store: Path, pki: Path) -> Path:
