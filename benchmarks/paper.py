@@ -85,10 +85,15 @@ def one_run(overrides: dict[str, Any], clients: int, examples_per_client: int, w
     run_dir = workdir / config.run_id
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.monotonic()
-    outcome, client_outcomes = simulate(config, SimulationOptions(clients=clients, examples_per_client=examples_per_client), run_dir)
+    outcome, _clients = simulate(config, SimulationOptions(clients=clients, examples_per_client=examples_per_client), run_dir)
     wall = time.monotonic() - started
     if outcome.status != "finished":
         raise RuntimeError(f"run {config.run_id} ended {outcome.status}: {outcome.reason} (see {run_dir})")
+    return read_run(run_dir, overrides, wall)
+
+
+def read_run(run_dir: Path, overrides: dict[str, Any], wall: float | None) -> dict[str, Any]:
+    """What the benchmark reports of one finished run directory (``wall``: its seconds, if timed)."""
     data = load_report(run_dir)
     tier_of = {c: info.get("tier") for c, info in data["clients"].items()}
     package = {name: tier["package_bytes"] for name, tier in data["tiers"].items()}
@@ -99,7 +104,7 @@ def one_run(overrides: dict[str, Any], clients: int, examples_per_client: int, w
             "bytes_up": c["bytes_sent"],
             "storage_bytes": package[tier_of[c["client_id"]]],
         }
-        for c in client_outcomes
+        for c in data["client_outcomes"]
     ]
     rounds = [r for r in data["rounds"] if r.get("outcome") == "aggregated"]
     results = data["results"]
@@ -185,7 +190,7 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
             lines.append(
                 f"| {task} | {strategy} | {'/'.join(map(str, row['layers']))} | "
                 f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['accuracy_min']:.3f}-{row['accuracy_max']:.3f}, "
-                f"{len(row['seeds'])} seeds) | "
+                f"{len(row['seeds'])} seed{'s' if len(row['seeds']) != 1 else ''}) | "
                 f"{row['accuracy_before']:.3f} | {row['bytes_per_client'] / MiB:.1f} | {row['storage_bytes'] / MiB:.1f} | "
                 f"{row['round_seconds']:.0f} |"
             )
@@ -257,8 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {}
 
     def save() -> dict[str, Any]:
+        # Runs of the file that this invocation has not reached (yet, or at all) stay in it.
+        kept = runs + [p for p in previous if all(p["overrides"] != r["overrides"] for r in runs)]
         summary = summarize(runs, fp16_bytes)
-        results_path.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
+        results_path.write_text(json.dumps({"meta": meta, "runs": kept, "summary": summary}, indent=2))
         return summary
 
     if args.report_only:  # e.g. after an interrupted benchmark: report exactly what finished
