@@ -131,6 +131,9 @@ def _local_mosquitto(settings: BrokerSettings, progress: Progress, workdir: Path
             tls.append(f"cafile {Path(settings.ca_file).resolve()}")
         if settings.require_client_cert:
             tls.append("require_certificate true")
+    # What the broker reads at start; an `add`/`revoke` that lands before record_broker below
+    # cannot signal it, so a change seen after recording makes us signal it ourselves.
+    files_at_start = (store.passwd_file.read_bytes(), store.acl_file.read_bytes())
     handle = start_mosquitto(
         port=settings.port,
         host=settings.host,
@@ -145,6 +148,8 @@ def _local_mosquitto(settings: BrokerSettings, progress: Progress, workdir: Path
     )
     assert handle.local_port is not None
     store.record_broker(handle)
+    if (store.passwd_file.read_bytes(), store.acl_file.read_bytes()) != files_at_start:
+        store.reload_broker()
     active = sum(c.active for c in store.clients())
     progress(
         f"mosquitto listening on {handle.host}:{handle.port} ({'TLS' if tls else 'plaintext'}"

@@ -192,3 +192,28 @@ def test_your_own_mosquitto_on_the_generated_files(broker_factory, enrolled: Enr
             coordinator.close()
     with pytest.raises(BrokerError, match="Not authorized"):
         MqttTransport(TransportConfig(own.host, own.port, client_id="coordinator", connect_timeout=5.0)).connect()
+
+
+def test_a_client_enrolled_while_the_broker_starts_gets_in(secure_broker, enrolled: Enrolled, monkeypatch) -> None:
+    """An ``add`` that lands after mosquitto read its files but before ``serve`` noted the broker
+    (so ``add`` had no one to signal) is picked up: ``serve`` sees the change and signals it."""
+    import coordinator.launch as launch
+
+    late: list[ClientCredentials] = []
+    real_start = launch.start_mosquitto
+
+    def start_then_enrol(**kwargs: object):
+        handle = real_start(**kwargs)
+        late.append(enrolled.store.add("late-device"))  # the race window, made certain
+        return handle
+
+    monkeypatch.setattr(launch, "start_mosquitto", start_then_enrol)
+    endpoint = secure_broker()
+    deadline = time.monotonic() + 10
+    while True:  # mosquitto applies a SIGHUP asynchronously: retry the login for a moment
+        try:
+            _login(endpoint, late[0], connect_timeout=2.0).close()
+            break
+        except BrokerError:
+            assert time.monotonic() < deadline, "the late enrolment never reached the broker"
+            time.sleep(0.2)

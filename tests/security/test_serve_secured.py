@@ -140,7 +140,8 @@ def test_serve_with_local_mosquitto_tls_acl_and_revocation(tmp_path, tiny_model_
     transports: list[MqttTransport] = []
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not port_open("127.0.0.1", port):
+        # serve notes the broker (for `add` to signal) just after the port opens, then says so.
+        while not (port_open("127.0.0.1", port) and "mosquitto listening on" in log.read_text()):
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)  # waiting for another process to listen; bounded by the deadline
 
