@@ -21,14 +21,18 @@ from torch import nn
 from coordinator.submodel import find_decoder_layers, text_config, validate_layer_map
 from shared.errors import ConfigError, ModelError
 from shared.subllm import (
+    EMBEDDING_FILE,
     INDEX_FILE,
     META_FILE,
     PRECISIONS,
     REST_SHARD,
     STORAGE_DTYPE,
     PackageMeta,
+    dequantize_embedding,
     disable_cpu_4bit_repacking,
+    embedding_key,
     layer_shard_name,
+    quantize_embedding,
     sha256_file,
 )
 
@@ -68,7 +72,9 @@ def prepare_package_model(model: nn.Module, precision: str = "nf4") -> nn.Module
 
     ``nf4``: every Linear inside the decoder layers becomes a bitsandbytes NF4
     ``Linear4bit`` (quantized on CPU, so the bytes do not depend on the coordinator's GPU);
-    other weights are rounded to bfloat16 and held in float32. ``bf16``: every weight in
+    the token embedding table (and a head tied to it) is NF4-rounded (see
+    :func:`shared.subllm.quantize_embedding`); other weights are rounded to bfloat16; all
+    are held in float32. ``bf16``: every weight in
     bfloat16. ``fp32``: every weight in float32. The input model is not modified.
 
     Args:
@@ -114,6 +120,9 @@ def prepare_package_model(model: nn.Module, precision: str = "nf4") -> nn.Module
             for param in prepared.parameters():
                 if param.dtype.is_floating_point:
                     param.data = param.data.to(STORAGE_DTYPE["nf4"]).to(torch.float32)
+            key = embedding_key(prepared)
+            embedding = prepared.get_input_embeddings().weight
+            embedding.data = dequantize_embedding(quantize_embedding(embedding, key), key)
     # The staging folder is gone; do not let its path leak into the package's config.json.
     prepared.config._name_or_path = getattr(model.config, "_name_or_path", "")
     disable_cpu_4bit_repacking(prepared)
@@ -185,7 +194,10 @@ def write_package(
     storage = STORAGE_DTYPE[precision]
     shards: dict[str, dict[str, torch.Tensor]] = {}
     layer_re_prefix = prefix + "."
+    embedding = embedding_key(prepared) if precision == "nf4" else None
     for key, tensor in _dedup_state_dict(prepared).items():
+        if key == embedding:
+            continue  # written below, outside the index
         if key.startswith(layer_re_prefix):
             sub_index = int(key[len(layer_re_prefix) :].split(".", 1)[0])
             file = layer_shard_name(kept[sub_index])
@@ -201,6 +213,9 @@ def write_package(
         for key, tensor in tensors.items():
             weight_map[key] = file
             total += tensor.numel() * tensor.element_size()
+    if embedding is not None:
+        save_file(quantize_embedding(prepared.state_dict()[embedding], embedding), str(out / EMBEDDING_FILE),
+                  metadata={"format": "pt"})
     (out / INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         + "\n",
@@ -229,6 +244,7 @@ def write_package(
         layers_prefix=prefix,
         full_num_layers=int(full_num_layers or max(kept) + 1),
         model_type=str(cfg.model_type),
+        embedding_precision="nf4" if embedding is not None else precision,
         files=files,
     )
     (out / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,17 @@ from coordinator.packaging import prepare_package_model, write_package
 from coordinator.submodel import build_submodel, find_decoder_layers
 from shared.blobs import build_manifest
 from shared.errors import BlobError, ModelError
-from shared.subllm import INDEX_FILE, META_FILE, REST_SHARD, layer_shard_name, load_package, read_meta
+from shared.subllm import (
+    EMBEDDING_FILE,
+    INDEX_FILE,
+    META_FILE,
+    REST_SHARD,
+    PackageMeta,
+    dequantize_embedding,
+    layer_shard_name,
+    load_package,
+    read_meta,
+)
 from tests.coordinator.arch_models import VOCAB, tiny_model
 
 KEPT = [0, 2, 3]
@@ -58,13 +69,18 @@ def test_nf4_package_round_trip_gives_identical_logits(smol, nf4_package):
     assert len(layers) == len(KEPT) and loaded.config.num_hidden_layers == len(KEPT)
 
 
-def test_nf4_package_is_a_plain_transformers_folder(smol, nf4_package):
-    """transformers itself loads the pre-quantized package on CPU, with the same logits."""
+def test_nf4_package_is_a_transformers_folder_plus_a_4bit_embedding_table(smol, nf4_package):
+    """transformers itself loads the pre-quantized package on CPU; with the NF4 table filled in
+    from its own file (tied head included), the logits are the same."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     _, tokenizer = smol
     prepared, folder, _ = nf4_package
     plain = AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}, dtype=torch.float32)
+    table = dequantize_embedding(load_file(str(folder / EMBEDDING_FILE)), "model.embed_tokens.weight")
+    plain.get_input_embeddings().weight.data = table
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
     for module in plain.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
@@ -78,7 +94,7 @@ def test_nf4_package_is_a_plain_transformers_folder(smol, nf4_package):
 def test_package_layout_and_meta(nf4_package):
     _, folder, meta = nf4_package
     names = {p.name for p in folder.iterdir()}
-    assert {layer_shard_name(k) for k in KEPT} | {REST_SHARD, INDEX_FILE, META_FILE, "config.json", "tokenizer.json"} <= names
+    assert {layer_shard_name(k) for k in KEPT} | {REST_SHARD, EMBEDDING_FILE, INDEX_FILE, META_FILE, "config.json", "tokenizer.json"} <= names
     assert layer_shard_name(1) not in names
     assert meta.layer_map == tuple(KEPT) and meta.tier == "L3" and meta.version == 1 and meta.precision == "nf4"
     assert meta.layers_prefix == "model.layers" and meta.full_num_layers == 4 and meta.model_type == "llama"
@@ -86,7 +102,14 @@ def test_package_layout_and_meta(nf4_package):
     index = json.loads((folder / INDEX_FILE).read_text())
     # Sub-LLM layer 1 is full layer 2: its tensors live in the file named by the full index.
     assert index["weight_map"]["model.layers.1.self_attn.q_proj.weight"] == layer_shard_name(2)
-    assert index["weight_map"]["model.embed_tokens.weight"] == REST_SHARD
+    # The NF4 embedding table is outside the index (transformers cannot load it); the tied head
+    # is not stored at all.
+    assert "model.embed_tokens.weight" not in index["weight_map"] and "lm_head.weight" not in index["weight_map"]
+    assert meta.embedding_precision == "nf4"
+    vocab, hidden = 49152, 576
+    stored = (folder / EMBEDDING_FILE).stat().st_size
+    # 4 bits per value plus one fp32 scale per 32 values (and a small header).
+    assert vocab * hidden // 2 + vocab * hidden // 32 * 4 <= stored < vocab * hidden // 2 + vocab * hidden // 32 * 4 + 4096
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert read_meta(folder) == meta
@@ -237,3 +260,16 @@ def test_client_side_loading_does_not_import_the_coordinator(nf4_package):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("L3")
+
+
+def test_format_1_meta_means_16bit_embeddings_and_a_bad_table_is_named(nf4_package, tmp_path):
+    _, folder, meta = nf4_package
+    old = {k: v for k, v in meta.to_dict().items() if k != "embedding_precision"} | {"format_version": 1}
+    assert PackageMeta.from_dict(old).embedding_precision == "bf16"
+    with pytest.raises(ModelError, match="unknown embedding precision 'int3'"):
+        PackageMeta.from_dict(meta.to_dict() | {"embedding_precision": "int3"})
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / EMBEDDING_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match=f"cannot read {EMBEDDING_FILE}"):
+        load_package(broken, verify=False)
