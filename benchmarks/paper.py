@@ -43,6 +43,7 @@ from coordinator.reports import load_report  # noqa: E402
 from coordinator.settings import RunConfig  # noqa: E402
 from coordinator.simulate import SimulationOptions, simulate  # noqa: E402
 from shared.config import load_config  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MiB = 1024 * 1024
@@ -66,8 +67,10 @@ TARGETS = {
 }
 
 
-def run_settings(task: str, strategy: str, seed: int, clients: int, quick: bool, model: str) -> dict[str, Any]:
-    """The config overrides of one run: the demo preset, the task, the strategy, the seed."""
+def run_settings(
+    task: str, strategy: str, seed: int, clients: int, quick: bool, model: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The config overrides of one run: the demo preset, the task, the strategy, the seed, then ``extra``."""
     overrides = dict(DEMO_OVERRIDES)
     overrides.update(TASK_OVERRIDES[task])
     overrides.update({"run_id": f"paper-{task}-{strategy}-{seed}", "pruning.strategy": strategy, "seed": seed,
@@ -76,7 +79,19 @@ def run_settings(task: str, strategy: str, seed: int, clients: int, quick: bool,
         overrides.update({"rounds.rounds": 2, "training.local_steps": 2, "alignment.pre_align_steps": 2,
                           "alignment.realign_steps": 1, "rounds.realign_every": 1, "evaluation.test_samples": 16,
                           "model.calibration_samples": 8, "pruning.tiers": [2], "pruning.block_size": 1})
+    overrides.update(extra or {})
     return overrides
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: the value as JSON (numbers, booleans, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. rounds.realign_every=0), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def one_run(overrides: dict[str, Any], clients: int, examples_per_client: int, workdir: Path) -> dict[str, Any]:
@@ -180,7 +195,8 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
         f"{meta['model']}, {meta['clients']} clients x {meta['examples_per_client']} examples (IID), "
         f"{meta['rounds']} rounds x {meta['local_steps']} local steps, LoRA r={meta['lora_rank']}, "
         f"{meta['test_examples']} test examples per task; {meta['machine']}. Accuracy: the full LLM + the final "
-        "adapter; `before` is the full LLM alone.",
+        "adapter; `before` is the full LLM alone."
+        + ("".join(f" Ablation: `{key} = {json.dumps(value)}`." for key, value in meta.get("settings", {}).items())),
         "",
         "| task | strategy | client layers | accuracy (mean ± sd, min-max) | before | MiB per client (down+up) | client storage MiB | round s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -245,7 +261,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run nothing: rewrite the markdown table and plot from the runs in the results file")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the run directories here (default: a temp dir)")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a config override on top of the preset for every run, e.g. rounds.realign_every=0 "
+                             "(an ablation: give it its own --out-dir)")
     args = parser.parse_args(argv)
+    extra = dict(args.settings)
+    try:
+        load_config(RunConfig, None, overrides=extra)
+    except ConfigError as exc:
+        parser.error(f"--set: {exc}")
 
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(tasks) - set(TASK_OVERRIDES))
@@ -277,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:
         for task in tasks:
             for strategy in strategies:
-                overrides = run_settings(task, strategy, seed, args.clients, args.quick, args.model)
+                overrides = run_settings(task, strategy, seed, args.clients, args.quick, args.model, extra)
                 label = f"{task}/{strategy}/seed {seed}"
                 done = next((r for r in previous if r["overrides"] == overrides), None)
                 if done is None:
@@ -294,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "clients": args.clients, "examples_per_client": args.examples_per_client, "seeds": seeds,
                     "rounds": config.rounds.rounds, "local_steps": config.training.local_steps,
                     "lora_rank": config.training.lora_rank, "test_examples": done["test_examples"],
-                    "fp16_full_bytes": fp16_bytes, "quick": args.quick,
+                    "fp16_full_bytes": fp16_bytes, "quick": args.quick, "settings": extra,
                     "model": "SmolLM2-135M-Instruct (30 layers)" if args.model == "bundled" else args.model,
                     "machine": f"{platform.machine()} CPU, {platform.python_version()}",
                 }

@@ -62,3 +62,23 @@ def test_a_second_invocation_reuses_finished_runs(quick_run, small_model_dir, ca
     ])
     assert capsys.readouterr().out.count("reusing") == 3
     assert again == summary
+
+
+def test_set_overrides_every_run_and_is_checked(small_model_dir, tmp_path, capsys):
+    assert paper.parse_setting("rounds.realign_every=0") == ("rounds.realign_every", 0)
+    assert paper.parse_setting("alignment.align_layers=bridge") == ("alignment.align_layers", "bridge")
+    with pytest.raises(SystemExit):
+        paper.main(["--set", "rounds.realign_evry=0", "--out-dir", str(tmp_path)])
+    assert "rounds.realign_evry: unknown option" in capsys.readouterr().err
+    paper.main([
+        "--quick", "--model", str(small_model_dir), "--tasks", "rotten_tomatoes", "--seeds", "0",
+        "--strategies", "fedsoda", "--clients", "2", "--examples-per-client", "16", "--out-dir", str(tmp_path),
+        "--work-dir", str(tmp_path / "runs"), "--set", "rounds.realign_every=0",
+    ])
+    saved = json.loads((tmp_path / "paper.json").read_text())
+    (run,) = saved["runs"]
+    assert run["overrides"]["rounds.realign_every"] == 0 and saved["meta"]["settings"] == {"rounds.realign_every": 0}
+    # No re-alignment: the clients only ever got version 1 of the sub-LLM.
+    report = json.loads((tmp_path / "runs" / run["overrides"]["run_id"] / "report.json").read_text())
+    assert {tier["version"] for tier in report["tiers"].values()} == {1}
+    assert "Ablation: `rounds.realign_every = 0`." in (tmp_path / "paper.md").read_text()
