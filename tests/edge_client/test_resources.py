@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 import threading
@@ -34,9 +35,14 @@ def test_peak_rss_covers_a_known_allocation_seen_by_the_sampler():
     size = 200 * MIB
     with ResourceTracker(interval=0.01) as tracker:
         before = psutil.Process().memory_info().rss
-        block = b"\x01" * size  # written byte by byte, so every page is resident
+        # Fresh anonymous pages, each written, so all of them become resident; a plain bytes
+        # object could reuse heap pages that earlier tests freed but left resident.
+        block = mmap.mmap(-1, size)
+        chunk = b"\x01" * MIB
+        for offset in range(0, size, MIB):
+            block[offset : offset + MIB] = chunk
         _wait_for_samples(tracker, 2)
-        del block
+        block.close()
     assert tracker.peak_rss_bytes >= before + 0.95 * size
     assert tracker.samples >= 3
 
