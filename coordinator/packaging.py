@@ -30,7 +30,7 @@ from shared.subllm import (
     PackageMeta,
     dequantize_embedding,
     disable_cpu_4bit_repacking,
-    embedding_key,
+    embedding_keys,
     layer_shard_name,
     quantize_embedding,
     sha256_file,
@@ -120,7 +120,7 @@ def prepare_package_model(model: nn.Module, precision: str = "nf4") -> nn.Module
             for param in prepared.parameters():
                 if param.dtype.is_floating_point:
                     param.data = param.data.to(STORAGE_DTYPE["nf4"]).to(torch.float32)
-            key = embedding_key(prepared)
+            key = embedding_keys(prepared)[0]
             embedding = prepared.get_input_embeddings().weight
             embedding.data = dequantize_embedding(quantize_embedding(embedding, key), key)
     # The staging folder is gone; do not let its path leak into the package's config.json.
@@ -194,7 +194,7 @@ def write_package(
     storage = STORAGE_DTYPE[precision]
     shards: dict[str, dict[str, torch.Tensor]] = {}
     layer_re_prefix = prefix + "."
-    embedding = embedding_key(prepared) if precision == "nf4" else None
+    embedding = embedding_keys(prepared)[0] if precision == "nf4" else None
     for key, tensor in _dedup_state_dict(prepared).items():
         if key == embedding:
             continue  # written below, outside the index
@@ -214,8 +214,8 @@ def write_package(
             weight_map[key] = file
             total += tensor.numel() * tensor.element_size()
     if embedding is not None:
-        save_file(quantize_embedding(prepared.state_dict()[embedding], embedding), str(out / EMBEDDING_FILE),
-                  metadata={"format": "pt"})
+        table = prepared.get_input_embeddings().weight
+        save_file(quantize_embedding(table, embedding), str(out / EMBEDDING_FILE), metadata={"format": "pt"})
     (out / INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         + "\n",

@@ -200,17 +200,21 @@ def verify_package(package_dir: str | Path, meta: PackageMeta | None = None) -> 
     return meta
 
 
-def embedding_key(model: nn.Module) -> str:
-    """State-dict key of the model's token embedding table (e.g. ``model.embed_tokens.weight``).
+def embedding_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's token embedding table: its own first (the key it is
+    stored under, e.g. ``model.embed_tokens.weight``), then those of a head tied to it.
 
     Raises:
         ModelError: The model has no input embedding among its parameters.
     """
     embedding = model.get_input_embeddings()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if embedding is not None and param is embedding.weight:
-            return name
-    raise ModelError(f"{type(model).__name__} has no token embedding parameter")
+    keys = [
+        name for name, param in model.named_parameters(remove_duplicate=False)
+        if embedding is not None and param is embedding.weight
+    ]
+    if not keys:
+        raise ModelError(f"{type(model).__name__} has no token embedding parameter")
+    return keys
 
 
 def quantize_embedding(weight: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
@@ -341,13 +345,9 @@ def load_package(
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the sub-LLM package in {folder}: {exc}") from exc
-    embedding = model.get_input_embeddings().weight
     # A 4-bit table is outside the index, so transformers reports it (and a head tied to it) missing.
-    outside_index = (
-        {name for name, param in model.named_parameters(remove_duplicate=False) if param is embedding}
-        if meta.embedding_precision == "nf4" else set()
-    )
-    info["missing_keys"] = set(info.get("missing_keys") or ()) - outside_index
+    outside_index = embedding_keys(model) if meta.embedding_precision == "nf4" else []
+    info["missing_keys"] = set(info.get("missing_keys") or ()) - set(outside_index)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise ModelError(f"package {folder} does not match its config: {problems}")
@@ -359,7 +359,8 @@ def load_package(
             stored = load_file(str(folder / EMBEDDING_FILE))
         except (OSError, SafetensorError) as exc:
             raise ModelError(f"cannot read {EMBEDDING_FILE} in {folder}: {exc}") from exc
-        table = dequantize_embedding(stored, embedding_key(model))
+        table = dequantize_embedding(stored, outside_index[0])
+        embedding = model.get_input_embeddings().weight
         if table.shape != embedding.shape:
             raise ModelError(f"package {folder}: embedding table is {tuple(table.shape)}, config wants {tuple(embedding.shape)}")
         embedding.data = table.to(torch.device(device))  # in place: a tied head keeps sharing it
