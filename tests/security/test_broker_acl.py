@@ -43,6 +43,17 @@ def _coordinator(endpoint: BrokerEndpoint) -> MqttTransport:
     return MqttTransport(endpoint.coordinator).connect()
 
 
+def _assert_coordinator_reaches_alice(coordinator: MqttTransport, alice: MqttTransport, run: str, payload: bytes) -> None:
+    """The coordinator's assignment to alice arrives; closes both connections."""
+    try:
+        alice.subscribe(topics.assign(run, "alice"))
+        coordinator.publish(topics.assign(run, "alice"), payload)
+        assert wait_message(alice, topics.assign(run, "alice")).payload == payload
+    finally:
+        alice.close()
+        coordinator.close()
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 @pytest.mark.parametrize("login", [{}, {"username": "alice", "password": "not-her-password"}, {"username": "nobody", "password": "x"}])
 def test_anonymous_and_wrong_logins_are_refused_at_once(secure_broker, login, protocol) -> None:
@@ -149,13 +160,7 @@ def test_tls_worked_example_and_plaintext_to_the_tls_port_fails(secure_broker, e
     run = unique_id("run")
     coordinator = _coordinator(endpoint)  # on its loopback listener: the certificate need not name it
     alice = _login(endpoint, enrolled.alice, ca_file=pki / "ca.pem")
-    try:
-        alice.subscribe(topics.assign(run, "alice"))
-        coordinator.publish(topics.assign(run, "alice"), b"over TLS")
-        assert wait_message(alice, topics.assign(run, "alice")).payload == b"over TLS"
-    finally:
-        alice.close()
-        coordinator.close()
+    _assert_coordinator_reaches_alice(coordinator, alice, run, b"over TLS")
     with pytest.raises(BrokerError, match="within 2 s.*if this port expects TLS, give the broker's CA certificate"):
         _login(endpoint, enrolled.alice, connect_timeout=2.0)
     with pytest.raises(BrokerError, match="refused client 'alice': Not authorized"):
@@ -183,13 +188,7 @@ def test_your_own_mosquitto_on_the_generated_files(broker_factory, enrolled: Enr
     with broker_for(settings, lambda _m: None) as endpoint:
         assert endpoint.coordinator.username == "coordinator"
         coordinator, alice = _coordinator(endpoint), _login(endpoint, enrolled.alice)
-        try:
-            alice.subscribe(topics.assign(run, "alice"))
-            coordinator.publish(topics.assign(run, "alice"), b"hello alice")
-            assert wait_message(alice, topics.assign(run, "alice")).payload == b"hello alice"
-        finally:
-            alice.close()
-            coordinator.close()
+        _assert_coordinator_reaches_alice(coordinator, alice, run, b"hello alice")
     with pytest.raises(BrokerError, match="Not authorized"):
         MqttTransport(TransportConfig(own.host, own.port, client_id="coordinator", connect_timeout=5.0)).connect()
 
