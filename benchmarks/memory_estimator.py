@@ -148,7 +148,7 @@ def _full_length_dataset(path: str, tokenizer, seq_len: int, n: int = 48):
 
 
 def _prepare_models(layer_counts: set[int]) -> dict[int, Path]:
-    from coordinator.models import bundled_model_path, cut_model_copy
+    from coordinator.model.models import bundled_model_path, cut_model_copy
     from shared.config import cache_dir
 
     full = bundled_model_path()
@@ -160,7 +160,7 @@ def _prepare_models(layer_counts: set[int]) -> dict[int, Path]:
 
 def _prepare_data(folder: Path) -> Path:
     """Long IMDB reviews (3,000+ characters, 600+ tokens): enough text for any seq_len here."""
-    from coordinator.datasets import movie_reviews
+    from coordinator.model.datasets import movie_reviews
 
     rng = random.Random(0)
     rows = rng.sample([r for r in movie_reviews("imdb") if len(r["text"]) >= 3000], 48)

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from coordinator.cli import DEMO_OVERRIDES  # noqa: E402
-from coordinator.reports import load_report  # noqa: E402
+from coordinator.run.reports import load_report  # noqa: E402
 from coordinator.settings import RunConfig  # noqa: E402
 from coordinator.simulate import SimulationOptions, simulate  # noqa: E402
 from shared.config import load_config  # noqa: E402
@@ -143,7 +143,7 @@ def full_model_fp16_bytes(model: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from coordinator.models import bundled_model_path
+    from coordinator.model.models import bundled_model_path
 
     config = AutoConfig.from_pretrained(bundled_model_path() if model == "bundled" else model)
     with torch.device("meta"):

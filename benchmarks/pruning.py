@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from coordinator.datasets import public_text
-    from coordinator.models import load_model
-    from coordinator.oda import ODAConfig
-    from coordinator.pruning import PruneConfig, report_markdown, run_prune
+    from coordinator.model.datasets import public_text
+    from coordinator.model.models import load_model
+    from coordinator.model.oda import ODAConfig
+    from coordinator.model.prune_study import PruneConfig, report_markdown, run_prune
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)

@@ -159,7 +159,7 @@ def run(rounds: int, clients: int, seed: int, out_dir: Path, *, quick: bool = Fa
     Returns:
         The result dict written to soak.json.
     """
-    from coordinator.models import bundled_model_path, cut_model_copy
+    from coordinator.model.models import bundled_model_path, cut_model_copy
     from shared.config import cache_dir
 
     start = time.perf_counter()

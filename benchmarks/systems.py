@@ -87,8 +87,9 @@ def adapter_shapes(config: RunConfig | None = None) -> Shapes:
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from coordinator.models import load_model
-    from coordinator.submodel import find_decoder_layers, uniform_drop_layers
+    from coordinator.model.models import load_model
+    from coordinator.model.surgery import find_decoder_layers
+    from shared.layermap import uniform_drop_layers
 
     config = config or RunConfig()
     model, _ = load_model(config.model.model)
@@ -161,7 +162,7 @@ def persist_deltas(shapes: Shapes, n_clients: int, folder: Path) -> float:
     Returns:
         Seconds spent in ``RunDir.save_update`` (atomic, fsynced writes).
     """
-    from coordinator.checkpoint import RunDir
+    from coordinator.run.checkpoint import RunDir
 
     run_dir, spent = RunDir(folder), 0.0
     for c, (n, delta) in enumerate(delta_stream(shapes, n_clients)):
@@ -173,7 +174,7 @@ def persist_deltas(shapes: Shapes, n_clients: int, folder: Path) -> float:
 
 def persisted_stream(folder: Path, n_clients: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """The server's stream (``CoordinatorServer._aggregate``) over the first ``n_clients`` updates."""
-    from coordinator.checkpoint import RunDir
+    from coordinator.run.checkpoint import RunDir
 
     persisted = RunDir(folder).updates(1)[:n_clients]
     return ((u.num_examples, u.load_delta()) for u in persisted)
@@ -206,7 +207,7 @@ def aggregation_throughput(shapes: Shapes, n_clients: int, repeats: int, workdir
     Returns:
         Seconds and bytes per second of each, the ratios to memcpy, and the write time.
     """
-    from coordinator.strategies import get_strategy
+    from coordinator.run.aggregation import get_strategy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -258,7 +259,7 @@ def _status_bytes(field: str) -> int:
 
 def _memory_child(spec: dict) -> dict:
     """Aggregate in this (fresh) process and report its peak RSS growth."""
-    from coordinator.strategies import get_strategy
+    from coordinator.run.aggregation import get_strategy
 
     shapes = {k: tuple(v) for k, v in spec["shapes"].items()}
     fedavg, state = get_strategy("fedavg"), global_state(shapes)
@@ -458,8 +459,8 @@ def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Pat
         Per precision: the paired step times, their medians, the median of the per-pair
         ratios (the headline) and the ratio of medians; the extra work timings.
     """
-    from coordinator.datasets import movie_reviews
-    from coordinator.models import bundled_model_path, cut_model_copy, load_model
+    from coordinator.model.datasets import movie_reviews
+    from coordinator.model.models import bundled_model_path, cut_model_copy, load_model
     from shared.config import cache_dir
     from edge_client.data import dataset_from_records
 
@@ -469,7 +470,7 @@ def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Pat
                  "params": dataclasses.asdict(_bench_params(warmup + steps))}
     for precision in precisions:
         if precision == "nf4":
-            from coordinator.packaging import write_package
+            from coordinator.model.packaging import write_package
             from shared.subllm import load_package
 
             model, tokenizer = load_model(cut)

@@ -207,7 +207,7 @@ def simulate(
     if as_json:
         _print_outcome(outcome, as_json)
     else:
-        from coordinator.reports import load_report, render_summary, write_plots
+        from coordinator.run.reports import load_report, render_summary, write_plots
         from shared.console import console
 
         data = run_command(lambda: load_report(outcome.run_dir))
@@ -230,7 +230,7 @@ def report(
     """Show a run's rounds and clients: participants, dropouts, rejections, bytes, time, memory, loss, accuracy."""
     import json
 
-    from coordinator.reports import load_report, render_summary, write_csv, write_plots
+    from coordinator.run.reports import load_report, render_summary, write_csv, write_plots
     from shared.console import console, run_command
 
     data = run_command(lambda: load_report(run_dir))
@@ -292,10 +292,10 @@ def prune(
     setup_logging(verbose)
 
     def body():
-        from coordinator.datasets import public_text
-        from coordinator.models import load_model
-        from coordinator.oda import ODAConfig
-        from coordinator.pruning import PruneConfig, run_prune
+        from coordinator.model.datasets import public_text
+        from coordinator.model.models import load_model
+        from coordinator.model.oda import ODAConfig
+        from coordinator.model.prune_study import PruneConfig, run_prune
         from shared.errors import ConfigError
 
         try:
@@ -368,7 +368,7 @@ def credentials_add(
     """Issue a client a random password (shown once; only its hash is kept) and write its credentials file."""
     import json
 
-    from coordinator.credentials import CredentialStore
+    from coordinator.run.credentials import CredentialStore
     from shared.console import console, parse_broker_address, run_command
     from shared.credentials import write_client_credentials
     from shared.errors import ConfigError
@@ -406,7 +406,7 @@ def credentials_revoke(
     directory: _CredentialsDir = None,
 ) -> None:
     """Revoke a client's login; a running local broker reloads and drops its connection."""
-    from coordinator.credentials import CredentialStore
+    from coordinator.run.credentials import CredentialStore
     from shared.console import console, run_command
 
     store = CredentialStore(directory)
@@ -426,7 +426,7 @@ def credentials_list(
 
     from rich.table import Table
 
-    from coordinator.credentials import CredentialStore
+    from coordinator.run.credentials import CredentialStore
     from shared.console import console, run_command
 
     store = CredentialStore(directory)

@@ -1,7 +1,7 @@
 """Wiring for ``serve`` (and ``simulate``): broker, model pipeline, transport, server.
 
 Kept apart from :mod:`coordinator.cli` so the one-machine simulation runs exactly the code
-path a user's ``serve`` runs, and apart from :mod:`coordinator.server` so the loop stays
+path a user's ``serve`` runs, and apart from :mod:`coordinator.run.server` so the loop stays
 about rounds.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.credentials import CredentialStore
-from coordinator.pipeline import ModelPipeline, Progress
-from coordinator.server import COORDINATOR_ID, CoordinatorServer, RunOutcome
+from coordinator.run.credentials import CredentialStore
+from coordinator.model.pipeline import ModelPipeline, Progress
+from coordinator.run.server import COORDINATOR_ID, CoordinatorServer, RunOutcome
 from coordinator.settings import BrokerSettings, RunConfig
 from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
 from shared.transport import MqttTransport, TransportConfig

@@ -2,7 +2,7 @@
 
 Precedence (lowest first): these defaults, the ``--config`` TOML file, ``FEDSODA_*``
 environment variables, CLI flags. Unknown keys in the file are errors naming the key.
-The round and training sections reuse :class:`coordinator.rounds.RoundConfig` and
+The round and training sections reuse :class:`coordinator.run.rounds.RoundConfig` and
 :class:`shared.protocol.TrainingParams`, so the wire and the config never disagree.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from coordinator.rounds import RoundConfig
+from coordinator.run.rounds import RoundConfig
 from shared.errors import ConfigError
 from shared.protocol import TrainingParams
 
@@ -211,7 +211,7 @@ class RunConfig:
         model: Full model and calibration text.
         pruning: Sub-LLM tiers.
         alignment: ODA settings.
-        rounds: Round scheduling (see :class:`coordinator.rounds.RoundConfig`).
+        rounds: Round scheduling (see :class:`coordinator.run.rounds.RoundConfig`).
         training: Local training parameters sent to clients each round.
         validation: Update validation bounds.
         broker: MQTT broker.

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.datasets import movie_reviews, train_test_split
+from coordinator.model.datasets import movie_reviews, train_test_split
 from coordinator.launch import serve_run
-from coordinator.pipeline import Progress
-from coordinator.server import RunOutcome
+from coordinator.model.pipeline import Progress
+from coordinator.run.server import RunOutcome
 from coordinator.settings import RunConfig
 from shared.errors import ConfigError
 

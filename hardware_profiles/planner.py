@@ -1,7 +1,7 @@
 """The tier planner: the deepest sub-LLM a device can really train, decided before any download.
 
 Input: the full model's config, the SGP ranking (blocks of full-LLM layer indices in pruning
-order, from :func:`coordinator.sgp.rank_blocks`) and a device (a catalog
+order, from :func:`coordinator.model.sgp.rank_blocks`) and a device (a catalog
 :class:`~hardware_profiles.profile.DeviceClass` or a measured
 :class:`~shared.protocol.DeviceProfile`). Pruning the first ``k`` blocks gives tier ``k``; the
 planner tries ``k = 0, 1, 2, ...`` and, for each, the allowed precisions in order of
@@ -35,6 +35,7 @@ from hardware_profiles.memory import (
 )
 from hardware_profiles.profile import Catalog, DeviceClass, load_catalog
 from shared.errors import ConfigError, InsufficientMemoryError
+from shared.layermap import check_ranking, kept_layers, tier_name
 from shared.protocol import Assignment, DeviceProfile, TrainingParams
 
 log = logging.getLogger(__name__)
@@ -257,32 +258,6 @@ class Plan:
         }
 
 
-def tier_name(num_kept: int) -> str:
-    """``L<kept layers>``, the coordinator's tier naming."""
-    return f"L{num_kept}"
-
-
-def kept_layers(num_layers: int, ranking: Sequence[Sequence[int]], num_blocks: int) -> tuple[int, ...]:
-    """Layers left after pruning the first ``num_blocks`` blocks of the ranking."""
-    pruned = {i for block in ranking[:num_blocks] for i in block}
-    return tuple(i for i in range(num_layers) if i not in pruned)
-
-
-def _check_ranking(num_layers: int, ranking: Sequence[Sequence[int]]) -> None:
-    seen: set[int] = set()
-    for n, block in enumerate(ranking):
-        if not block:
-            raise ConfigError(f"ranking block {n} is empty")
-        for i in block:
-            if not 0 <= int(i) < num_layers:
-                raise ConfigError(f"ranking block {n} names layer {i}, outside 0..{num_layers - 1}")
-            if i in seen:
-                raise ConfigError(f"layer {i} appears in two ranking blocks; blocks must not overlap")
-            seen.add(int(i))
-    if len(seen) >= num_layers:
-        raise ConfigError("the ranking prunes every layer; keep at least one")
-
-
 def _variants(options: PlannerOptions, precisions: Sequence[Precision]):
     """(precision, checkpointing, batch) in order of preference."""
     batches = []
@@ -413,13 +388,13 @@ def plan_for_profile(
     """
     options = options or PlannerOptions()
     shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
-    _check_ranking(shape.num_layers, ranking)
+    check_ranking(shape.num_layers, ranking)
     budget = profile if isinstance(profile, Budget) else budget_for(profile, catalog, process_rss_bytes=process_rss_bytes)
     precisions = _runnable_precisions(budget, options)
     max_k = len(ranking) if options.max_blocks is None else min(options.max_blocks, len(ranking))
     smallest = None
     for k in range(max_k + 1):
-        keep = kept_layers(shape.num_layers, ranking, k)
+        keep = tuple(kept_layers(shape.num_layers, ranking, k))
         plan, leanest = _fit(shape, keep, k, budget, options, precisions)
         if plan is not None:
             return plan

@@ -16,7 +16,7 @@ A package is a folder:
 * ``fedsoda_meta.json``: format, name, tier, version, precision, embedding precision, layer
   map, layers prefix, and the sha256 of every other file.
 
-The coordinator writes packages (``coordinator.packaging``); the client loads them with
+The coordinator writes packages (``coordinator.model.packaging``); the client loads them with
 :func:`load_package`. Nothing here imports the coordinator.
 """
 

@@ -72,13 +72,13 @@ def unique_id() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def bundled_model_dir():
     """The full 30-layer SmolLM2-135M-Instruct as a safetensors folder."""
-    from coordinator.models import bundled_model_path
+    from coordinator.model.models import bundled_model_path
 
     return bundled_model_path()
 
 
 def _cut_copy(n_layers: int):
-    from coordinator.models import bundled_model_path, cut_model_copy
+    from coordinator.model.models import bundled_model_path, cut_model_copy
     from shared.config import cache_dir
 
     return cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{n_layers}", n_layers)

@@ -168,7 +168,7 @@ def toml_text(settings: Mapping[str, Any]) -> str:
 
 def client_rows(n_clients: int, per_client: int) -> list[list[dict]]:
     """Real Rotten Tomatoes training rows, ``per_client`` for each of ``n_clients`` clients."""
-    from coordinator.datasets import movie_reviews, train_test_split
+    from coordinator.model.datasets import movie_reviews, train_test_split
 
     train, _ = train_test_split(movie_reviews("rotten_tomatoes"), seed=0)
     return [train[i * per_client:(i + 1) * per_client] for i in range(n_clients)]
@@ -422,8 +422,8 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
     """
     import torch
 
-    from coordinator.checkpoint import RunDir
-    from coordinator.strategies import get_strategy
+    from coordinator.run.checkpoint import RunDir
+    from coordinator.run.aggregation import get_strategy
 
     run = RunDir(run_dir)
     report = json.loads((Path(run_dir) / "report.json").read_text())

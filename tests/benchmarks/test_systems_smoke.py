@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import systems
-from coordinator.strategies import get_strategy
+from coordinator.run.aggregation import get_strategy
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.models import load_model
+from coordinator.model.models import load_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from coordinator.reports import load_report, per_client_rounds, write_csv, write_plots
+from coordinator.run.reports import load_report, per_client_rounds, write_csv, write_plots
 from coordinator.simulate import partition_rows
 from shared.errors import RunStateError
 

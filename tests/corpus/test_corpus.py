@@ -26,10 +26,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from coordinator.checkpoint import RunDir
+from coordinator.run.checkpoint import RunDir
 from coordinator.cli import app as coordinator_app
-from coordinator.pipeline import ModelPipeline
-from coordinator.server import COORDINATOR_ID, CoordinatorServer
+from coordinator.model.pipeline import ModelPipeline
+from coordinator.run.server import COORDINATOR_ID, CoordinatorServer
 from coordinator.settings import RunConfig
 from edge_client.data import load_dataset
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.datasets import movie_reviews
-from coordinator.models import load_model
+from coordinator.model.datasets import movie_reviews
+from coordinator.model.models import load_model
 from edge_client.data import (
     IGNORE_INDEX,
     batch_indices,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.datasets import movie_reviews, train_test_split
-from coordinator.models import load_model
+from coordinator.model.datasets import movie_reviews, train_test_split
+from coordinator.model.models import load_model
 from edge_client.data import LocalDataset, batch_indices, dataset_from_records, make_batch
 from edge_client.trainer import (
     CHECKPOINT_TENSORS,

@@ -4,7 +4,7 @@ Mid-round: client b is frozen (SIGSTOP) before it can train, so round 1 stays op
 a's update is accepted; the coordinator is killed there, restarted with ``--resume``, and
 b is thawed: its update reaches the new coordinator through its persistent MQTT session.
 Mid-aggregation: the resumed coordinator runs with the documented test hook
-``FEDSODA_FAULT_PAUSE=aggregation:2`` (coordinator/server.py), so it stops itself after
+``FEDSODA_FAULT_PAUSE=aggregation:2`` (coordinator/run/server.py), so it stops itself after
 FedAvg of round 2 and before saving the result; the test kills it there and resumes again.
 """
 
@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from coordinator.server import FAULT_PAUSE_ENV
+from coordinator.run.server import FAULT_PAUSE_ENV
 from tests.runlib import check_ledger
 
 pytestmark = pytest.mark.integration

@@ -18,13 +18,13 @@ from hardware_profiles.planner import (
     PlannerOptions,
     assign_tier,
     budget_for,
-    kept_layers,
     plan_for_profile,
     plan_tiers,
 )
 from hardware_profiles.profile import load_catalog
 from shared import codec
 from shared.errors import ConfigError, InsufficientMemoryError
+from shared.layermap import kept_layers
 from shared.protocol import Assignment, MessageType, TrainingParams
 
 from .test_memory import LLAMA_7B
@@ -45,7 +45,7 @@ def test_orin_nano_trains_a_deeply_pruned_bf16_tier_and_rtx_3060_the_whole_model
     for plan in (nano, rtx):
         assert plan.estimate_bytes <= plan.budget_bytes
         assert plan.tier == f"L{len(plan.keep_layers)}"
-        assert plan.keep_layers == kept_layers(32, RANKING, plan.pruned_blocks)
+        assert list(plan.keep_layers) == kept_layers(32, RANKING, plan.pruned_blocks)
     assert set(nano.keep_layers) <= set(rtx.keep_layers)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.datasets import movie_reviews, train_test_split
+from coordinator.model.datasets import movie_reviews, train_test_split
 from tests.runlib import Processes, ScheduleWatch, check_ledger, wait_until, write_rows
 
 pytestmark = pytest.mark.integration
@@ -148,7 +148,7 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
-    from coordinator.models import load_model
+    from coordinator.model.models import load_model
 
     full, _ = load_model(small_model_dir)
     peft_model = PeftModel.from_pretrained(full, str(run_dir / "adapter"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.credentials import CredentialStore
+from coordinator.run.credentials import CredentialStore
 from coordinator.launch import BrokerEndpoint, broker_for
 from coordinator.settings import BrokerSettings
 from shared.credentials import ClientCredentials

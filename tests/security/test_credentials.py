@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
-from coordinator.credentials import COORDINATOR_USER, CredentialStore, acl_text
-from coordinator.server import COORDINATOR_ID
+from coordinator.run.credentials import COORDINATOR_USER, CredentialStore, acl_text
+from coordinator.run.server import COORDINATOR_ID
 from coordinator.settings import RunConfig
 from edge_client.cli import app as client_app
 from shared.config import load_config

@@ -1,0 +1,433 @@
+"""ODA, orchestrated distillation alignment: pull the sub-LLM back towards the full LLM.
+
+Student: the sub-LLM (its layer ``i`` was full-LLM layer ``kept[i]``). Teacher: the full
+LLM, frozen. The loss on public text, over non-padding tokens, is
+
+``alpha * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))
++ beta * mean_i ||h_s[i] - h_t[kept[i]]||^2 / ||h_t[kept[i]]||^2``
+
+computed in float32 whatever the models' dtype. By default only the *bridge* layers (the
+kept layer right after each pruned gap, which now sees input that used to pass through
+the removed layers) are trained; ``align_layers="all"`` trains every decoder layer.
+
+Re-alignment plugs the current global adapter into both models first (teacher at full-LLM
+indices, student at sub-LLM indices), frozen, and removes it from the student afterwards,
+so the student's base weights absorb what the adapter changed. Layers that were not trained
+come back bit-for-bit unchanged, so a re-aligned package shares their chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from coordinator.model.evaluation import Batch, model_device
+from coordinator.model.surgery import capture_layer_io, find_decoder_layers
+from shared.layermap import bridge_layers
+from shared.adapters import LoraSettings, lora_deltas, to_sub_keys
+from shared.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ODAConfig:
+    """Distillation settings (defaults: what ``benchmarks/pruning.py`` found to work on SmolLM2).
+
+    Attributes:
+        steps: Optimiser steps (batches are cycled).
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        alpha: Weight of the logit KL term.
+        beta: Weight of the hidden-state alignment term.
+        temperature: Softmax temperature tau of the KL term.
+        align_layers: ``"bridge"`` (train only bridge layers) or ``"all"`` (every decoder layer).
+        max_grad_norm: Gradient clipping norm (0 disables).
+        seed: Seed of the dropout RNG during distillation.
+    """
+
+    steps: int = 24
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    temperature: float = 2.0
+    align_layers: Literal["bridge", "all"] = "bridge"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"ODA steps must be >= 0, got {self.steps}")
+        if self.temperature <= 0:
+            raise ConfigError(f"ODA temperature must be > 0, got {self.temperature}")
+        if self.align_layers not in ("bridge", "all"):
+            raise ConfigError(f"align_layers must be 'bridge' or 'all', got {self.align_layers!r}")
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise ConfigError("alpha and beta must be >= 0 and not both 0")
+
+
+@dataclass(frozen=True)
+class ODAStats:
+    """What a distillation run did.
+
+    Attributes:
+        steps: Optimiser steps taken.
+        trainable_layers: Sub-LLM layer indices that were trained.
+        loss: Total loss per step (before each update).
+        kl: KL term per step (unweighted, tau^2 included).
+        hidden: Hidden-state term per step (unweighted).
+    """
+
+    steps: int
+    trainable_layers: tuple[int, ...]
+    loss: tuple[float, ...] = field(default=())
+    kl: tuple[float, ...] = field(default=())
+    hidden: tuple[float, ...] = field(default=())
+
+    @property
+    def first_loss(self) -> float:
+        """Loss at the first step (nan when no step ran)."""
+        return self.loss[0] if self.loss else math.nan
+
+    @property
+    def last_loss(self) -> float:
+        """Loss at the last step (nan when no step ran)."""
+        return self.loss[-1] if self.loss else math.nan
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ODA loss over the non-padding tokens, in float32.
+
+    Args:
+        student_logits: Tensor[B, T, V].
+        teacher_logits: Tensor[B, T, V] (no gradient needed).
+        student_hidden: Per aligned layer, Tensor[B, T, H] (student layer outputs).
+        teacher_hidden: The mapped teacher layer outputs, same shapes and order.
+        attention_mask: Tensor[B, T], 1 on real tokens.
+        temperature: Softmax temperature tau.
+        alpha: Weight of the KL term.
+        beta: Weight of the hidden-state term.
+
+    Returns:
+        ``(total, kl, hidden)``: scalar tensors; ``kl`` already includes ``tau^2``; ``total =
+        alpha * kl + beta * hidden``.
+
+    Raises:
+        ModelError: The mask selects no token, or the layer lists differ in length.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ModelError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
+    valid = attention_mask.bool()
+    n_tokens = int(valid.sum())
+    if n_tokens == 0:
+        raise ModelError("the distillation batch has no non-padding token")
+    zs = student_logits[valid].float() / temperature  # [N, V]
+    zt = teacher_logits[valid].float() / temperature
+    log_ps = torch.log_softmax(zs, dim=-1)
+    log_pt = torch.log_softmax(zt, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
+    hidden = zs.new_zeros(())
+    if student_hidden:
+        terms = []
+        for hs, ht in zip(student_hidden, teacher_hidden):
+            hs = hs[valid].float()
+            ht = ht[valid].float()
+            terms.append(((hs - ht).pow(2).sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-8)).mean())
+        hidden = torch.stack(terms).mean()
+    return alpha * kl + beta * hidden, kl, hidden
+
+
+def trainable_layer_indices(kept: Sequence[int], align_layers: str) -> list[int]:
+    """Sub-LLM layers ODA trains: the bridge layers, or all of them.
+
+    Args:
+        kept: The layer map.
+        align_layers: ``"bridge"`` or ``"all"``.
+
+    Returns:
+        Sub-LLM layer indices, ascending.
+    """
+    if align_layers == "all":
+        return list(range(len(kept)))
+    return bridge_layers(kept)
+
+
+def _module_weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """Orient a ``[out, in]`` LoRA delta like the module's weight (GPT-2's Conv1D stores ``[in, out]``)."""
+    if type(module).__name__ == "Conv1D":
+        delta = delta.T
+    if module.weight.shape != delta.shape:
+        raise ModelError(
+            f"adapter delta of shape {tuple(delta.shape)} does not fit weight {tuple(module.weight.shape)}"
+        )
+    return delta
+
+
+@contextlib.contextmanager
+def plugged_adapter(
+    model: nn.Module,
+    adapter: Mapping[str, torch.Tensor],
+    settings: LoraSettings,
+    restore: Callable[[str], bool] | None = None,
+) -> Iterator[list[str]]:
+    """Temporarily add a frozen LoRA adapter's dense update ``W += scaling * B @ A`` to a model.
+
+    A frozen adapter adds a fixed term to the weight, so merging it is exact, and the
+    gradient of the loss with respect to the base weight is the same as with the adapter
+    on the side. On exit every module is either restored from a saved copy (bit-exact) or,
+    when ``restore(module_path)`` is False, has the delta subtracted from its (trained)
+    weight.
+
+    Args:
+        model: The model whose module paths the adapter's keys name.
+        adapter: LoRA tensors with PEFT keys for this model's layer indices.
+        settings: LoRA settings (scaling).
+        restore: Which modules to restore bit-exactly (default: all).
+
+    Yields:
+        The module paths that were changed.
+    """
+    deltas = lora_deltas(adapter, settings)
+    saved: dict[str, torch.Tensor] = {}
+    applied: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for path, delta in deltas.items():
+                try:
+                    module = model.get_submodule(path)
+                except AttributeError as exc:
+                    raise ModelError(f"the adapter names module {path!r}, which the model does not have") from exc
+                oriented = _module_weight_delta(module, delta).to(module.weight.dtype).to(module.weight.device)
+                if restore is None or restore(path):
+                    saved[path] = module.weight.detach().clone()
+                module.weight.add_(oriented)
+                applied[path] = oriented
+        yield list(applied)
+    finally:
+        with torch.no_grad():
+            for path, oriented in applied.items():
+                module = model.get_submodule(path)
+                if path in saved:
+                    module.weight.copy_(saved[path])
+                else:
+                    module.weight.sub_(oriented)
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    layer_map: Sequence[int],
+    batches: Sequence[Batch],
+    config: ODAConfig = ODAConfig(),
+    *,
+    global_adapter: Mapping[str, torch.Tensor] | None = None,
+    lora: LoraSettings | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ODAStats:
+    """Distil the full LLM into the sub-LLM in place (pre-alignment or re-alignment).
+
+    Args:
+        teacher: The full LLM (frozen; left unchanged).
+        student: The sub-LLM built with ``layer_map``; its trainable layers are updated in place.
+        layer_map: ``layer_map[i]`` is the full-LLM index of student layer ``i``.
+        batches: Right-padded public-text batches, cycled for ``config.steps`` steps.
+        config: Distillation settings.
+        global_adapter: For re-alignment: the global adapter (canonical full-LLM PEFT keys),
+            plugged into teacher and student for the duration and kept frozen.
+        lora: The adapter's LoRA settings (needed with ``global_adapter``).
+        progress: Called with 1 after each step.
+
+    Returns:
+        Per-step losses and the trained layers.
+
+    Raises:
+        ConfigError: A global adapter without LoRA settings, or no batches.
+        ModelError: Teacher and student do not match the layer map.
+    """
+    if not batches:
+        raise ConfigError("ODA needs at least one batch of public text")
+    t_prefix, t_layers = find_decoder_layers(teacher)
+    s_prefix, s_layers = find_decoder_layers(student)
+    kept = [int(k) for k in layer_map]
+    if len(s_layers) != len(kept) or max(kept) >= len(t_layers):
+        raise ModelError(
+            f"student has {len(s_layers)} layers and teacher {len(t_layers)}; they do not fit layer map {kept}"
+        )
+    if global_adapter is not None and lora is None:
+        raise ConfigError("re-alignment with a global adapter needs its LoRA settings")
+    train_idx = trainable_layer_indices(kept, config.align_layers)
+    trainable = {f"{s_prefix}.{i}." for i in train_idx}
+
+    with contextlib.ExitStack() as stack:
+        if global_adapter is not None:
+            assert lora is not None
+            stack.enter_context(plugged_adapter(teacher, global_adapter, lora))
+            sub_adapter = to_sub_keys(global_adapter, kept, t_prefix)
+            # Trained student modules keep their update (the delta is subtracted back out);
+            # frozen ones are restored bit-exactly so their package chunks do not change.
+            stack.enter_context(
+                plugged_adapter(
+                    student, sub_adapter, lora, restore=lambda path: not any(path.startswith(p) for p in trainable)
+                )
+            )
+        return _run_distillation(teacher, student, kept, batches, config, train_idx, progress)
+
+
+def _run_distillation(
+    teacher: nn.Module,
+    student: nn.Module,
+    kept: list[int],
+    batches: Sequence[Batch],
+    config: ODAConfig,
+    train_idx: list[int],
+    progress: Callable[[int], None] | None,
+) -> ODAStats:
+    _, s_layers = find_decoder_layers(student)
+    previous_flags = {name: p.requires_grad for name, p in student.named_parameters()}
+    params: list[nn.Parameter] = []
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for i in train_idx:
+        for p in s_layers[i].parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        log.info("ODA: nothing to train (no bridge layers); skipped")
+        for name, p in student.named_parameters():
+            p.requires_grad_(previous_flags[name])
+        return ODAStats(steps=0, trainable_layers=())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    t_device = model_device(teacher)
+    s_device = model_device(student)
+    teacher_was_training, student_was_training = teacher.training, student.training
+    teacher.eval()
+    student.train()
+    losses: list[float] = []
+    kls: list[float] = []
+    hiddens: list[float] = []
+    try:
+        # A private RNG stream: dropout is reproducible and the caller's RNG is untouched.
+        with (
+            torch.random.fork_rng(devices=[]),
+            capture_layer_io(teacher, kept) as t_out,
+            capture_layer_io(student) as s_out,
+        ):
+            torch.manual_seed(config.seed)
+            for step, batch in zip(range(config.steps), itertools.cycle(batches)):
+                with torch.no_grad():
+                    t_logits = teacher(
+                        input_ids=batch["input_ids"].to(t_device),
+                        attention_mask=batch["attention_mask"].to(t_device),
+                        use_cache=False,
+                    ).logits
+                    t_hidden = [t_out[k].to(s_device) for k in kept]
+                mask = batch["attention_mask"].to(s_device)
+                s_logits = student(
+                    input_ids=batch["input_ids"].to(s_device), attention_mask=mask, use_cache=False
+                ).logits
+                s_hidden = [s_out[i] for i in range(len(kept))]
+                total, kl, hidden = distillation_loss(
+                    s_logits,
+                    t_logits.to(s_device),
+                    s_hidden,
+                    t_hidden,
+                    mask,
+                    temperature=config.temperature,
+                    alpha=config.alpha,
+                    beta=config.beta,
+                )
+                if not torch.isfinite(total):
+                    raise ModelError(f"ODA loss became {float(total)} at step {step}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                losses.append(float(total.detach()))
+                kls.append(float(kl.detach()))
+                hiddens.append(float(hidden.detach()))
+                if step % 10 == 0:
+                    log.debug("ODA step %d: loss %.4f (kl %.4f, hidden %.4f)", step, losses[-1], kls[-1], hiddens[-1])
+                if progress is not None:
+                    progress(1)
+    finally:
+        teacher.train(teacher_was_training)
+        student.train(student_was_training)
+        for name, p in student.named_parameters():
+            p.requires_grad_(previous_flags[name])
+            p.grad = None
+    return ODAStats(
+        steps=len(losses),
+        trainable_layers=tuple(train_idx),
+        loss=tuple(losses),
+        kl=tuple(kls),
+        hidden=tuple(hiddens),
+    )
+
+
+@torch.no_grad()
+def evaluate_distillation_loss(
+    teacher: nn.Module, student: nn.Module, layer_map: Sequence[int], batches: Sequence[Batch], config: ODAConfig
+) -> float:
+    """Mean ODA loss over batches without training (for before/after comparisons).
+
+    Args:
+        teacher: The full LLM.
+        student: The sub-LLM.
+        layer_map: The student's layer map.
+        batches: Public-text batches.
+        config: Supplies temperature and weights.
+
+    Returns:
+        The loss averaged over batches.
+    """
+    kept = [int(k) for k in layer_map]
+    t_device, s_device = model_device(teacher), model_device(student)
+    modes = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    values = []
+    try:
+        with capture_layer_io(teacher, kept) as t_out, capture_layer_io(student) as s_out:
+            for batch in batches:
+                t_logits = teacher(
+                    input_ids=batch["input_ids"].to(t_device),
+                    attention_mask=batch["attention_mask"].to(t_device),
+                    use_cache=False,
+                ).logits
+                mask = batch["attention_mask"].to(s_device)
+                s_logits = student(input_ids=batch["input_ids"].to(s_device), attention_mask=mask, use_cache=False).logits
+                total, _, _ = distillation_loss(
+                    s_logits,
+                    t_logits.to(s_device),
+                    [s_out[i] for i in range(len(kept))],
+                    [t_out[k].to(s_device) for k in kept],
+                    mask,
+                    temperature=config.temperature,
+                    alpha=config.alpha,
+                    beta=config.beta,
+                )
+                values.append(float(total))
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return sum(values) / len(values)

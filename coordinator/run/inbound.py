@@ -1,0 +1,209 @@
+"""Validation of a decoded client Update before it is persisted or averaged.
+
+The server calls :func:`validate_update` for every update the round loop would admit
+(``coordinator.run.rounds.admission``). A failure raises :class:`UpdateValidationError`, an
+:class:`~shared.errors.UpdateRejectedError` with a machine ``code`` that the server puts in
+the Nack and feeds to the round loop as ``UpdateReceived(ok=False, code=..., reason=...)``.
+Checks run cheapest first, and tensor bytes are decoded only after every key's dtype and
+shape were checked against the expected map, so a forged shape costs nothing to refuse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.errors import TensorError, UpdateRejectedError
+from shared.protocol import Envelope, Update
+from shared.tensors import from_payload
+
+REJECT_CODES: dict[str, str] = {
+    "run": "the envelope names another run",
+    "sender": "envelope sender, update client_id and topic client id disagree",
+    "late": "the update is for a round that is over",
+    "round": "the update is for a round that has not started",
+    "not_assigned": "the client is not assigned to this round",
+    "examples": "num_examples is not a positive int within the cap",
+    "keys": "the delta is empty or holds keys the client's tier does not have",
+    "dtype": "a tensor's dtype is not an allowed floating dtype",
+    "shape": "a tensor's shape differs from the global adapter's (or its bytes do not match)",
+    "nan": "a tensor holds NaN or Inf",
+    "norm": "the L2 norm of the whole delta exceeds the bound",
+}
+"""Every code :class:`UpdateValidationError` can carry, with what it means."""
+
+
+class UpdateValidationError(UpdateRejectedError):
+    """An update failed one validation check.
+
+    Attributes:
+        code: Machine code, a key of :data:`REJECT_CODES` (goes into the Nack).
+        reason: What was wrong, for the client's log and ours.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        if code not in REJECT_CODES:
+            raise ValueError(f"unknown update rejection code {code!r}")
+        super().__init__(f"update rejected ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Bounds an update must respect.
+
+    Attributes:
+        max_norm: Upper bound (exclusive) on the L2 norm over all delta tensors together;
+            ``math.inf`` disables the check. A bound guards the average against one client
+            sending a huge (broken or malicious) delta.
+        max_examples: Largest plausible ``num_examples`` (a client inflating its count
+            would dominate the weighted average).
+        allowed_dtypes: Wire dtypes a delta tensor may use.
+    """
+
+    max_norm: float = 1e3
+    max_examples: int = 10_000_000
+    allowed_dtypes: frozenset[str] = field(
+        default_factory=lambda: frozenset({"float32", "float16", "bfloat16"})
+    )
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What an update is checked against.
+
+    Attributes:
+        run_id: The coordinator's run id.
+        round: The round being collected.
+        participants: Assigned clients of that round, client id -> tier.
+        expected_shapes: Tier -> adapter key -> shape the client's delta must use (the
+            global adapter's keys for the layers that tier holds).
+        limits: Norm, example and dtype bounds.
+    """
+
+    run_id: str
+    round: int
+    participants: Mapping[str, str]
+    expected_shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
+
+
+def shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape map of a state dict (e.g. the global adapter restricted to a tier).
+
+    Args:
+        state_dict: Adapter tensors.
+
+    Returns:
+        The shapes as tuples.
+    """
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def validate_update(envelope: Envelope, *, topic_client_id: str, context: RoundContext) -> dict[str, torch.Tensor]:
+    """Check an update and decode its delta.
+
+    Args:
+        envelope: The decoded envelope; ``envelope.body`` must be an
+            :class:`~shared.protocol.Update`.
+        topic_client_id: The client id segment of the topic it arrived on.
+        context: The round it must belong to and the shapes it must have.
+
+    Returns:
+        The delta, key -> tensor in its wire dtype, shaped as expected.
+
+    Raises:
+        UpdateValidationError: The first failed check, with its code and reason.
+        TypeError: ``envelope.body`` is not an Update (a routing bug in the caller).
+    """
+    update = envelope.body
+    if not isinstance(update, Update):
+        raise TypeError(f"expected an Update body, got {type(update).__name__}")
+    _check_header(envelope, update, topic_client_id, context)
+    tier = context.participants[update.client_id]
+    expected = context.expected_shapes.get(tier)
+    if expected is None:
+        raise UpdateValidationError("keys", f"no adapter shapes are known for tier {tier!r}")
+    _check_declared_tensors(update, expected, context.limits)
+    delta = _decode(update)
+    _check_values(delta, context.limits)
+    return delta
+
+
+def _check_header(envelope: Envelope, update: Update, topic_client_id: str, ctx: RoundContext) -> None:
+    if envelope.run != ctx.run_id:
+        raise UpdateValidationError("run", f"envelope run {envelope.run!r} is not {ctx.run_id!r}")
+    if not (envelope.sender == update.client_id == topic_client_id):
+        raise UpdateValidationError(
+            "sender",
+            f"topic client {topic_client_id!r}, envelope sender {envelope.sender!r} and "
+            f"update client_id {update.client_id!r} must be the same",
+        )
+    if update.round != envelope.round:
+        raise UpdateValidationError(
+            "round", f"envelope round {envelope.round} differs from update round {update.round}"
+        )
+    if update.round < ctx.round:
+        raise UpdateValidationError("late", f"round {update.round} is over (current round {ctx.round})")
+    if update.round > ctx.round:
+        raise UpdateValidationError(
+            "round", f"round {update.round} has not started (current round {ctx.round})"
+        )
+    if update.client_id not in ctx.participants:
+        raise UpdateValidationError("not_assigned", f"{update.client_id} is not assigned to round {ctx.round}")
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= ctx.limits.max_examples:
+        raise UpdateValidationError(
+            "examples", f"num_examples={n!r}; it must be an int in 1..{ctx.limits.max_examples}"
+        )
+
+
+def _check_declared_tensors(
+    update: Update, expected: Mapping[str, tuple[int, ...]], limits: UpdateLimits
+) -> None:
+    if not update.delta:
+        raise UpdateValidationError("keys", "the delta holds no tensors")
+    unknown = sorted(set(update.delta) - set(expected))
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise UpdateValidationError(
+            "keys", f"{len(unknown)} key(s) not in the tier's adapter: {', '.join(unknown[:3])}{more}"
+        )
+    for key, payload in update.delta.items():
+        if payload.dtype not in limits.allowed_dtypes:
+            raise UpdateValidationError(
+                "dtype", f"{key} has dtype {payload.dtype}; allowed: {', '.join(sorted(limits.allowed_dtypes))}"
+            )
+        if tuple(payload.shape) != tuple(expected[key]):
+            raise UpdateValidationError(
+                "shape", f"{key} has shape {tuple(payload.shape)}, expected {tuple(expected[key])}"
+            )
+
+
+def _decode(update: Update) -> dict[str, torch.Tensor]:
+    delta: dict[str, torch.Tensor] = {}
+    for key, payload in update.delta.items():
+        try:
+            delta[key] = from_payload(payload)
+        except TensorError as exc:
+            raise UpdateValidationError("shape", f"{key}: {exc}") from exc
+    return delta
+
+
+def _check_values(delta: Mapping[str, torch.Tensor], limits: UpdateLimits) -> None:
+    sq_sum = 0.0
+    for key, tensor in delta.items():
+        t = tensor.to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UpdateValidationError("nan", f"{key} holds {bad} NaN/Inf value(s)")
+        sq_sum += float(t.square().sum())
+    norm = math.sqrt(sq_sum)
+    if not norm < limits.max_norm:
+        raise UpdateValidationError(
+            "norm", f"delta L2 norm {norm:.4g} is not below the bound {limits.max_norm:.4g}"
+        )

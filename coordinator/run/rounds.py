@@ -1,0 +1,974 @@
+"""The coordinator's round loop as a pure state machine.
+
+``step(state, event) -> (state, actions)`` is the whole round logic: which clients train,
+when a round closes, when to aggregate, re-align, finish or fail. It performs no I/O and
+reads no clock: time enters only as :class:`Tick` events, so tests drive deadlines without
+sleeping and a restarted coordinator replays nothing but its checkpoint. The server loop
+(``coordinator.run.server``) turns broker messages into events and carries out the returned
+actions (publish, nack, aggregate, persist) in order.
+
+Phases and their allowed changes are data (:data:`TRANSITIONS`); ``step`` raises
+:class:`~shared.errors.RunStateError` on any phase change the table does not list. Staying
+in the same phase is not a transition.
+
+Update admission (late, duplicate, not assigned) is decided here by :func:`admission`, the
+same function ``step`` uses, so the server can ask before it validates and persists an
+update's tensors; content validation (shapes, NaN, norm) happens outside
+(``coordinator.run.inbound``) and enters as ``UpdateReceived(ok=False, code=..., reason=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Literal
+
+from shared.errors import ConfigError, RunStateError
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+"""Version of the dict layout written by :meth:`RoundState.to_dict`."""
+
+
+class Phase(StrEnum):
+    """Where the run stands."""
+
+    WAITING = "waiting_for_clients"
+    PUBLISHING = "publishing"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    ALIGNING = "aligning"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.FINISHED, Phase.FAILED})
+
+TRANSITIONS: dict[tuple[Phase, Phase], str] = {
+    (Phase.WAITING, Phase.PUBLISHING): "enough eligible clients online: select and publish a round",
+    (Phase.WAITING, Phase.FAILED): "max_wait_s passed without enough clients, or Abort",
+    (Phase.PUBLISHING, Phase.COLLECTING): "PublishDone for the round's schedule",
+    (Phase.PUBLISHING, Phase.AGGREGATING): "PublishDone when the round is already complete "
+    "(updates that raced the publish acknowledgement)",
+    (Phase.PUBLISHING, Phase.FAILED): "Abort",
+    (Phase.COLLECTING, Phase.AGGREGATING): "every live assigned client reported and quorum met, "
+    "or deadline with quorum",
+    (Phase.COLLECTING, Phase.FAILED): "deadline without quorum and no extension left, or Abort",
+    (Phase.AGGREGATING, Phase.PUBLISHING): "AggregationDone, more rounds, enough clients online",
+    (Phase.AGGREGATING, Phase.WAITING): "AggregationDone, more rounds, too few clients online",
+    (Phase.AGGREGATING, Phase.ALIGNING): "AggregationDone and a re-alignment is due",
+    (Phase.AGGREGATING, Phase.FINISHED): "AggregationDone for the last round",
+    (Phase.AGGREGATING, Phase.FAILED): "Abort",
+    (Phase.ALIGNING, Phase.PUBLISHING): "AlignmentDone, enough clients online",
+    (Phase.ALIGNING, Phase.WAITING): "AlignmentDone, too few clients online",
+    (Phase.ALIGNING, Phase.FAILED): "Abort",
+}
+"""Every allowed phase change, with when it happens. Anything else raises."""
+
+# The status string a published Schedule carries in each phase (shared.protocol.Schedule).
+_SCHEDULE_STATUS: dict[Phase, str] = {
+    Phase.WAITING: "waiting",
+    Phase.PUBLISHING: "running",
+    Phase.COLLECTING: "running",
+    Phase.AGGREGATING: "running",
+    Phase.ALIGNING: "aligning",
+    Phase.FINISHED: "finished",
+    Phase.FAILED: "failed",
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """How rounds are scheduled and closed.
+
+    Attributes:
+        rounds: Number of federated rounds (>= 1).
+        min_clients: Eligible (accepted at hello, online) clients needed to start a round.
+        clients_per_round: Clients selected per round; None selects ``client_fraction`` of
+            the eligible ones (at least ``min_clients``), capped at how many are eligible.
+        client_fraction: Fraction of eligible clients selected when ``clients_per_round``
+            is None, in (0, 1].
+        quorum: Reports needed to close a round, as a count; None uses ``quorum_fraction``.
+        quorum_fraction: Fraction of the selected clients (rounded up) that must report
+            when ``quorum`` is None, in (0, 1].
+        round_timeout_s: Seconds from publishing a round to its deadline (> 0); also the
+            length of one extension.
+        on_deadline_without_quorum: ``"extend"`` moves the deadline by
+            ``round_timeout_s`` (up to ``max_extensions`` times, then fails); ``"fail"``
+            fails the run at once.
+        max_extensions: Extensions allowed per round.
+        realign_every: Re-align the sub-LLMs after every r-th aggregation (not after the
+            last round); 0 never re-aligns.
+        max_wait_s: Seconds the run may wait for ``min_clients`` before failing; None waits
+            for ever.
+    """
+
+    rounds: int
+    min_clients: int = 1
+    clients_per_round: int | None = None
+    client_fraction: float = 1.0
+    quorum: int | None = None
+    quorum_fraction: float = 0.5
+    round_timeout_s: float = 600.0
+    on_deadline_without_quorum: Literal["extend", "fail"] = "extend"
+    max_extensions: int = 3
+    realign_every: int = 0
+    max_wait_s: float | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.rounds < 1:
+            problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if self.min_clients < 1:
+            problems.append(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            problems.append(f"clients_per_round must be >= 1 or unset, got {self.clients_per_round}")
+        if not 0.0 < self.client_fraction <= 1.0:
+            problems.append(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.quorum is not None:
+            if self.quorum < 1:
+                problems.append(f"quorum must be >= 1 or unset, got {self.quorum}")
+            # A count quorum larger than a round can ever select would never close a round.
+            if self.quorum > self.min_clients:
+                problems.append(
+                    f"quorum ({self.quorum}) exceeds min_clients ({self.min_clients}): "
+                    "raise min_clients or lower quorum"
+                )
+            if self.clients_per_round is not None and self.quorum > self.clients_per_round:
+                problems.append(
+                    f"quorum ({self.quorum}) exceeds clients_per_round ({self.clients_per_round})"
+                )
+        if not 0.0 < self.quorum_fraction <= 1.0:
+            problems.append(f"quorum_fraction must be in (0, 1], got {self.quorum_fraction}")
+        if not self.round_timeout_s > 0:
+            problems.append(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.on_deadline_without_quorum not in ("extend", "fail"):
+            problems.append(
+                "on_deadline_without_quorum must be 'extend' or 'fail', "
+                f"got {self.on_deadline_without_quorum!r}"
+            )
+        if self.max_extensions < 0:
+            problems.append(f"max_extensions must be >= 0, got {self.max_extensions}")
+        if self.realign_every < 0:
+            problems.append(f"realign_every must be >= 0 (0 = never), got {self.realign_every}")
+        if self.max_wait_s is not None and not self.max_wait_s > 0:
+            problems.append(f"max_wait_s must be > 0 or unset, got {self.max_wait_s}")
+        if problems:
+            raise ConfigError("invalid round config: " + "; ".join(problems))
+
+    def selection_size(self, n_eligible: int) -> int:
+        """How many of ``n_eligible`` clients a round selects.
+
+        Args:
+            n_eligible: Eligible clients online (>= ``min_clients`` when a round starts).
+
+        Returns:
+            The number to select, between 1 and ``n_eligible``.
+        """
+        if self.clients_per_round is not None:
+            k = self.clients_per_round
+        else:
+            k = max(math.ceil(self.client_fraction * n_eligible), self.min_clients)
+        return max(1, min(k, n_eligible))
+
+    def quorum_for(self, n_selected: int) -> int:
+        """Reports needed to close a round that selected ``n_selected`` clients.
+
+        Args:
+            n_selected: Clients assigned to the round.
+
+        Returns:
+            The quorum, between 1 and ``n_selected``.
+        """
+        q = self.quorum if self.quorum is not None else math.ceil(self.quorum_fraction * n_selected)
+        return max(1, min(q, n_selected))
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """What the coordinator knows about one client.
+
+    Attributes:
+        client_id: The client's id (its topic segment).
+        tier: Sub-LLM tier assigned at hello ("" when refused).
+        accepted: Whether the planner accepted the client at hello.
+        num_examples: Examples the client declared at hello.
+        online: Last known presence (hello sets it; Last Will clears it).
+    """
+
+    client_id: str
+    tier: str
+    accepted: bool
+    num_examples: int
+    online: bool
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round's selection, progress and counters (the report reads these).
+
+    Attributes:
+        round: Round number (1-based).
+        participants: Assigned clients as sorted ``(client_id, tier)`` pairs.
+        quorum: Reports needed to close the round.
+        started_at: Tick time when the round was selected.
+        deadline: Current deadline (unix seconds); moves on extension.
+        extensions: Extensions used so far.
+        reported: Clients whose update was accepted, sorted.
+        examples: Sum of ``num_examples`` over accepted updates.
+        dropouts: Assigned clients that had not reported when the round closed.
+        duplicates: Repeated updates for this round from a client already counted.
+        late: Updates for this round that arrived after it closed.
+        rejected: Updates refused by validation or from a client not assigned.
+        closed_at: Tick time when collection stopped (None while open).
+        outcome: ``"open"``, ``"closed"`` (aggregating), ``"aggregated"`` or ``"failed"``.
+    """
+
+    round: int
+    participants: tuple[tuple[str, str], ...]
+    quorum: int
+    started_at: float
+    deadline: float
+    extensions: int = 0
+    reported: tuple[str, ...] = ()
+    examples: int = 0
+    dropouts: int = 0
+    duplicates: int = 0
+    late: int = 0
+    rejected: int = 0
+    closed_at: float | None = None
+    outcome: str = "open"
+
+    @property
+    def assigned(self) -> frozenset[str]:
+        """The ids of the clients assigned to this round."""
+        return frozenset(cid for cid, _ in self.participants)
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """Everything the round loop needs; serializes to plain JSON types.
+
+    Attributes:
+        config: The run's round config (checkpointed with the state so a resumed run keeps it).
+        run_id: The run's id (topic segment).
+        seed: Seed for client selection; round t uses ``random.Random(f"{seed}:{t}")``.
+        phase: Current phase.
+        round: Current (or last) round number; 0 before the first.
+        now: Time of the latest Tick/Start (unix seconds).
+        waiting_since: When the run last entered waiting_for_clients.
+        adapter_round: Round of the newest global adapter (0 = the initial adapter).
+        model_version: Sub-LLM version from the latest AlignmentDone (0 = pre-aligned).
+        clients: Known clients sorted by id.
+        records: One record per started round, oldest first.
+        fail_reason: Why the run failed ("" otherwise).
+    """
+
+    config: RoundConfig
+    run_id: str
+    seed: int
+    phase: Phase = Phase.WAITING
+    round: int = 0
+    now: float = 0.0
+    waiting_since: float = 0.0
+    adapter_round: int = 0
+    model_version: int = 0
+    clients: tuple[ClientRecord, ...] = ()
+    records: tuple[RoundRecord, ...] = ()
+    fail_reason: str = ""
+
+    def client(self, client_id: str) -> ClientRecord | None:
+        """Return the record of ``client_id``, or None if it never said hello."""
+        for c in self.clients:
+            if c.client_id == client_id:
+                return c
+        return None
+
+    def record(self, round_: int) -> RoundRecord | None:
+        """Return the record of round ``round_``, or None if it never started."""
+        for r in self.records:
+            if r.round == round_:
+                return r
+        return None
+
+    @property
+    def current(self) -> RoundRecord | None:
+        """The record of the current round, or None before the first round."""
+        return self.record(self.round)
+
+    def eligible_online(self) -> list[str]:
+        """Sorted ids of clients that were accepted at hello and are online."""
+        return [c.client_id for c in self.clients if c.accepted and c.online]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict for JSON (see :meth:`from_dict`)."""
+        d = dataclasses.asdict(self)
+        d["phase"] = self.phase.value
+        d["format"] = STATE_FORMAT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundState:
+        """Rebuild a state written by :meth:`to_dict`.
+
+        Args:
+            d: The dict (as loaded from JSON: tuples became lists).
+
+        Returns:
+            The equal state.
+
+        Raises:
+            RunStateError: A field is missing or malformed, or the format is unknown.
+        """
+        try:
+            if d.get("format") != STATE_FORMAT:
+                raise RunStateError(
+                    f"state format {d.get('format')!r} is not {STATE_FORMAT}: "
+                    "this run directory was written by another fedsoda version"
+                )
+            records = tuple(
+                RoundRecord(
+                    **{
+                        **r,
+                        "participants": tuple((str(a), str(b)) for a, b in r["participants"]),
+                        "reported": tuple(r["reported"]),
+                    }
+                )
+                for r in d["records"]
+            )
+            return cls(
+                config=RoundConfig(**d["config"]),
+                run_id=d["run_id"],
+                seed=d["seed"],
+                phase=Phase(d["phase"]),
+                round=d["round"],
+                now=d["now"],
+                waiting_since=d["waiting_since"],
+                adapter_round=d["adapter_round"],
+                model_version=d["model_version"],
+                clients=tuple(ClientRecord(**c) for c in d["clients"]),
+                records=records,
+                fail_reason=d["fail_reason"],
+            )
+        except RunStateError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunStateError(f"corrupt round state ({type(exc).__name__}: {exc})") from exc
+
+
+def initial_state(config: RoundConfig, *, run_id: str, seed: int, now: float = 0.0) -> RoundState:
+    """The state of a new run: waiting for clients, round 0, initial adapter.
+
+    Args:
+        config: Round config.
+        run_id: The run's id.
+        seed: Selection seed.
+        now: Start time (unix seconds).
+
+    Returns:
+        A fresh state. Feed ``Start(now)`` to it to get the first actions.
+    """
+    return RoundState(config=config, run_id=run_id, seed=seed, now=now, waiting_since=now)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Start:
+    """The server started or resumed: re-emit whatever the current phase is waiting on."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The clock moved to ``now`` (unix seconds); deadlines are checked here."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """A client said hello and the planner decided on it (implies the client is online)."""
+
+    client_id: str
+    tier: str
+    accepted: bool
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class ClientOnline:
+    """A client's presence says online (it is live again, even mid-round)."""
+
+    client_id: str
+
+
+@dataclass(frozen=True)
+class ClientOffline:
+    """A client's presence says offline, e.g. its Last Will: it no longer blocks closing."""
+
+    client_id: str
+
+
+@dataclass(frozen=True)
+class UpdateReceived:
+    """An update arrived; ``ok`` is the verdict of content validation done outside.
+
+    Attributes:
+        client_id: The sender (already checked against the topic).
+        round: The round the update names.
+        message_id: Envelope message id (Nacks refer to it).
+        num_examples: The client's example count.
+        ok: True when content validation passed and the update was persisted.
+        code: Rejection code when not ok (see ``coordinator.run.inbound``).
+        reason: Human-readable rejection reason when not ok.
+    """
+
+    client_id: str
+    round: int
+    message_id: str
+    num_examples: int
+    ok: bool = True
+    code: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PublishDone:
+    """The schedule of ``round`` was published (broker acknowledged)."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class AggregationDone:
+    """The global adapter of ``round`` was aggregated and saved."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class AlignmentDone:
+    """Re-alignment finished and sub-LLM ``version`` was packaged and published."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Stop the run as failed (operator interrupt, an aggregation or alignment error)."""
+
+    reason: str
+
+
+Event = (
+    Start
+    | Tick
+    | ClientHello
+    | ClientOnline
+    | ClientOffline
+    | UpdateReceived
+    | PublishDone
+    | AggregationDone
+    | AlignmentDone
+    | Abort
+)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class PersistCheckpoint:
+    """Write the new state to the run directory before carrying out the other actions."""
+
+
+@dataclass(frozen=True)
+class PublishSchedule:
+    """Publish (retained) a Schedule; the server adds training params and manifests.
+
+    Attributes:
+        round: The round the schedule is about (the next one while waiting).
+        status: ``"waiting" | "running" | "aligning" | "finished" | "failed"``.
+        deadline: Unix deadline (0.0 when no round is running).
+        quorum: Reports needed (0 when no round is running).
+        participants: Assigned clients as sorted ``(client_id, tier)`` pairs.
+        adapter_round: Round of the global adapter clients must start from.
+        model_version: Sub-LLM version the manifests must carry.
+    """
+
+    round: int
+    status: str
+    deadline: float
+    quorum: int
+    participants: tuple[tuple[str, str], ...]
+    adapter_round: int
+    model_version: int
+
+
+@dataclass(frozen=True)
+class SendNack:
+    """Tell a client its update was not used."""
+
+    client_id: str
+    round: int
+    ref_message_id: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestAggregation:
+    """Aggregate the persisted updates of ``client_ids`` for ``round``, then send AggregationDone."""
+
+    round: int
+    client_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StartAlignment:
+    """Re-align the sub-LLMs with the global adapter of ``round``, then send AlignmentDone."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """All rounds are aggregated; export the adapter of ``adapter_round`` and stop."""
+
+    adapter_round: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The run failed; stop with ``reason``."""
+
+    reason: str
+
+
+Action = (
+    PersistCheckpoint
+    | PublishSchedule
+    | SendNack
+    | RequestAggregation
+    | StartAlignment
+    | Finish
+    | Fail
+)
+
+
+# --------------------------------------------------------------------------- admission
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether the round loop would take an update, before looking at its tensors.
+
+    Attributes:
+        verdict: ``"accept"``, ``"duplicate"`` (already counted; ignore silently),
+            ``"late"`` (round closed), ``"not_assigned"`` or ``"round"`` (a round that
+            has not started).
+        reason: Human-readable explanation ("" on accept).
+    """
+
+    verdict: str
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        """True when the update may be validated, persisted and counted."""
+        return self.verdict == "accept"
+
+
+def admission(state: RoundState, client_id: str, round_: int) -> Admission:
+    """Decide whether an update from ``client_id`` for ``round_`` can still count.
+
+    The server calls this before validating and persisting an update; ``step`` applies the
+    same rule, so both always agree.
+
+    Args:
+        state: Current state.
+        client_id: Sender.
+        round_: Round the update names.
+
+    Returns:
+        The verdict.
+    """
+    rec = state.record(round_)
+    if rec is None:
+        if round_ > state.round:
+            return Admission("round", f"round {round_} has not started (current round {state.round})")
+        return Admission("late", f"round {round_} is over (current round {state.round})")
+    if client_id in rec.reported:
+        return Admission("duplicate", f"update of {client_id} for round {round_} already counted")
+    if client_id not in rec.assigned:
+        return Admission("not_assigned", f"{client_id} is not assigned to round {round_}")
+    # PUBLISHING too: the broker may deliver the schedule before it acknowledges our publish.
+    if round_ != state.round or state.phase not in (Phase.PUBLISHING, Phase.COLLECTING):
+        return Admission("late", f"round {round_} closed before the update arrived")
+    return Admission("accept")
+
+
+# --------------------------------------------------------------------------- step
+
+
+def step(state: RoundState, event: Event) -> tuple[RoundState, list[Action]]:
+    """Apply one event.
+
+    Args:
+        state: Current state.
+        event: What happened.
+
+    Returns:
+        The new state and the actions to carry out in order. ``PersistCheckpoint`` comes
+        first whenever anything but the clock changed, so a crash after it replays the
+        remaining actions from the checkpoint (see :class:`Start`).
+
+    Raises:
+        RunStateError: The event would cause a phase change not in :data:`TRANSITIONS`.
+        TypeError: ``event`` is not an event.
+    """
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        raise TypeError(f"not a round event: {event!r}")
+    new, actions = handler(state, event)
+    if new.phase is not state.phase:
+        if (state.phase, new.phase) not in TRANSITIONS:
+            raise RunStateError(
+                f"phase change {state.phase.value} -> {new.phase.value} on "
+                f"{type(event).__name__} is not in the transition table"
+            )
+        # Entering a phase emits what that phase waits on; handlers only pick the phase.
+        new, entry_actions = _enter(new)
+        actions = actions + entry_actions
+    if replace(new, now=state.now) != state:
+        actions = [PersistCheckpoint(), *actions]
+    return new, actions
+
+
+def _enter(new: RoundState) -> tuple[RoundState, list[Action]]:
+    if new.phase is Phase.FAILED:
+        logger.warning("run %s failed: %s", new.run_id, new.fail_reason)
+        return new, [_schedule(new), Fail(new.fail_reason)]
+    if new.phase is Phase.FINISHED:
+        return new, [_schedule(new), Finish(new.adapter_round)]
+    if new.phase is Phase.WAITING:
+        new = replace(new, waiting_since=new.now)
+        return new, [_schedule(new)]
+    if new.phase is Phase.PUBLISHING:
+        new = _select_round(new)
+        return new, [_schedule(new)]
+    if new.phase is Phase.AGGREGATING:
+        return new, [RequestAggregation(new.round, _current(new).reported)]
+    if new.phase is Phase.ALIGNING:
+        return new, [_schedule(new), StartAlignment(new.round)]
+    return new, []  # COLLECTING: the schedule is already out
+
+
+def _schedule(state: RoundState) -> PublishSchedule:
+    rec = state.current
+    running = state.phase in (Phase.PUBLISHING, Phase.COLLECTING, Phase.AGGREGATING)
+    if running and rec is not None:
+        return PublishSchedule(
+            round=rec.round,
+            status=_SCHEDULE_STATUS[state.phase],
+            deadline=rec.deadline,
+            quorum=rec.quorum,
+            participants=rec.participants,
+            adapter_round=state.adapter_round,
+            model_version=state.model_version,
+        )
+    upcoming = state.round + 1 if state.phase in (Phase.WAITING, Phase.ALIGNING) else state.round
+    return PublishSchedule(
+        round=upcoming,
+        status=_SCHEDULE_STATUS[state.phase],
+        deadline=0.0,
+        quorum=0,
+        participants=(),
+        adapter_round=state.adapter_round,
+        model_version=state.model_version,
+    )
+
+
+def _current(state: RoundState) -> RoundRecord:
+    rec = state.current
+    if rec is None:
+        raise RunStateError(f"phase {state.phase.value} but round {state.round} has no record")
+    return rec
+
+
+def _with_record(state: RoundState, rec: RoundRecord) -> RoundState:
+    records = tuple(rec if r.round == rec.round else r for r in state.records)
+    return replace(state, records=records)
+
+
+def _select_round(state: RoundState) -> RoundState:
+    round_ = state.round + 1
+    eligible = state.eligible_online()  # sorted, so selection depends only on the seed
+    k = state.config.selection_size(len(eligible))
+    chosen = sorted(random.Random(f"{state.seed}:{round_}").sample(eligible, k))
+    tiers = {c.client_id: c.tier for c in state.clients}
+    rec = RoundRecord(
+        round=round_,
+        participants=tuple((cid, tiers[cid]) for cid in chosen),
+        quorum=state.config.quorum_for(k),
+        started_at=state.now,
+        deadline=state.now + state.config.round_timeout_s,
+    )
+    logger.info("round %d: selected %d of %d eligible clients", round_, k, len(eligible))
+    return replace(state, round=round_, records=(*state.records, rec))
+
+
+def _enough_clients(state: RoundState) -> bool:
+    return len(state.eligible_online()) >= state.config.min_clients
+
+
+def _next_phase_after_round(state: RoundState) -> Phase:
+    return Phase.PUBLISHING if _enough_clients(state) else Phase.WAITING
+
+
+def _maybe_close(state: RoundState) -> RoundState:
+    """Close the collecting round when every live assigned client reported and quorum is met."""
+    if state.phase is not Phase.COLLECTING:
+        return state
+    rec = _current(state)
+    live = {c.client_id for c in state.clients if c.online and c.accepted}
+    pending_live = (rec.assigned & live) - set(rec.reported)
+    if len(rec.reported) >= rec.quorum and not pending_live:
+        return _close(state, rec)
+    return state
+
+
+def _close(state: RoundState, rec: RoundRecord) -> RoundState:
+    rec = replace(
+        rec,
+        closed_at=state.now,
+        dropouts=len(rec.assigned - set(rec.reported)),
+        outcome="closed",
+    )
+    return replace(_with_record(state, rec), phase=Phase.AGGREGATING)
+
+
+def _fail(state: RoundState, reason: str) -> RoundState:
+    rec = state.current
+    if rec is not None and rec.outcome in ("open", "closed"):
+        state = _with_record(
+            state,
+            replace(
+                rec,
+                outcome="failed",
+                closed_at=rec.closed_at if rec.closed_at is not None else state.now,
+                dropouts=len(rec.assigned - set(rec.reported)),
+            ),
+        )
+    return replace(state, phase=Phase.FAILED, fail_reason=reason)
+
+
+def _set_client(state: RoundState, client: ClientRecord) -> RoundState:
+    others = [c for c in state.clients if c.client_id != client.client_id]
+    return replace(state, clients=tuple(sorted([*others, client], key=lambda c: c.client_id)))
+
+
+def _try_start(state: RoundState) -> RoundState:
+    if state.phase is Phase.WAITING and _enough_clients(state):
+        return replace(state, phase=Phase.PUBLISHING)
+    return state
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _on_start(state: RoundState, event: Start) -> tuple[RoundState, list[Action]]:
+    state = replace(state, now=event.now)
+    if state.phase is Phase.WAITING and _enough_clients(state):
+        return replace(state, phase=Phase.PUBLISHING), []
+    if state.phase is Phase.COLLECTING:
+        closed = _maybe_close(state)  # a resumed round may already hold every report
+        if closed.phase is not state.phase:
+            return closed, []
+    return state, _pending_actions(state)
+
+
+def _pending_actions(state: RoundState) -> list[Action]:
+    """What a phase waits on, re-emitted after a restart (all of it is idempotent)."""
+    if state.phase is Phase.AGGREGATING:
+        return [RequestAggregation(state.round, _current(state).reported)]
+    actions: list[Action] = [_schedule(state)]
+    if state.phase is Phase.ALIGNING:
+        actions.append(StartAlignment(state.round))
+    elif state.phase is Phase.FINISHED:
+        actions.append(Finish(state.adapter_round))
+    elif state.phase is Phase.FAILED:
+        actions.append(Fail(state.fail_reason))
+    return actions
+
+
+def _on_tick(state: RoundState, event: Tick) -> tuple[RoundState, list[Action]]:
+    state = replace(state, now=event.now)
+    cfg = state.config
+    if state.phase is Phase.WAITING:
+        state = _try_start(state)
+        if (
+            state.phase is Phase.WAITING
+            and cfg.max_wait_s is not None
+            and event.now - state.waiting_since >= cfg.max_wait_s
+        ):
+            n = len(state.eligible_online())
+            return _fail(
+                state,
+                f"only {n} of min_clients={cfg.min_clients} eligible clients online after "
+                f"{cfg.max_wait_s:g} s: start more clients or lower min_clients",
+            ), []
+        return state, []
+    if state.phase is not Phase.COLLECTING:
+        return state, []
+    rec = _current(state)
+    if event.now < rec.deadline:
+        return state, []
+    if len(rec.reported) >= rec.quorum:
+        return _close(state, rec), []
+    if cfg.on_deadline_without_quorum == "extend" and rec.extensions < cfg.max_extensions:
+        rec = replace(
+            rec,
+            extensions=rec.extensions + 1,
+            deadline=max(rec.deadline, event.now) + cfg.round_timeout_s,
+        )
+        logger.info(
+            "round %d: %d of %d reports at the deadline; extension %d of %d",
+            rec.round, len(rec.reported), rec.quorum, rec.extensions, cfg.max_extensions,
+        )
+        state = _with_record(state, rec)
+        return state, [_schedule(state)]
+    why = (
+        f"no extension left ({cfg.max_extensions} used)"
+        if cfg.on_deadline_without_quorum == "extend"
+        else "on_deadline_without_quorum = 'fail'"
+    )
+    return _fail(
+        state,
+        f"round {rec.round} reached its deadline with {len(rec.reported)} of quorum "
+        f"{rec.quorum} reports and {why}",
+    ), []
+
+
+def _on_hello(state: RoundState, event: ClientHello) -> tuple[RoundState, list[Action]]:
+    client = ClientRecord(
+        client_id=event.client_id,
+        tier=event.tier,
+        accepted=event.accepted,
+        num_examples=event.num_examples,
+        online=True,
+    )
+    state = _set_client(state, client)
+    return _maybe_close(_try_start(state)), []
+
+
+def _on_presence(state: RoundState, client_id: str, online: bool) -> tuple[RoundState, list[Action]]:
+    client = state.client(client_id)
+    if client is None:
+        # Presence can precede hello (retained messages); hello will register the client.
+        return state, []
+    state = _set_client(state, replace(client, online=online))
+    return _maybe_close(_try_start(state)), []
+
+
+def _on_online(state: RoundState, event: ClientOnline) -> tuple[RoundState, list[Action]]:
+    return _on_presence(state, event.client_id, True)
+
+
+def _on_offline(state: RoundState, event: ClientOffline) -> tuple[RoundState, list[Action]]:
+    return _on_presence(state, event.client_id, False)
+
+
+def _on_update(state: RoundState, event: UpdateReceived) -> tuple[RoundState, list[Action]]:
+    verdict = admission(state, event.client_id, event.round)
+    rec = state.record(event.round) or state.current
+
+    def bump(field_name: str) -> RoundState:
+        if rec is None:
+            return state
+        return _with_record(state, replace(rec, **{field_name: getattr(rec, field_name) + 1}))
+
+    def nack(code: str, reason: str) -> SendNack:
+        return SendNack(event.client_id, event.round, event.message_id, code, reason)
+
+    if verdict.verdict == "duplicate":
+        logger.info("ignoring duplicate update: %s", verdict.reason)
+        return bump("duplicates"), []
+    if verdict.verdict == "late":
+        return bump("late"), [nack("late", verdict.reason)]
+    if verdict.verdict in ("not_assigned", "round"):
+        return bump("rejected"), [nack(verdict.verdict, verdict.reason)]
+    if not event.ok:
+        return bump("rejected"), [nack(event.code or "rejected", event.reason)]
+    assert rec is not None  # accept implies the current round's record exists
+    rec = replace(
+        rec,
+        reported=tuple(sorted((*rec.reported, event.client_id))),
+        examples=rec.examples + event.num_examples,
+    )
+    return _maybe_close(_with_record(state, rec)), []
+
+
+def _on_publish_done(state: RoundState, event: PublishDone) -> tuple[RoundState, list[Action]]:
+    if state.phase is Phase.PUBLISHING and event.round == state.round:
+        # A resumed round may already hold every report (persisted before the crash).
+        return _maybe_close(replace(state, phase=Phase.COLLECTING)), []
+    return state, []  # an acknowledgement of a status-only or stale schedule
+
+
+def _on_aggregation_done(state: RoundState, event: AggregationDone) -> tuple[RoundState, list[Action]]:
+    if state.phase is not Phase.AGGREGATING or event.round != state.round:
+        logger.warning("ignoring AggregationDone(%d) in %s round %d", event.round, state.phase, state.round)
+        return state, []
+    state = replace(state, adapter_round=event.round)
+    state = _with_record(state, replace(_current(state), outcome="aggregated"))
+    cfg = state.config
+    if state.round >= cfg.rounds:
+        return replace(state, phase=Phase.FINISHED), []
+    if cfg.realign_every and state.round % cfg.realign_every == 0:
+        return replace(state, phase=Phase.ALIGNING), []
+    return replace(state, phase=_next_phase_after_round(state)), []
+
+
+def _on_alignment_done(state: RoundState, event: AlignmentDone) -> tuple[RoundState, list[Action]]:
+    if state.phase is not Phase.ALIGNING:
+        logger.warning("ignoring AlignmentDone(%d) in %s", event.version, state.phase)
+        return state, []
+    state = replace(state, model_version=event.version)
+    return replace(state, phase=_next_phase_after_round(state)), []
+
+
+def _on_abort(state: RoundState, event: Abort) -> tuple[RoundState, list[Action]]:
+    if state.phase in TERMINAL_PHASES:
+        return state, []
+    return _fail(state, event.reason), []
+
+
+_HANDLERS: dict[type, Callable[[RoundState, Any], tuple[RoundState, list[Action]]]] = {
+    Start: _on_start,
+    Tick: _on_tick,
+    ClientHello: _on_hello,
+    ClientOnline: _on_online,
+    ClientOffline: _on_offline,
+    UpdateReceived: _on_update,
+    PublishDone: _on_publish_done,
+    AggregationDone: _on_aggregation_done,
+    AlignmentDone: _on_alignment_done,
+    Abort: _on_abort,
+}
+

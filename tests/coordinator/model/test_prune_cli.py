@@ -1,0 +1,66 @@
+"""`fedsoda-coordinator prune` end to end on the cut SmolLM2 copy (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+from coordinator.cli import app
+from coordinator.model.datasets import public_text
+from shared.subllm import read_meta
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI configures the root logger for the terminal; give later tests the old setup back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    noisy = {name: logging.getLogger(name).level for name in ("transformers", "accelerate", "peft", "bitsandbytes")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in noisy.items():
+        logging.getLogger(name).setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def public_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("public") / "public.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in public_text("wikipedia", n=12)))
+    return path
+
+
+def test_prune_writes_report_and_packages(tiny_model_dir, public_file, tmp_path):
+    out = tmp_path / "prune"
+    args = [
+        "prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(out),
+        "--block-size", "1", "--depth", "3", "--tiers", "4", "--calib-samples", "6", "--eval-samples", "4",
+        "--seq-len", "32", "--oda-steps", "2", "--precision", "fp32", "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["perplexity"]) == {"full", "sgp", "uniform", "sgp+oda", "uniform+oda"}
+    assert all(v > 1 for v in report["perplexity"].values())
+    assert len(report["sgp_layers"]) == 3 and report["sgp_layers"][0] == 0 and report["sgp_layers"][-1] == 3
+    assert report["tiers"]["d4"] == [0, 1, 2, 3] and report["tiers"]["d3"] == report["sgp_layers"]
+    assert [b["layers"] for b in report["ranking"]] and all(len(b["layers"]) == 1 for b in report["ranking"])
+    for name in ("report.json", "report.md", "distances.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "distances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = read_meta(out / "packages" / "d3")
+    assert list(meta.layer_map) == report["sgp_layers"] and meta.precision == "fp32"
+    assert "SGP" in (out / "report.md").read_text()
+
+
+def test_prune_reports_unreachable_depth(tiny_model_dir, public_file, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(tmp_path),
+         "--block-size", "2", "--depth", "3", "--no-oda", "--no-package"],
+    )
+    assert result.exit_code == 2
+    assert "depth 3 cannot be reached" in result.output
