@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from coordinator.settings import RunConfig  # noqa: E402
+from shared.adapters import LoraSettings  # noqa: E402
 from shared.protocol import TrainingParams  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -85,7 +86,7 @@ def adapter_shapes(config: RunConfig | None = None) -> Shapes:
     Returns:
         Key -> shape, in PEFT's key order.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict
 
     from coordinator.model.models import load_model
     from coordinator.model.surgery import find_decoder_layers
@@ -98,13 +99,7 @@ def adapter_shapes(config: RunConfig | None = None) -> Shapes:
     training = config.training
     peft_model = get_peft_model(
         model,
-        LoraConfig(
-            r=training.lora_rank,
-            lora_alpha=training.lora_alpha,
-            target_modules=list(training.target_modules),
-            layers_to_transform=kept,
-            layers_pattern=prefix.rsplit(".", 1)[-1],
-        ),
+        LoraSettings.from_training(training).peft_config(layers=kept, layers_prefix=prefix),
     )
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
 
@@ -336,13 +331,12 @@ class BareLoop:
     """
 
     def __init__(self, model: torch.nn.Module, params: TrainingParams) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         torch.manual_seed(0)
         self.model = get_peft_model(
             model,
-            LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                       target_modules=list(params.target_modules), bias="none", task_type="CAUSAL_LM"),
+            LoraSettings.from_training(params).peft_config(),
         )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)

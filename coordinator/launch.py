@@ -16,7 +16,8 @@ from pathlib import Path
 
 from coordinator.run.credentials import CredentialStore
 from coordinator.model.pipeline import ModelPipeline, Progress
-from coordinator.run.server import COORDINATOR_ID, CoordinatorServer, RunOutcome
+from coordinator.run.server import CoordinatorServer, RunOutcome
+from shared.protocol import COORDINATOR_ID
 from coordinator.settings import BrokerSettings, RunConfig
 from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
 from shared.transport import MqttTransport, TransportConfig

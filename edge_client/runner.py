@@ -39,6 +39,7 @@ from shared import codec, topics
 from shared.blobs import BlobFetcher, ChunkStore, FetchProgress, check_chunk
 from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError, TopicError
 from shared.protocol import (
+    COORDINATOR_ID,
     Assignment,
     DeviceProfile,
     GlobalAdapter,
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "fedsoda 0.1.0"
 HELLO_RETRY_SECONDS = 5.0
-COORDINATOR_SENDER = "coordinator"
 """The envelope sender of everything the coordinator publishes (its MQTT client id)."""
 STATE_FILE = "client.json"
 PENDING_FILE = "update-unacked.msgpack"
@@ -286,7 +286,7 @@ class EdgeClient:
         def run_handler(message: InboundMessage) -> None:
             try:
                 info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
-                if envelope.sender != COORDINATOR_SENDER:
+                if envelope.sender != COORDINATOR_ID:
                     raise TopicError(f"{info.kind} messages come from the coordinator, not from {short_repr(envelope.sender)}")
                 handler(message.topic, envelope)
             except (ProtocolError, BlobError) as exc:

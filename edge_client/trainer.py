@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edge_client.data import IGNORE_INDEX, LocalDataset, batch_indices, make_batch
-from shared.adapters import to_full_keys, to_sub_keys
+from shared.adapters import LoraSettings, to_full_keys, to_sub_keys
 from shared.errors import DataError, ModelError, RunStateError
+from shared.subllm import is_4bit, linear4bit_modules
 
 if TYPE_CHECKING:
     from shared.protocol import TrainingParams
@@ -136,16 +137,6 @@ def round_seed(seed: int, round_num: int) -> int:
 # Model preparation
 
 
-def _linear4bit_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    # Match by class name so a model without 4-bit layers never imports bitsandbytes.
-    return [m for m in model.modules() if any(c.__name__ == "Linear4bit" for c in type(m).__mro__)]
-
-
-def is_4bit(model: torch.nn.Module) -> bool:
-    """True if the model holds bitsandbytes 4-bit linear layers."""
-    return bool(getattr(model, "is_loaded_in_4bit", False)) or bool(_linear4bit_modules(model))
-
-
 def check_4bit_cpu_layout(model: torch.nn.Module) -> None:
     """Refuse 4-bit weights that bitsandbytes has repacked for CPU inference.
 
@@ -162,7 +153,7 @@ def check_4bit_cpu_layout(model: torch.nn.Module) -> None:
     """
     repacked = [
         m
-        for m in _linear4bit_modules(model)
+        for m in linear4bit_modules(model)
         if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
     ]
     if repacked:
@@ -200,7 +191,7 @@ def attach_lora(
         ModelError: The model is already PEFT-wrapped, its 4-bit weights are in the CPU
             inference layout, or no target module exists in it.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
         raise ModelError("the model already carries a PEFT adapter; pass the bare (sub-)LLM")
@@ -220,14 +211,7 @@ def attach_lora(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(
-        r=int(params.lora_rank),
-        lora_alpha=float(params.lora_alpha),
-        lora_dropout=float(params.lora_dropout),
-        target_modules=list(params.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = LoraSettings.from_training(params).peft_config()
     try:
         return get_peft_model(model, config, adapter_name=_ADAPTER_NAME)
     except ValueError as exc:

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,6 +60,65 @@ class LoraSettings:
     def scaling(self) -> float:
         """Factor applied to ``B @ A``."""
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @classmethod
+    def from_training(cls, params: Any) -> LoraSettings:
+        """The LoRA settings of a round's training parameters.
+
+        Args:
+            params: A :class:`shared.protocol.TrainingParams` (or anything with its
+                ``lora_rank``, ``lora_alpha``, ``lora_dropout`` and ``target_modules``).
+
+        Returns:
+            The settings.
+        """
+        return cls(
+            rank=int(params.lora_rank),
+            alpha=float(params.lora_alpha),
+            dropout=float(params.lora_dropout),
+            target_modules=tuple(params.target_modules),
+        )
+
+    def peft_config(
+        self,
+        *,
+        layers: Sequence[int] | None = None,
+        layers_prefix: str = "",
+        target_modules: Sequence[str] | None = None,
+        base_model_name_or_path: str | None = None,
+    ) -> Any:
+        """The ``peft.LoraConfig`` of these settings: the one way fedsoda builds one.
+
+        Clients adapt every layer of their sub-LLM (``layers=None``); the coordinator names the
+        full-LLM layers (``layers`` and ``layers_prefix``) when it builds the initial adapter or
+        exports the final one.
+
+        Args:
+            layers: Decoder layer indices to adapt; None adapts every layer.
+            layers_prefix: Dotted path of the decoder layer list (needed with ``layers``).
+            target_modules: Overrides :attr:`target_modules` (an export names exactly the
+                modules that carry tensors).
+            base_model_name_or_path: Recorded in the saved adapter config.
+
+        Returns:
+            A ``peft.LoraConfig`` (bias none, causal LM task).
+        """
+        from peft import LoraConfig
+
+        extra: dict[str, Any] = {}
+        if layers is not None:
+            extra = {"layers_to_transform": [int(i) for i in layers], "layers_pattern": layers_prefix.rsplit(".", 1)[-1]}
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(target_modules if target_modules is not None else self.target_modules),
+            use_rslora=self.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model_name_or_path,
+            **extra,
+        )
 
 
 def _layer_pattern(layers_prefix: str) -> re.Pattern[str]:

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from shared import codec, topics
 from shared.errors import BlobError, ChunkHashMismatchError, ProtocolError, UnsafePathError
-from shared.protocol import Chunk, ChunkRequest, Envelope, FileEntry, Manifest, MessageType, Nack
+from shared.protocol import COORDINATOR_ID, Chunk, ChunkRequest, Envelope, FileEntry, Manifest, MessageType, Nack
 from shared.transport import ConnectionEvent, InboundMessage, Transport
 from shared.typed import check_plain
 
@@ -484,7 +484,7 @@ class BlobServer:
         transport: Transport,
         *,
         run: str,
-        sender: str = "coordinator",
+        sender: str = COORDINATOR_ID,
         max_hashes_per_request: int = 32,
         refused: Counter[str] | None = None,
     ) -> None:

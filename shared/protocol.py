@@ -19,6 +19,10 @@ from typing import Any, Literal
 from shared.errors import TensorError
 
 PROTOCOL_VERSION = "1.0"
+
+COORDINATOR_ID = "coordinator"
+"""The coordinator's identity on the wire: the ``sender`` of everything it publishes, its MQTT
+client id, and its broker user name (a mosquitto started by ``serve`` forces client id = user)."""
 """``major.minor``: a peer refuses a newer major; a newer minor only adds optional fields."""
 
 PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])

@@ -58,6 +58,19 @@ STORAGE_DTYPE = {"nf4": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.fl
 DEFAULT_LOAD_DTYPE = {"nf4": torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def linear4bit_modules(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes 4-bit linear layers of a model (subclasses included).
+
+    Matched by class name, so a model without 4-bit layers never imports bitsandbytes.
+    """
+    return [m for m in model.modules() if any(c.__name__ == "Linear4bit" for c in type(m).__mro__)]
+
+
+def is_4bit(model: nn.Module) -> bool:
+    """True if the model holds bitsandbytes 4-bit linear layers (or says it was loaded in 4 bits)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False)) or bool(linear4bit_modules(model))
+
+
 def layer_shard_name(full_index: int) -> str:
     """File name of the shard holding full-LLM layer ``full_index``."""
     return f"model-layer-{full_index:05d}.safetensors"

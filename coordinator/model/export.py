@@ -61,7 +61,6 @@ def export_adapter(
         TensorError: A key names no module of the full model, a layer it does not have, or a
             module outside the LoRA target list; or an adapted layer lacks some target module.
     """
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     prefix, layers = find_decoder_layers(full_model)
@@ -102,16 +101,10 @@ def export_adapter(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
+    config = lora.peft_config(
+        layers=layers_adapted,
+        layers_prefix=prefix,
         target_modules=sorted(targets),
-        use_rslora=lora.use_rslora,
-        layers_to_transform=layers_adapted,
-        layers_pattern=prefix.rsplit(".", 1)[-1],
-        bias="none",
-        task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path or getattr(full_model.config, "_name_or_path", None),
     )
     config.save_pretrained(str(out))

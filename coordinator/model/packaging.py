@@ -32,6 +32,7 @@ from shared.subllm import (
     dequantize_embedding,
     disable_cpu_4bit_repacking,
     embedding_keys,
+    is_4bit,
     layer_shard_name,
     quantize_embedding,
     sha256_file,
@@ -50,11 +51,6 @@ def _bnb_config(skip_modules: list[str]):
         bnb_4bit_compute_dtype=torch.float32,
         llm_int8_skip_modules=skip_modules,
     )
-
-
-def is_4bit(model: nn.Module) -> bool:
-    """Whether a model holds bitsandbytes 4-bit layers (without importing bitsandbytes)."""
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def _linear_modules_outside_layers(model: nn.Module, prefix: str) -> list[str]:

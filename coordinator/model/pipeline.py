@@ -261,21 +261,12 @@ class ModelPipeline:
         """
         if self._initial is not None:
             return {k: v.clone() for k, v in self._initial.items()}
-        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+        from peft import get_peft_model, get_peft_model_state_dict
 
         layers = sorted({i for t in self.tiers.values() for i in t.kept})
         torch.manual_seed(self.config.seed)
         shell = surgery.build_submodel(self.full_model, list(range(self.num_layers)))
-        peft_model = get_peft_model(
-            shell,
-            LoraConfig(
-                r=self.lora.rank,
-                lora_alpha=self.lora.alpha,
-                target_modules=list(self.lora.target_modules),
-                layers_to_transform=layers,
-                layers_pattern=self.layers_prefix.rsplit(".", 1)[-1],
-            ),
-        )
+        peft_model = get_peft_model(shell, self.lora.peft_config(layers=layers, layers_prefix=self.layers_prefix))
         state = get_peft_model_state_dict(peft_model)
         # Built once: it deep-copies the whole model, and expected_shapes needs it too.
         self._initial = {k: v.detach().float().clone() for k, v in state.items()}

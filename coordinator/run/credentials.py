@@ -40,6 +40,7 @@ from typing import Any
 
 from shared import topics
 from shared.broker import BrokerHandle
+from shared.protocol import COORDINATOR_ID
 from shared.credentials import (
     ClientCredentials,
     generate_password,
@@ -53,7 +54,6 @@ from shared.topics import CLIENT_PUBLISHED, TopicKind
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_USER = "coordinator"
 """The coordinator's broker user (equal to its MQTT client id); no client may take it."""
 
 REGISTRY_FILE = "clients.json"
@@ -134,7 +134,7 @@ def acl_text(client_ids: list[str]) -> str:
         "",
         "# The coordinator alone publishes schedules, manifests, adapters, assignments, chunks and",
         "# nacks, and reads what clients send.",
-        f"user {COORDINATOR_USER}",
+        f"user {COORDINATOR_ID}",
         *(f"topic write {topics.any_run_filter(k)}" for k in CLIENT_READS),
         *(f"topic read {topics.any_run_filter(k)}" for k in CLIENT_WRITES),
     ]
@@ -190,8 +190,8 @@ class CredentialStore:
             topics.check_id(client_id, "client id")
         except TopicError as exc:
             raise ConfigError(str(exc)) from None
-        if client_id == COORDINATOR_USER:
-            raise ConfigError(f"client id {COORDINATOR_USER!r} is the coordinator's own user; pick another")
+        if client_id == COORDINATOR_ID:
+            raise ConfigError(f"client id {COORDINATOR_ID!r} is the coordinator's own user; pick another")
         password = generate_password()
         with self._locked() as registry:
             current = registry["clients"].get(client_id)
@@ -326,16 +326,16 @@ class CredentialStore:
             registry = self._read()
             yield registry
             login = self.directory / COORDINATOR_FILE
-            if not registry.get("coordinator") or not login.is_file():
+            if not registry.get(COORDINATOR_ID) or not login.is_file():
                 # The coordinator's login is made with the store, so its files are complete
                 # for any broker from the first `credentials add`.
                 password = generate_password()
-                creds = ClientCredentials(client_id=COORDINATOR_USER, username=COORDINATOR_USER, password=password)
+                creds = ClientCredentials(client_id=COORDINATOR_ID, username=COORDINATOR_ID, password=password)
                 write_client_credentials(login, creds, comment="The fedsoda coordinator's broker login: keep it private.")
-                registry["coordinator"] = {"hash": mosquitto_password_hash(password), "added": _now()}
+                registry[COORDINATOR_ID] = {"hash": mosquitto_password_hash(password), "added": _now()}
             write_private(self.directory / REGISTRY_FILE, json.dumps(registry, indent=2) + "\n")
             active = {cid: e["hash"] for cid, e in sorted(registry["clients"].items()) if not e.get("revoked")}
-            users = {**active, COORDINATOR_USER: registry["coordinator"]["hash"]}
+            users = {**active, COORDINATOR_ID: registry[COORDINATOR_ID]["hash"]}
             write_private(self.passwd_file, "".join(f"{user}:{digest}\n" for user, digest in users.items()))
             write_private(self.acl_file, acl_text(list(active)))
 

@@ -59,6 +59,7 @@ from shared import codec, topics
 from shared.blobs import BlobServer
 from shared.errors import FedSodaError, FieldTypeError, ProtocolError, RunStateError, TopicError
 from shared.protocol import (
+    COORDINATOR_ID,
     GlobalAdapter,
     Hello,
     MessageType,
@@ -73,7 +74,6 @@ from shared.typed import short_repr
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_ID = "coordinator"
 ASSIGNMENTS_FILE = "assignments.json"
 TICK_SECONDS = 0.2
 FAULT_PAUSE_ENV = "FEDSODA_FAULT_PAUSE"

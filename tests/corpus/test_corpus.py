@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from coordinator.run.checkpoint import RunDir
 from coordinator.cli import app as coordinator_app
 from coordinator.model.pipeline import ModelPipeline
-from coordinator.run.server import COORDINATOR_ID, CoordinatorServer
+from coordinator.run.server import CoordinatorServer
+from shared.protocol import COORDINATOR_ID
 from coordinator.settings import RunConfig
 from edge_client.data import load_dataset
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient

@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
-from coordinator.run.credentials import COORDINATOR_USER, CredentialStore, acl_text
-from coordinator.run.server import COORDINATOR_ID
+from coordinator.run.credentials import CredentialStore, acl_text
+from shared.protocol import COORDINATOR_ID
 from coordinator.settings import RunConfig
 from edge_client.cli import app as client_app
 from shared.config import load_config
@@ -68,7 +68,7 @@ def test_add_list_revoke_keep_only_hashes_in_private_files(tmp_path: Path) -> No
         text = path.read_text()
         assert alice.password not in text and bob.password not in text
     users = [line.split(":", 1)[0] for line in store.passwd_file.read_text().splitlines()]
-    assert users == ["alice", "bob", COORDINATOR_USER]
+    assert users == ["alice", "bob", COORDINATOR_ID]
     assert all(line.split(":", 1)[1].startswith("$7$101$") for line in store.passwd_file.read_text().splitlines())
 
     revoked = store.revoke("bob")
@@ -83,14 +83,13 @@ def test_add_list_revoke_keep_only_hashes_in_private_files(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="no credentials for client 'carol'.*known: alice, bob"):
         store.revoke("carol")
     with pytest.raises(ConfigError, match="coordinator's own user"):
-        store.add(COORDINATOR_USER)
+        store.add(COORDINATOR_ID)
     with pytest.raises(ConfigError, match="client id 'a/b'"):
         store.add("a/b")
     again = store.add("bob")  # re-enrolment issues a new password
     assert again.password != bob.password and "bob:" in store.passwd_file.read_text()
     # The coordinator's own login is created once and kept.
     assert store.coordinator_credentials() == store.coordinator_credentials()
-    assert COORDINATOR_USER == COORDINATOR_ID, "the broker forces client id = user name"
 
 
 def test_the_acl_pins_each_client_to_its_own_topics() -> None:
@@ -115,7 +114,7 @@ def test_the_acl_pins_each_client_to_its_own_topics() -> None:
         "topic read fedsoda/v1/+/chunk/jetson-07",
         "topic read fedsoda/v1/+/nack/jetson-07",
     ])
-    coordinator = blocks[f"user {COORDINATOR_USER}"]
+    coordinator = blocks[f"user {COORDINATOR_ID}"]
     assert "topic write fedsoda/v1/+/schedule" in coordinator and "topic read fedsoda/v1/+/update/+" in coordinator
     assert not [line for line in coordinator if line.startswith("topic readwrite")]
 
