@@ -230,7 +230,12 @@ def report(
     """Show a run's rounds and clients: participants, dropouts, rejections, bytes, time, memory, loss, accuracy."""
     import json
 
-    from coordinator.run.reports import load_report, render_summary, write_csv, write_plots
+    from coordinator.run.reports import (
+        load_report,
+        render_summary,
+        write_csv,
+        write_plots,
+    )
     from shared.console import console, run_command
 
     data = run_command(lambda: load_report(run_dir))
@@ -284,7 +289,13 @@ def prune(
     """SGP-prune a model (+ ODA), compare with uniform drop, write the report and the packaged tiers."""
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 
     from shared.console import console, run_command, setup_logging

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.run.credentials import CredentialStore
 from coordinator.model.pipeline import ModelPipeline, Progress
+from coordinator.run.credentials import CredentialStore
 from coordinator.run.server import CoordinatorServer, RunOutcome
-from shared.protocol import COORDINATOR_ID
 from coordinator.settings import BrokerSettings, RunConfig
 from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
+from shared.protocol import COORDINATOR_ID
 from shared.transport import MqttTransport, TransportConfig
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.model.datasets import movie_reviews, train_test_split
 from coordinator.launch import serve_run
+from coordinator.model.datasets import movie_reviews, train_test_split
 from coordinator.model.pipeline import Progress
 from coordinator.run.server import RunOutcome
 from coordinator.settings import RunConfig

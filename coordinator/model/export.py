@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from coordinator.model.surgery import find_decoder_layers
-from shared.adapters import LoraSettings, PEFT_PREFIX, adapted_layers, layer_index, to_full_keys
+from shared.adapters import (
+    PEFT_PREFIX,
+    LoraSettings,
+    adapted_layers,
+    layer_index,
+    to_full_keys,
+)
 from shared.errors import ModelError, TensorError
 
 log = logging.getLogger(__name__)

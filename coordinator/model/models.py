@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from shared.config import cache_dir
 from coordinator.model.surgery import text_config
+from shared.config import cache_dir
 from shared.errors import ModelError
 from shared.layermap import subset_layer_config
 

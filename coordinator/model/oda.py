@@ -31,9 +31,9 @@ from torch import nn
 
 from coordinator.model.evaluation import Batch, model_device
 from coordinator.model.surgery import capture_layer_io, find_decoder_layers
-from shared.layermap import bridge_layers
 from shared.adapters import LoraSettings, lora_deltas, to_sub_keys
 from shared.errors import ConfigError, ModelError
+from shared.layermap import bridge_layers
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from coordinator.model.surgery import find_decoder_layers, text_config
-from shared.layermap import validate_layer_map
 from shared.errors import ConfigError, ModelError
+from shared.layermap import validate_layer_map
 from shared.subllm import (
     EMBEDDING_FILE,
     INDEX_FILE,

@@ -29,25 +29,25 @@ from typing import Any
 
 import torch
 
-from coordinator.model import evaluation
-
-from coordinator.model import sgp
-
-from coordinator.model import surgery
-from coordinator.model.datasets import movie_reviews, public_text, task_prompts, train_test_split
+from coordinator.model import evaluation, sgp, surgery
+from coordinator.model.datasets import (
+    movie_reviews,
+    public_text,
+    task_prompts,
+    train_test_split,
+)
 from coordinator.model.export import export_adapter
 from coordinator.model.models import load_model
 from coordinator.model.oda import ODAConfig, distill
 from coordinator.model.packaging import write_package
 from coordinator.settings import RunConfig
 from hardware_profiles.planner import assign_tier
-
 from shared.adapters import LoraSettings
-from shared.layermap import kept_layers, uniform_drop_layers
 from shared.blobs import build_manifest
-from shared.subllm import read_meta
 from shared.errors import ConfigError, RunStateError
+from shared.layermap import kept_layers, uniform_drop_layers
 from shared.protocol import Assignment, DeviceProfile, Manifest
+from shared.subllm import read_meta
 from shared.tasks import ClassificationTask, accuracy, score_label_words
 
 log = logging.getLogger(__name__)

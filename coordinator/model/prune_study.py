@@ -24,9 +24,13 @@ from coordinator.model import sgp
 from coordinator.model.evaluation import batches_nll, tokenize_texts
 from coordinator.model.oda import ODAConfig, distill
 from coordinator.model.packaging import write_package
-from coordinator.model.surgery import build_submodel, find_decoder_layers, parameter_count
-from shared.layermap import blocks_for_depth, kept_layers, uniform_drop_layers
+from coordinator.model.surgery import (
+    build_submodel,
+    find_decoder_layers,
+    parameter_count,
+)
 from shared.errors import ConfigError, DataError
+from shared.layermap import blocks_for_depth, kept_layers, uniform_drop_layers
 
 log = logging.getLogger(__name__)
 

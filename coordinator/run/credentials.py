@@ -40,7 +40,6 @@ from typing import Any
 
 from shared import topics
 from shared.broker import BrokerHandle
-from shared.protocol import COORDINATOR_ID
 from shared.credentials import (
     ClientCredentials,
     generate_password,
@@ -50,6 +49,7 @@ from shared.credentials import (
     write_private,
 )
 from shared.errors import ConfigError, TopicError
+from shared.protocol import COORDINATOR_ID
 from shared.topics import CLIENT_PUBLISHED, TopicKind
 
 log = logging.getLogger(__name__)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
-from shared.errors import ConfigError, RunStateError
+from coordinator.settings import RoundConfig
+from shared.errors import RunStateError
 
 logger = logging.getLogger(__name__)
 
@@ -81,116 +81,6 @@ _SCHEDULE_STATUS: dict[Phase, str] = {
     Phase.FINISHED: "finished",
     Phase.FAILED: "failed",
 }
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    """How rounds are scheduled and closed.
-
-    Attributes:
-        rounds: Number of federated rounds (>= 1).
-        min_clients: Eligible (accepted at hello, online) clients needed to start a round.
-        clients_per_round: Clients selected per round; None selects ``client_fraction`` of
-            the eligible ones (at least ``min_clients``), capped at how many are eligible.
-        client_fraction: Fraction of eligible clients selected when ``clients_per_round``
-            is None, in (0, 1].
-        quorum: Reports needed to close a round, as a count; None uses ``quorum_fraction``.
-        quorum_fraction: Fraction of the selected clients (rounded up) that must report
-            when ``quorum`` is None, in (0, 1].
-        round_timeout_s: Seconds from publishing a round to its deadline (> 0); also the
-            length of one extension.
-        on_deadline_without_quorum: ``"extend"`` moves the deadline by
-            ``round_timeout_s`` (up to ``max_extensions`` times, then fails); ``"fail"``
-            fails the run at once.
-        max_extensions: Extensions allowed per round.
-        realign_every: Re-align the sub-LLMs after every r-th aggregation (not after the
-            last round); 0 never re-aligns.
-        max_wait_s: Seconds the run may wait for ``min_clients`` before failing; None waits
-            for ever.
-    """
-
-    rounds: int
-    min_clients: int = 1
-    clients_per_round: int | None = None
-    client_fraction: float = 1.0
-    quorum: int | None = None
-    quorum_fraction: float = 0.5
-    round_timeout_s: float = 600.0
-    on_deadline_without_quorum: Literal["extend", "fail"] = "extend"
-    max_extensions: int = 3
-    realign_every: int = 0
-    max_wait_s: float | None = None
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.rounds < 1:
-            problems.append(f"rounds must be >= 1, got {self.rounds}")
-        if self.min_clients < 1:
-            problems.append(f"min_clients must be >= 1, got {self.min_clients}")
-        if self.clients_per_round is not None and self.clients_per_round < 1:
-            problems.append(f"clients_per_round must be >= 1 or unset, got {self.clients_per_round}")
-        if not 0.0 < self.client_fraction <= 1.0:
-            problems.append(f"client_fraction must be in (0, 1], got {self.client_fraction}")
-        if self.quorum is not None:
-            if self.quorum < 1:
-                problems.append(f"quorum must be >= 1 or unset, got {self.quorum}")
-            # A count quorum larger than a round can ever select would never close a round.
-            if self.quorum > self.min_clients:
-                problems.append(
-                    f"quorum ({self.quorum}) exceeds min_clients ({self.min_clients}): "
-                    "raise min_clients or lower quorum"
-                )
-            if self.clients_per_round is not None and self.quorum > self.clients_per_round:
-                problems.append(
-                    f"quorum ({self.quorum}) exceeds clients_per_round ({self.clients_per_round})"
-                )
-        if not 0.0 < self.quorum_fraction <= 1.0:
-            problems.append(f"quorum_fraction must be in (0, 1], got {self.quorum_fraction}")
-        if not self.round_timeout_s > 0:
-            problems.append(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
-        if self.on_deadline_without_quorum not in ("extend", "fail"):
-            problems.append(
-                "on_deadline_without_quorum must be 'extend' or 'fail', "
-                f"got {self.on_deadline_without_quorum!r}"
-            )
-        if self.max_extensions < 0:
-            problems.append(f"max_extensions must be >= 0, got {self.max_extensions}")
-        if self.realign_every < 0:
-            problems.append(f"realign_every must be >= 0 (0 = never), got {self.realign_every}")
-        if self.max_wait_s is not None and not self.max_wait_s > 0:
-            problems.append(f"max_wait_s must be > 0 or unset, got {self.max_wait_s}")
-        if problems:
-            raise ConfigError("invalid round config: " + "; ".join(problems))
-
-    def selection_size(self, n_eligible: int) -> int:
-        """How many of ``n_eligible`` clients a round selects.
-
-        Args:
-            n_eligible: Eligible clients online (>= ``min_clients`` when a round starts).
-
-        Returns:
-            The number to select, between 1 and ``n_eligible``.
-        """
-        if self.clients_per_round is not None:
-            k = self.clients_per_round
-        else:
-            k = max(math.ceil(self.client_fraction * n_eligible), self.min_clients)
-        return max(1, min(k, n_eligible))
-
-    def quorum_for(self, n_selected: int) -> int:
-        """Reports needed to close a round that selected ``n_selected`` clients.
-
-        Args:
-            n_selected: Clients assigned to the round.
-
-        Returns:
-            The quorum, between 1 and ``n_selected``.
-        """
-        q = self.quorum if self.quorum is not None else math.ceil(self.quorum_fraction * n_selected)
-        return max(1, min(q, n_selected))
 
 
 # --------------------------------------------------------------------------- state

@@ -31,9 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.run import rounds
-from coordinator.run.checkpoint import RunDir, load_run
 from coordinator.model.pipeline import ModelPipeline
+from coordinator.run import rounds
+from coordinator.run.aggregation import get_strategy
+from coordinator.run.checkpoint import RunDir, load_run
+from coordinator.run.inbound import (
+    RoundContext,
+    UpdateLimits,
+    UpdateValidationError,
+    validate_update,
+)
 from coordinator.run.rounds import (
     AggregationDone,
     AlignmentDone,
@@ -53,11 +60,15 @@ from coordinator.run.rounds import (
     UpdateReceived,
 )
 from coordinator.settings import RunConfig
-from coordinator.run.aggregation import get_strategy
-from coordinator.run.inbound import RoundContext, UpdateLimits, UpdateValidationError, validate_update
 from shared import codec, topics
 from shared.blobs import BlobServer
-from shared.errors import FedSodaError, FieldTypeError, ProtocolError, RunStateError, TopicError
+from shared.errors import (
+    FedSodaError,
+    FieldTypeError,
+    ProtocolError,
+    RunStateError,
+    TopicError,
+)
 from shared.protocol import (
     COORDINATOR_ID,
     GlobalAdapter,

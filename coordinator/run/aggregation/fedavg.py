@@ -7,7 +7,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from coordinator.run.aggregation.base import AggregationStrategy, StateDict, register_strategy
+from coordinator.run.aggregation.base import (
+    AggregationStrategy,
+    StateDict,
+    register_strategy,
+)
 from shared.errors import UpdateRejectedError
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from coordinator.run import checkpoint
+from coordinator.run.aggregation import FedAvg
 from coordinator.run.checkpoint import RunDir, atomic_write_bytes, load_run
 from coordinator.run.rounds import (
     AggregationDone,
@@ -23,7 +24,6 @@ from coordinator.run.rounds import (
     PublishDone,
     PublishSchedule,
     RequestAggregation,
-    RoundConfig,
     RoundState,
     SendNack,
     Start,
@@ -34,7 +34,7 @@ from coordinator.run.rounds import (
     initial_state,
     step,
 )
-from coordinator.run.aggregation import FedAvg
+from coordinator.settings import RoundConfig
 from shared.errors import RunStateError
 
 T0 = 5_000.0

@@ -27,12 +27,11 @@ from coordinator.run.rounds import (
     ClientOnline,
     Fail,
     Finish,
-    Phase,
     PersistCheckpoint,
+    Phase,
     PublishDone,
     PublishSchedule,
     RequestAggregation,
-    RoundConfig,
     RoundState,
     SendNack,
     Start,
@@ -43,6 +42,7 @@ from coordinator.run.rounds import (
     initial_state,
     step,
 )
+from coordinator.settings import RoundConfig
 from shared.errors import ConfigError, RunStateError
 
 T0 = 1_000.0
