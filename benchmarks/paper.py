@@ -2,16 +2,16 @@
 
 Every run is a real ``simulate``: the embedded MQTT broker, the coordinator in this process
 (the ``serve`` code path) and one ``fedsoda-client join`` process per client. The three
-strategies share everything but the strategy: the clients, their data split, the rounds,
-local steps, LoRA rank and learning rate (the ``make demo`` preset, ``DEMO_OVERRIDES``).
-Per strategy and task, over several seeds (the seed changes the client split, data order
+methods share everything but the method: the clients, their data split, the rounds,
+local steps, LoRA rank and learning rate (the ``make demo`` preset, ``coordinator.settings.PRESETS['demo']``).
+Per method and task, over several seeds (the seed changes the client split, data order
 and LoRA initialisation):
 
 - communication: bytes one client sent plus received over the whole run, counted by its
   MQTT transport (sub-LLM chunks, schedules, global adapters down; deltas and reports up);
 - client storage: the bytes of the model package the client must hold (its tier);
 - accuracy of the full LLM with the final adapter (PEFT) on the task's test split, and of
-  the full LLM alone (zero-shot, the same for every strategy);
+  the full LLM alone (zero-shot, the same for every method);
 - round time: from a round's start to its aggregation, on this machine.
 
 Writes ``benchmarks/results/paper.json`` (every run, then the summary), ``paper.md`` and
@@ -19,7 +19,7 @@ Writes ``benchmarks/results/paper.json`` (every run, then the summary), ``paper.
 interrupted benchmark resumes where it stopped (``--fresh`` reruns everything).
 
 Usage: ``python benchmarks/paper.py [--tasks rotten_tomatoes,imdb] [--seeds 0,1,2]
-[--strategies fedsoda,fedot,fedpetuning] [--clients 3] [--quick] [--fresh]``.
+[--methods fedsoda,fedot,fedpetuning] [--clients 3] [--quick] [--fresh]``.
 """
 
 from __future__ import annotations
@@ -38,16 +38,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from coordinator.cli import DEMO_OVERRIDES  # noqa: E402
 from coordinator.run.reports import load_report  # noqa: E402
-from coordinator.settings import RunConfig  # noqa: E402
+from coordinator.settings import (
+    RunConfig,  # noqa: E402
+    preset,  # noqa: E402
+)
 from coordinator.simulate import SimulationOptions, simulate  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MiB = 1024 * 1024
-STRATEGIES = ("fedsoda", "fedot", "fedpetuning")
+METHOD_NAMES = ("fedsoda", "fedot", "fedpetuning")
 
 #: Per task: what differs from the demo preset. IMDB reviews are long: clients train on and the
 #: evaluation scores the last 96 tokens of each (the end of a review carries its verdict). The
@@ -68,17 +70,17 @@ TARGETS = {
 
 
 def run_settings(
-    task: str, strategy: str, seed: int, clients: int, quick: bool, model: str, extra: dict[str, Any] | None = None
+    task: str, method: str, seed: int, clients: int, quick: bool, model: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The config overrides of one run: the demo preset, the task, the strategy, the seed, then ``extra``."""
-    overrides = dict(DEMO_OVERRIDES)
+    """The config overrides of one run: the demo preset, the task, the method, the seed, then ``extra``."""
+    overrides = preset("demo")
     overrides.update(TASK_OVERRIDES[task])
-    overrides.update({"run_id": f"paper-{task}-{strategy}-{seed}", "pruning.strategy": strategy, "seed": seed,
+    overrides.update({"run_id": f"paper-{task}-{method}-{seed}", "method": method, "seed": seed,
                       "training.seed": seed, "model.model": model, "rounds.min_clients": clients})
     if quick:  # the smoke test: a 2-round sketch on a small model that exercises every path
         overrides.update({"rounds.rounds": 2, "training.local_steps": 2, "alignment.pre_align_steps": 2,
                           "alignment.realign_steps": 1, "rounds.realign_every": 1, "evaluation.test_samples": 16,
-                          "model.calibration_samples": 8, "pruning.tiers": [2], "pruning.block_size": 1})
+                          "model.calibration_samples": 8, "pruning.depths": [4], "pruning.block_size": 1})
     overrides.update(extra or {})
     return overrides
 
@@ -152,16 +154,16 @@ def full_model_fp16_bytes(model: str) -> int:
 
 
 def summarize(runs: list[dict[str, Any]], fp16_bytes: int) -> dict[str, Any]:
-    """Mean and spread per (task, strategy), and the headline comparisons against the targets."""
+    """Mean and spread per (task, method), and the headline comparisons against the targets."""
     summary: dict[str, Any] = {}
     for task in sorted({r["task"] for r in runs}):
         rows: dict[str, Any] = {}
-        for strategy in STRATEGIES:
-            mine = [r for r in runs if r["task"] == task and r["strategy"] == strategy]
+        for method in METHOD_NAMES:
+            mine = [r for r in runs if r["task"] == task and r["method"] == method]
             if not mine:
                 continue
             acc = [r["accuracy_after"] for r in mine]
-            rows[strategy] = {
+            rows[method] = {
                 "seeds": [r["seed"] for r in mine],
                 "accuracy_mean": statistics.mean(acc),
                 "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
@@ -183,12 +185,12 @@ def summarize(runs: list[dict[str, Any]], fp16_bytes: int) -> dict[str, Any]:
         if soda and ot:
             headline["accuracy_gain_vs_fedot_points"] = 100 * (soda["accuracy_mean"] - ot["accuracy_mean"])
         headline_met = {k: v >= TARGETS[k] for k, v in headline.items()}
-        summary[task] = {"strategies": rows, "headline": headline, "met": headline_met}
+        summary[task] = {"methods": rows, "headline": headline, "met": headline_met}
     return summary
 
 
 def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
-    """The README table: one row per (task, strategy), then the headline figures against the targets."""
+    """The README table: one row per (task, method), then the headline figures against the targets."""
     lines = [
         "# FedSODA vs FedOT vs FedPETuning (benchmarks/paper.py)",
         "",
@@ -198,13 +200,13 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
         "adapter; `before` is the full LLM alone."
         + ("".join(f" Ablation: `{key} = {json.dumps(value)}`." for key, value in meta.get("settings", {}).items())),
         "",
-        "| task | strategy | client layers | accuracy (mean ± sd, min-max) | before | MiB per client (down+up) | client storage MiB | round s |",
+        "| task | method | client layers | accuracy (mean ± sd, min-max) | before | MiB per client (down+up) | client storage MiB | round s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task, block in summary.items():
-        for strategy, row in block["strategies"].items():
+        for method, row in block["methods"].items():
             lines.append(
-                f"| {task} | {strategy} | {'/'.join(map(str, row['layers']))} | "
+                f"| {task} | {method} | {'/'.join(map(str, row['layers']))} | "
                 f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['accuracy_min']:.3f}-{row['accuracy_max']:.3f}, "
                 f"{len(row['seeds'])} seed{'s' if len(row['seeds']) != 1 else ''}) | "
                 f"{row['accuracy_before']:.3f} | {row['bytes_per_client'] / MiB:.1f} | {row['storage_bytes'] / MiB:.1f} | "
@@ -230,7 +232,7 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     tasks = list(summary)
     fig, axes = plt.subplots(len(tasks), 3, figsize=(12, 3.4 * len(tasks)), squeeze=False)
     for row_axes, task in zip(axes, tasks):
-        rows = summary[task]["strategies"]
+        rows = summary[task]["methods"]
         names = list(rows)
         acc_ax, bytes_ax, store_ax = row_axes
         acc_ax.bar(names, [rows[n]["accuracy_mean"] for n in names], yerr=[rows[n]["accuracy_std"] for n in names], capsize=4)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="rotten_tomatoes,imdb")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--examples-per-client", type=int, default=200)
     parser.add_argument("--model", default="bundled", help="full model: 'bundled' (SmolLM2-135M) or a Hugging Face folder")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {sorted(TASK_OVERRIDES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    strategies = [s for s in args.strategies.split(",") if s]
+    methods = [s for s in args.methods.split(",") if s]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results_path = args.out_dir / "paper.json"
     previous = [] if args.fresh or not results_path.is_file() else json.loads(results_path.read_text()).get("runs", [])
@@ -297,17 +299,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs, meta = saved["runs"], saved["meta"]
         meta["seeds"] = {task: sorted({r["seed"] for r in runs if r["task"] == task}) for task in sorted({r["task"] for r in runs})}
         seeds = []
-    # Seeds outermost: an interrupted benchmark still has every strategy on the same seeds.
+    # Seeds outermost: an interrupted benchmark still has every method on the same seeds.
     for seed in seeds:
         for task in tasks:
-            for strategy in strategies:
-                overrides = run_settings(task, strategy, seed, args.clients, args.quick, args.model, extra)
-                label = f"{task}/{strategy}/seed {seed}"
+            for method in methods:
+                overrides = run_settings(task, method, seed, args.clients, args.quick, args.model, extra)
+                label = f"{task}/{method}/seed {seed}"
                 done = next((r for r in previous if r["overrides"] == overrides), None)
                 if done is None:
                     print(f"{time.strftime('%H:%M:%S')} running {label}", flush=True)
                     done = one_run(overrides, args.clients, args.examples_per_client, workdir)
-                    done.update({"task": task, "strategy": strategy, "seed": seed})
+                    done.update({"task": task, "method": method, "seed": seed})
                 else:
                     print(f"{time.strftime('%H:%M:%S')} reusing {label}", flush=True)
                 runs.append(done)

@@ -90,12 +90,13 @@ def adapter_shapes(config: RunConfig | None = None) -> Shapes:
 
     from coordinator.model.models import load_model
     from coordinator.model.surgery import find_decoder_layers
-    from shared.layermap import uniform_drop_layers
+    from shared.layermap import default_depth, uniform_drop_layers
 
     config = config or RunConfig()
     model, _ = load_model(config.model.model)
     prefix, layers = find_decoder_layers(model)
-    kept = uniform_drop_layers(len(layers), len(layers) - min(config.pruning.tiers), keep_ends=2)
+    depth = max(config.pruning.depths or [default_depth(len(layers), config.pruning.block_size)])
+    kept = uniform_drop_layers(len(layers), depth)
     training = config.training
     peft_model = get_peft_model(
         model,
@@ -412,7 +413,12 @@ def paired_steps(client_model, bare_model, tokenizer, dataset, steps: int, warmu
 def extra_work_seconds(model, tokenizer, dataset, reps: int = 20) -> dict[str, float]:
     """Seconds per step of the client's work a bare loop lacks: batching, proximal term, clipping."""
     from edge_client.data import make_batch
-    from edge_client.trainer import adapter_parameters, attach_lora, detach_lora, proximal_term
+    from edge_client.trainer import (
+        adapter_parameters,
+        attach_lora,
+        detach_lora,
+        proximal_term,
+    )
 
     params = _bench_params(1)
     t0 = time.perf_counter()
@@ -455,8 +461,8 @@ def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Pat
     """
     from coordinator.model.datasets import movie_reviews
     from coordinator.model.models import bundled_model_path, cut_model_copy, load_model
-    from shared.config import cache_dir
     from edge_client.data import dataset_from_records
+    from shared.config import cache_dir
 
     cut = cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{CUT_LAYERS}", CUT_LAYERS)
     dataset = dataset_from_records(movie_reviews("rotten_tomatoes")[:256], source="rotten_tomatoes")

@@ -64,7 +64,9 @@ def serve(
     public_data: Annotated[Optional[str], typer.Option(help="Public calibration text: 'wikipedia', 'owt' or a JSONL/text file.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID).")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Run id (MQTT topic segment).")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    tiers: Annotated[Optional[Path], typer.Option("--tiers", help="Use the tiers a `prune` run wrote in this folder (no SGP, no pre-alignment).")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy (fedavg).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default from the config).", envvar="FEDSODA_BROKER")] = None,
@@ -85,7 +87,9 @@ def serve(
         "model.model": model,
         "model.public_data": public_data,
         "run_id": run_id,
-        "pruning.strategy": strategy,
+        "method": method,
+        "pruning.tiers_dir": str(tiers) if tiers else None,
+        "aggregation.strategy": aggregation,
         "rounds.rounds": rounds,
         "rounds.min_clients": min_clients,
         "broker.host": host,
@@ -133,42 +137,11 @@ def _print_outcome(outcome, as_json: bool) -> None:
     console.print(table)
 
 
-#: `make demo`: the real SmolLM2-135M, SGP + ODA to 18 layers, 4-bit, 3 clients, 3 rounds,
-#: sized to finish within 15 minutes on a 2-core CPU (see README, "The demo").
-#: Measured on this CPU: ODA ~3.7 s/step (4 x 64 tokens, full teacher), NF4 training of the
-#: 18-layer sub-LLM ~2 s/step per client thread, scoring the full model ~0.4 s/sentence.
-#: Chosen on the accuracy harness (README, "What the demo shows"): SGP blocks of 4 layers, all
-#: kept layers aligned at lr 1e-3, and IMDB reviews in the task's template mixed into the
-#: calibration text lift the 18-layer sub-LLM's own zero-shot accuracy from 0.60 to 0.67.
-DEMO_OVERRIDES: dict[str, Any] = {
-    "run_id": "demo",
-    "model.model": "bundled",
-    "model.calibration_samples": 32,
-    "model.calibration_seq_len": 64,
-    "model.task_calibration": "imdb",
-    "model.task_calibration_samples": 32,
-    "pruning.strategy": "fedsoda",
-    "pruning.block_size": 4,
-    "pruning.tiers": [12],
-    "alignment.pre_align_steps": 10,
-    "alignment.realign_steps": 4,
-    "alignment.align_layers": "all",
-    "alignment.learning_rate": 1e-3,
-    "rounds.rounds": 3,
-    "rounds.min_clients": 3,
-    "rounds.realign_every": 2,
-    "rounds.round_timeout_s": 600.0,
-    "training.local_steps": 10,
-    "training.learning_rate": 1e-3,
-    "evaluation.test_samples": 200,
-}
-
-
 @app.command()
 def simulate(
     clients: Annotated[int, typer.Option(help="Client processes to start.")] = 3,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="Run configuration TOML.", envvar="FEDSODA_CONFIG")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     partition: Annotated[str, typer.Option(help="iid or dirichlet (non-IID by label).")] = "iid",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")] = 0.5,
@@ -182,12 +155,13 @@ def simulate(
     """Run a whole federated fine-tuning on this machine: embedded broker, coordinator, N clients."""
     import time
 
+    from coordinator.settings import preset
     from coordinator.simulate import SimulationOptions
     from shared.console import run_command, setup_logging
 
     setup_logging(verbose)
-    overrides: dict[str, Any] = dict(DEMO_OVERRIDES) if demo else {}
-    overrides.update({k: v for k, v in {"pruning.strategy": strategy, "rounds.rounds": rounds}.items() if v is not None})
+    overrides: dict[str, Any] = preset("demo") if demo else {}
+    overrides.update({k: v for k, v in {"method": method, "rounds.rounds": rounds}.items() if v is not None})
     if not demo:
         overrides["rounds.min_clients"] = clients
 
@@ -252,7 +226,7 @@ def report(
 
 
 class _RichSink:
-    """Progress sink for the prune pipeline: one rich progress bar row per long step."""
+    """Progress sink for the prune study: one rich progress bar row per long step."""
 
     def __init__(self, progress) -> None:
         self._progress = progress
@@ -262,14 +236,22 @@ class _RichSink:
         return lambda n: self._progress.advance(task, n)
 
 
+def _parse_depths(text: Optional[str]) -> tuple[int, ...]:
+    from shared.errors import ConfigError
+
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip()) if text else ()
+    except ValueError:
+        raise ConfigError(f"--depths must be comma-separated integers, got {text!r}") from None
+
+
 @app.command()
 def prune(
     model: Annotated[str, typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = "bundled",
     public_data: Annotated[str, typer.Option(help="Public calibration text: 'wikipedia', 'owt' or a JSONL/text file.")] = "wikipedia",
-    out: Annotated[Path, typer.Option(help="Output folder for the report and the packages.")] = Path("runs/prune"),
+    out: Annotated[Path, typer.Option(help="Output folder for the report and the tiers (serve --tiers reads it).")] = Path("runs/prune"),
     block_size: Annotated[int, typer.Option(help="Layers per SGP block.")] = 4,
-    depth: Annotated[Optional[int], typer.Option(help="Layers the (smallest) sub-LLM keeps (default: about 60%).")] = None,
-    tiers: Annotated[Optional[str], typer.Option(help="Extra, larger depths to package, comma-separated (nested tiers).")] = None,
+    depths: Annotated[Optional[str], typer.Option(help="Layers each tier keeps, comma-separated (nested tiers; default: about 60%). The smallest is compared with uniform drop.")] = None,
     keep_head: Annotated[int, typer.Option(help="Protected layers at the start.")] = 1,
     keep_tail: Annotated[int, typer.Option(help="Protected layers at the end.")] = 1,
     token: Annotated[str, typer.Option(help="SGP tokens: 'all' non-padding tokens or the 'last' one.")] = "all",
@@ -282,11 +264,11 @@ def prune(
     oda_batch_size: Annotated[int, typer.Option(help="Sequences per ODA step.")] = 4,
     align_layers: Annotated[str, typer.Option(help="ODA trains the 'bridge' layers or 'all' layers.")] = "bridge",
     precision: Annotated[str, typer.Option(help="Package precision: nf4, bf16 or fp32.")] = "nf4",
-    package: Annotated[bool, typer.Option("--package/--no-package", help="Write the tier packages.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """SGP-prune a model (+ ODA), compare with uniform drop, write the report and the packaged tiers."""
+    """SGP-prune a model (+ ODA), compare with uniform drop, write the report and the tiers `serve --tiers` uses."""
+    import contextlib
     import json
 
     from rich.progress import (
@@ -306,27 +288,29 @@ def prune(
         from coordinator.model.datasets import public_text
         from coordinator.model.models import load_model
         from coordinator.model.oda import ODAConfig
+        from coordinator.model.progress import LineSink
         from coordinator.model.prune_study import PruneConfig, run_prune
-        from shared.errors import ConfigError
 
-        try:
-            extra = tuple(int(t) for t in tiers.split(",") if t.strip()) if tiers else ()
-        except ValueError:
-            raise ConfigError(f"--tiers must be comma-separated integers, got {tiers!r}") from None
         config = PruneConfig(
-            block_size=block_size, depth=depth, tiers=extra, keep_head=keep_head, keep_tail=keep_tail,
+            block_size=block_size, depths=_parse_depths(depths), keep_head=keep_head, keep_tail=keep_tail,
             token=token, calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len,
             oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
-            oda_batch_size=oda_batch_size, precision=precision, package=package,
+            oda_batch_size=oda_batch_size, precision=precision,
         )
         texts = public_text(public_data)
         console.print(f"[cyan]>[/] loading {model}")
         full, tokenizer = load_model(model)
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
-        ) as progress:
-            return run_prune(full, tokenizer, texts, out, config, model_name=Path(str(model)).name, sink=_RichSink(progress))
+        with contextlib.ExitStack() as stack:
+            if console.is_terminal:
+                bars = stack.enter_context(Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False,
+                ))
+                sink = _RichSink(bars)
+            else:
+                # A progress bar shows nothing until it ends when the output is a log file or a pipe.
+                sink = LineSink(lambda line: console.print(f"[cyan]>[/] {line}", soft_wrap=True))
+            return run_prune(full, tokenizer, texts, out, config, model_name=Path(str(model)).name, sink=sink)
 
     result = run_command(body)
     if as_json:
@@ -346,8 +330,9 @@ def prune(
         summary.add_row(key, f"{value:.2f}")
     console.print(summary)
     for name, folder in result.packages.items():
-        console.print(f"[cyan]>[/] tier {name} ({len(result.tiers[name])} layers): {folder}")
-    console.print(f"[cyan]>[/] report: {out / 'report.md'}, heat-map: {out / 'distances.png'}")
+        console.print(f"[cyan]>[/] tier {name} ({len(result.tiers[name])} layers): {folder}", soft_wrap=True)
+    console.print(f"[cyan]>[/] report: {out / 'report.md'}, heat-map: {out / 'distances.png'}", soft_wrap=True)
+    console.print(f"[cyan]>[/] train on these tiers: fedsoda-coordinator serve --tiers {out} ...", soft_wrap=True)
 
 
 credentials_app = typer.Typer(

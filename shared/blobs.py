@@ -36,8 +36,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from shared import codec, topics
-from shared.errors import BlobError, ChunkHashMismatchError, ProtocolError, UnsafePathError
-from shared.protocol import COORDINATOR_ID, Chunk, ChunkRequest, Envelope, FileEntry, Manifest, MessageType, Nack
+from shared.errors import (
+    BlobError,
+    ChunkHashMismatchError,
+    ProtocolError,
+    UnsafePathError,
+)
+from shared.protocol import (
+    COORDINATOR_ID,
+    Chunk,
+    ChunkRequest,
+    Envelope,
+    FileEntry,
+    Manifest,
+    MessageType,
+    Nack,
+)
 from shared.transport import ConnectionEvent, InboundMessage, Transport
 from shared.typed import check_plain
 

@@ -50,7 +50,15 @@ from shared.protocol import (
     Envelope,
     MessageType,
 )
-from shared.typed import DEFAULT_MAX_DEPTH, INVALID, Problem, field_hints, from_plain, short_repr, to_plain
+from shared.typed import (
+    DEFAULT_MAX_DEPTH,
+    INVALID,
+    Problem,
+    field_hints,
+    from_plain,
+    short_repr,
+    to_plain,
+)
 
 log = logging.getLogger(__name__)
 

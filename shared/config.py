@@ -250,8 +250,13 @@ def load_config(
 
     problems: list[Problem] = []
     result = from_plain(cls, data, problems)
+    # A config class may name keys it used to have (``RENAMED_KEYS = {"old.path": "what now"}``),
+    # so a file written for an older version gets told where its setting went.
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED_KEYS", {})
     for p in problems:
         message = "unknown key (not a field of this config)" if p.kind == "unknown" else p.message
+        if p.kind == "unknown" and p.path in renamed:
+            message += f"; {renamed[p.path]}"
         errors.append(f"{p.path or '<root>'}: {message} [{_source_of(p.path, origin)}]")
     if errors or result is INVALID:
         raise ConfigError(

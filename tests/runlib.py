@@ -195,7 +195,7 @@ def light_settings(run_id: str, model_dir: Path, port: int, **sections: Mapping[
         "run_id": run_id,
         "seed": 1,
         "model": {"model": str(model_dir)},
-        "pruning": {"strategy": "fedpetuning"},
+        "method": "fedpetuning",
         "rounds": {"rounds": 2, "min_clients": 2, "quorum": 1, "round_timeout_s": 120.0, "max_extensions": 10},
         "training": {
             "local_steps": 1, "batch_size": 2, "seq_len": 16, "lora_rank": 2, "lora_alpha": 4.0,
@@ -422,8 +422,8 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
     """
     import torch
 
-    from coordinator.run.checkpoint import RunDir
     from coordinator.run.aggregation import get_strategy
+    from coordinator.run.checkpoint import RunDir
 
     run = RunDir(run_dir)
     report = json.loads((Path(run_dir) / "report.json").read_text())

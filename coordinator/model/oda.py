@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -102,6 +102,16 @@ class ODAStats:
     def last_loss(self) -> float:
         """Loss at the last step (nan when no step ran)."""
         return self.loss[-1] if self.loss else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-type summary for reports: steps, trained layers, first/last and every loss."""
+        return {
+            "steps": self.steps,
+            "trained_layers": list(self.trainable_layers),
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "loss": list(self.loss),
+        }
 
 
 def distillation_loss(

@@ -1,35 +1,25 @@
-"""The coordinator's model side for one run: tiers, initial adapter, re-alignment, export.
+"""The coordinator's model side of one run: its full LLM and tiers, the adapters, the end.
 
-:class:`ModelPipeline` holds the full LLM and turns it into the sub-LLM tiers the run's
-strategy calls for:
-
-* ``fedsoda``: SGP ranks layer blocks on public text; tier ``p`` prunes the first ``p``
-  ranked blocks (tiers nest); ODA pre-aligns each tier to the full LLM and re-aligns it
-  every r rounds with the global adapter plugged in.
-* ``fedot``: uniform layer drop to the same depth (first and last 2 layers kept), one
-  distillation over all layers, no re-alignment.
-* ``fedpetuning``: one tier holding the whole model (no pruning, no distillation).
-
-Each tier is written as a self-describing package (one file per layer, named by full-LLM
-index) in ``run_dir/tiers/<tier>/v<version>/`` and published as a content-addressed
-manifest, so a re-aligned version costs clients only the layers that changed. Everything
-needed to resume (ranking, tier layer maps, versions) is read back from that folder.
+:class:`ModelPipeline` is what the run side (:mod:`coordinator.run.server`) calls, through its
+``ModelSide`` protocol: the published tiers, the initial adapter, a client's tier, the shapes
+its updates must have, re-alignment, and the export and evaluation of the final adapter. The
+tiers themselves come from the tier builder (:mod:`coordinator.model.tiers`): built in the run
+directory, adopted from a ``prune`` output (``pruning.tiers_dir``), or reloaded on resume.
+What each method does is data (:mod:`coordinator.model.methods`); nothing here branches on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coordinator.model import evaluation, sgp, surgery
+from coordinator.model import evaluation, surgery
 from coordinator.model.datasets import (
     movie_reviews,
     public_text,
@@ -37,52 +27,80 @@ from coordinator.model.datasets import (
     train_test_split,
 )
 from coordinator.model.export import export_adapter
+from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model
-from coordinator.model.oda import ODAConfig, distill
-from coordinator.model.packaging import write_package
-from coordinator.settings import RunConfig
+from coordinator.model.oda import ODAConfig
+from coordinator.model.progress import ProgressSink
+from coordinator.model.tiers import (
+    FullModel,
+    PreparedTier,
+    TierSet,
+    TierSpec,
+    adopt_tiers,
+    build_tiers,
+    check_tiers_fit,
+    load_tiers,
+    realign_tiers,
+)
+from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.planner import assign_tier
 from shared.adapters import LoraSettings
-from shared.blobs import build_manifest
-from shared.errors import ConfigError, RunStateError
-from shared.layermap import kept_layers, uniform_drop_layers
-from shared.protocol import Assignment, DeviceProfile, Manifest
-from shared.subllm import read_meta
+from shared.protocol import Assignment, DeviceProfile
 from shared.tasks import ClassificationTask, accuracy, score_label_words
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-PIPELINE_FILE = "pipeline.json"
+"""Receives one-line status messages for the long steps."""
 
 
-@dataclass(frozen=True)
-class PreparedTier:
-    """One sub-LLM tier as published.
+class MessageSink:
+    """A :class:`~coordinator.model.progress.ProgressSink` that passes each step's start to a
+    one-line ``progress`` callback (what ``serve`` prints)."""
 
-    Attributes:
-        name: Tier name, ``L<kept layers>`` (e.g. ``L18``).
-        kept: Full-LLM indices of its layers (its layer map).
-        version: Package version (1, then +1 per re-alignment).
-        folder: Package folder.
-        manifest: Its content-addressed manifest.
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def start(self, description: str, total: int) -> Callable[[int], None]:
+        """See :meth:`ProgressSink.start`."""
+        self._progress(description)
+        return lambda n: None
+
+
+def oda_config(alignment: AlignmentSettings, steps: int, align_layers: str, seed: int) -> ODAConfig:
+    """The ODA settings of a run's pre-alignment or re-alignment.
+
+    Args:
+        alignment: The run's alignment settings.
+        steps: Optimiser steps.
+        align_layers: ``bridge`` or ``all``.
+        seed: The run's seed.
     """
+    return ODAConfig(
+        steps=steps,
+        learning_rate=alignment.learning_rate,
+        alpha=alignment.alpha,
+        beta=alignment.beta,
+        temperature=alignment.temperature,
+        align_layers=align_layers,  # type: ignore[arg-type]
+        seed=seed,
+    )
 
-    name: str
-    kept: list[int]
-    version: int
-    folder: Path
-    manifest: Manifest
 
-    def describe(self) -> dict[str, Any]:
-        """Plain summary for the run report (layers, version, package size)."""
-        return {
-            "layers": len(self.kept),
-            "layer_map": self.kept,
-            "version": self.version,
-            "package_bytes": sum(f.size for f in self.manifest.files),
-            "blob_id": self.manifest.blob_id,
-        }
+def tier_spec(config: RunConfig) -> TierSpec:
+    """The tiers a run config asks for."""
+    pruning, alignment = config.pruning, config.alignment
+    return TierSpec(
+        method=config.method,
+        depths=tuple(pruning.depths),
+        block_size=pruning.block_size,
+        keep_head=pruning.keep_head,
+        keep_tail=pruning.keep_tail,
+        token=pruning.token,
+        precision=pruning.precision,
+        pre_align=oda_config(alignment, alignment.pre_align_steps, alignment.align_layers, config.seed),
+        model_name=str(config.model.model),
+    )
 
 
 class ModelPipeline:
@@ -94,19 +112,14 @@ class ModelPipeline:
 
     def __init__(self, config: RunConfig, run_dir: Path, progress: Progress) -> None:
         self.config = config
+        self.method: Method = get_method(config.method)
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.full_model, self.tokenizer = load_model(config.model.model)
         self.layers_prefix, layers = surgery.find_decoder_layers(self.full_model)
         self.num_layers = len(layers)
-        self.lora = LoraSettings(
-            rank=config.training.lora_rank,
-            alpha=config.training.lora_alpha,
-            dropout=config.training.lora_dropout,
-            target_modules=tuple(config.training.target_modules),
-        )
-        self.ranking: list[list[int]] = []
-        self.tiers: dict[str, PreparedTier] = {}
+        self.lora = LoraSettings.from_training(config.training)
+        self.tierset: TierSet | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
         self._initial: dict[str, torch.Tensor] | None = None
@@ -115,43 +128,48 @@ class ModelPipeline:
 
     @classmethod
     def prepare(cls, config: RunConfig, run_dir: Path, *, resume: bool = False, progress: Progress = lambda _m: None) -> ModelPipeline:
-        """Load the full model and build (or, on resume, reload) the run's tiers.
+        """Load the full model and build, adopt or (on resume) reload the run's tiers.
 
         Args:
             config: Run configuration.
             run_dir: Run directory.
-            resume: Reuse the tiers recorded in ``run_dir`` instead of rebuilding them.
+            resume: Reuse the tiers recorded in ``run_dir`` instead of preparing them.
             progress: Receives one-line status messages for the long steps.
 
         Returns:
             The ready pipeline.
+
+        Raises:
+            RunStateError: ``resume`` on a run directory that was never prepared.
+            ConfigError: Tiers (recorded or adopted) of another model or method.
         """
         pipeline = cls(config, run_dir, progress)
-        record = pipeline.run_dir / PIPELINE_FILE
         if resume:
-            if not record.is_file():
-                raise RunStateError(f"{record} is missing: {run_dir} was never prepared, start without --resume")
-            pipeline._reload(json.loads(record.read_text()))
+            pipeline.tierset = load_tiers(pipeline.run_dir)
+            check_tiers_fit(pipeline.tierset, pipeline.full_model, config.method)
+        elif config.pruning.tiers_dir:
+            pipeline.tierset = adopt_tiers(config.pruning.tiers_dir, pipeline.run_dir, pipeline.full_model, config.method)
+            built = pipeline.tierset.spec
+            progress(
+                f"reusing the {config.method} tiers prepared in {config.pruning.tiers_dir} "
+                f"({', '.join(pipeline.tierset.tiers)}; blocks of {built['block_size']}, {built['precision']}): "
+                "no SGP, no pre-alignment"
+            )
         else:
-            pipeline._build()
-            pipeline._save_record()
+            pipeline.tierset = build_tiers(pipeline._full(), tier_spec(config), pipeline.run_dir, sink=pipeline._sink())
         return pipeline
 
-    def _layer_maps(self) -> dict[str, list[int]]:
-        strategy, L = self.config.pruning.strategy, self.num_layers
-        if strategy == "fedpetuning":
-            return {f"L{L}": list(range(L))}
-        maps = {}
-        n = self.config.pruning.block_size
-        for pruned in sorted(self.config.pruning.tiers):
-            if pruned >= L - 1:
-                raise ConfigError(f"pruning.tiers entry {pruned} leaves no layer of {L}")
-            if strategy == "fedsoda":
-                kept = kept_layers(L, self.ranking, pruned // n)
-            else:  # fedot
-                kept = uniform_drop_layers(L, L - pruned)
-            maps[f"L{len(kept)}"] = kept
-        return maps
+    @property
+    def tiers(self) -> dict[str, PreparedTier]:
+        """The published tiers, by name."""
+        assert self.tierset is not None, "prepare() first"
+        return self.tierset.tiers
+
+    def _sink(self) -> ProgressSink:
+        return MessageSink(self.progress)
+
+    def _full(self) -> FullModel:
+        return FullModel(self.full_model, self.tokenizer, self.calibration_batches())
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         """Tokenized public-text batches for SGP and ODA (built once)."""
@@ -170,91 +188,14 @@ class ModelPipeline:
             )
         return self._calibration
 
-    def _build(self) -> None:
-        strategy = self.config.pruning.strategy
-        if strategy == "fedsoda":
-            self.progress(f"SGP: measuring block distances of {self.num_layers} layers on public text")
-            distances = sgp.compute_block_distances(
-                self.full_model, self.calibration_batches(), max_block=self.config.pruning.block_size
-            )
-            self.ranking = sgp.rank_blocks(
-                distances, self.config.pruning.block_size, self.config.pruning.keep_head, self.config.pruning.keep_tail
-            )
-        for name, kept in self._layer_maps().items():
-            student = surgery.build_submodel(self.full_model, kept)
-            if strategy != "fedpetuning" and self.config.alignment.pre_align_steps > 0:
-                self.progress(f"ODA: aligning tier {name} ({len(kept)} layers) to the full model")
-                stats = distill(
-                    self.full_model,
-                    student,
-                    kept,
-                    self.calibration_batches(),
-                    self._oda_config(self.config.alignment.pre_align_steps),
-                )
-                log.info("tier %s: distillation loss %.4f -> %.4f", name, stats.first_loss, stats.last_loss)
-            self._save_aligned(name, 1, kept, student)
-            self.tiers[name] = self._package(name, kept, 1, student)
-
-    def _oda_config(self, steps: int, *, realign: bool = False) -> ODAConfig:
-        a = self.config.alignment
-        # FedOT distils every layer once; FedSODA trains the bridge layers by default. A
-        # re-alignment has its own choice: every layer it trains is a chunk clients download again.
-        layers = "all" if self.config.pruning.strategy == "fedot" else (a.realign_layers if realign else a.align_layers)
-        return ODAConfig(
-            steps=steps,
-            learning_rate=a.learning_rate,
-            alpha=a.alpha,
-            beta=a.beta,
-            temperature=a.temperature,
-            align_layers=layers,
-            seed=self.config.seed,
-        )
-
-    def _package(self, name: str, kept: list[int], version: int, student: torch.nn.Module) -> PreparedTier:
-        folder = self.run_dir / "tiers" / name / f"v{version}"
-        self.progress(f"packaging tier {name} v{version} ({self.config.pruning.precision})")
-        write_package(
-            student, self.tokenizer, kept, name, version, folder,
-            precision=self.config.pruning.precision, name=str(self.config.model.model), full_num_layers=self.num_layers,
-        )
-        return self._tier_from_folder(name, kept, version, folder)
-
-    def _tier_from_folder(self, name: str, kept: list[int], version: int, folder: Path) -> PreparedTier:
-        # Clients plan memory from the manifest before downloading, so it carries the
-        # package's meta and the sub-LLM's model config.
-        meta = dataclasses.asdict(read_meta(folder))
-        meta["model_config"] = json.loads((folder / "config.json").read_text())
-        manifest = build_manifest(folder, name=str(self.config.model.model), version=version, tier=name, meta=meta)
-        return PreparedTier(name=name, kept=kept, version=version, folder=folder, manifest=manifest)
-
-    def _save_record(self) -> None:
-        record = {
-            "strategy": self.config.pruning.strategy,
-            "num_layers": self.num_layers,
-            "layers_prefix": self.layers_prefix,
-            "ranking": self.ranking,
-            "tiers": {t.name: {"kept": t.kept, "version": t.version} for t in self.tiers.values()},
-        }
-        (self.run_dir / PIPELINE_FILE).write_text(json.dumps(record, indent=2))
-
-    def _reload(self, record: dict[str, Any]) -> None:
-        if record["num_layers"] != self.num_layers or record["strategy"] != self.config.pruning.strategy:
-            raise RunStateError(
-                f"{self.run_dir} was prepared for a {record['num_layers']}-layer model with strategy "
-                f"{record['strategy']!r}; this config has {self.num_layers} layers and {self.config.pruning.strategy!r}"
-            )
-        self.ranking = record["ranking"]
-        for name, tier in record["tiers"].items():
-            folder = self.run_dir / "tiers" / name / f"v{tier['version']}"
-            self.tiers[name] = self._tier_from_folder(name, tier["kept"], tier["version"], folder)
-
     # ------------------------------------------------------------------ adapters
 
     def initial_adapter(self) -> dict[str, torch.Tensor]:
         """The round-0 global adapter: PEFT's own init on the full model, canonical keys.
 
-        Every layer any tier holds gets LoRA A (PEFT's Kaiming init, seeded) and B = 0, so
-        the adapted model starts equal to the base model and all clients start alike.
+        Every layer the method adapts in any tier (with ``every_kept_layer``: every layer a tier
+        keeps) gets LoRA A (PEFT's Kaiming init, seeded) and B = 0, so the adapted model starts
+        equal to the base model and all clients start alike.
 
         Returns:
             Canonical full-LLM key -> fp32 tensor.
@@ -263,7 +204,7 @@ class ModelPipeline:
             return {k: v.clone() for k, v in self._initial.items()}
         from peft import get_peft_model, get_peft_model_state_dict
 
-        layers = sorted({i for t in self.tiers.values() for i in t.kept})
+        layers = sorted({i for t in self.tiers.values() for i in self.method.adapted_layers(t.kept)})
         torch.manual_seed(self.config.seed)
         shell = surgery.build_submodel(self.full_model, list(range(self.num_layers)))
         peft_model = get_peft_model(shell, self.lora.peft_config(layers=layers, layers_prefix=self.layers_prefix))
@@ -279,7 +220,7 @@ class ModelPipeline:
 
             full = {k: tuple(v.shape) for k, v in self.initial_adapter().items()}
             self._shapes = {
-                name: {k: s for k, s in full.items() if layer_index(k, self.layers_prefix) in set(t.kept)}
+                name: {k: s for k, s in full.items() if layer_index(k, self.layers_prefix) in set(self.method.adapted_layers(t.kept))}
                 for name, t in self.tiers.items()
             }
         return self._shapes
@@ -296,19 +237,20 @@ class ModelPipeline:
         Returns:
             The Assignment to send back.
         """
+        assert self.tierset is not None
         return assign_tier(
             client_id,
             profile,
             self.full_model.config,
             {name: t.kept for name, t in self.tiers.items()},
             self.config.training,
-            precision=self.config.pruning.precision,
+            precision=self.tierset.spec["precision"],  # an adopted prune output brings its own
         )
 
     def realign(self, global_state: dict[str, torch.Tensor], version: int) -> dict[str, PreparedTier]:
         """Re-align every tier with the global adapter plugged in; publish as ``version``.
 
-        Only ``fedsoda`` re-aligns; other strategies keep their tiers (and version).
+        Only a method that re-aligns does; the others keep their tiers (and version).
 
         Args:
             global_state: Current global adapter (canonical keys).
@@ -317,58 +259,13 @@ class ModelPipeline:
         Returns:
             The (new) tiers.
         """
-        if self.config.pruning.strategy != "fedsoda":
+        if not self.method.realigns:
             return self.tiers
-        for name, tier in list(self.tiers.items()):
-            self.progress(f"ODA: re-aligning tier {name} with the global adapter (v{version})")
-            student = self._aligned_student(name, tier.kept, tier.version)
-            distill(
-                self.full_model,
-                student,
-                tier.kept,
-                self.calibration_batches(),
-                self._oda_config(self.config.alignment.realign_steps, realign=True),
-                global_adapter=global_state,
-                lora=self.lora,
-            )
-            self._save_aligned(name, version, tier.kept, student)
-            self.tiers[name] = self._package(name, tier.kept, version, student)
-        self._save_record()
+        assert self.tierset is not None
+        alignment = self.config.alignment
+        realign = oda_config(alignment, alignment.realign_steps, alignment.realign_layers, self.config.seed)
+        self.tierset = realign_tiers(self.tierset, self._full(), global_state, self.lora, realign, version, sink=self._sink())
         return self.tiers
-
-    def _aligned_path(self, name: str, version: int) -> Path:
-        return self.run_dir / "tiers" / name / f"aligned_v{version}.safetensors"
-
-    def _save_aligned(self, name: str, version: int, kept: list[int], student: torch.nn.Module) -> None:
-        """Keep the student's fp32 tensors that differ from the full model's (the aligned layers).
-
-        Re-alignment starts from these rather than from the 4-bit package, so quantization
-        error never accumulates across versions; a resumed run reads them back.
-        """
-        from safetensors.torch import save_file
-
-        full = self.full_model.state_dict()
-        prefix = self.layers_prefix + "."
-        changed = {}
-        for key, value in student.state_dict().items():
-            ref_key = key
-            if key.startswith(prefix):  # student layer i is full-model layer kept[i]
-                index, _, rest = key[len(prefix):].partition(".")
-                ref_key = f"{prefix}{kept[int(index)]}.{rest}"
-            if ref_key not in full or not torch.equal(full[ref_key], value):
-                changed[key] = value.detach().float().contiguous()
-        path = self._aligned_path(name, version)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(changed, str(path))
-
-    def _aligned_student(self, name: str, kept: list[int], version: int) -> torch.nn.Module:
-        from safetensors.torch import load_file
-
-        student = surgery.build_submodel(self.full_model, kept)
-        path = self._aligned_path(name, version)
-        if path.is_file():
-            student.load_state_dict(load_file(str(path)), strict=False)
-        return student
 
     # ------------------------------------------------------------------ the end
 

@@ -1,8 +1,15 @@
-"""The prune pipeline: SGP ranking, sub-LLM tiers, ODA, perplexity report and packages.
+"""The prune study: does SGP pick better layers than uniform drop, and does ODA recover more?
 
-Used by ``fedsoda-coordinator prune`` and by ``benchmarks/pruning.py``. Everything long
-reports progress through a :class:`ProgressSink` so the CLI can show a progress bar while
-the library itself stays silent (it only logs).
+``fedsoda-coordinator prune`` (and ``benchmarks/pruning.py``) run it: SGP measures every block
+distance on public text (the whole table, for the heat-map), the tier builder
+(:mod:`coordinator.model.tiers`) cuts, pre-aligns and packages the tiers into the output
+folder, exactly as ``serve`` lays them out in a run directory (so ``serve --tiers OUT`` reuses
+them), and this module compares held-out perplexity of the full model, the SGP sub-LLM and the
+uniform-drop (FedOT) sub-LLM at the same depth, before and after ODA, then writes
+``report.json``, ``report.md`` and ``distances.png``.
+
+Everything long reports progress through a :class:`~coordinator.model.progress.ProgressSink`
+so the CLI can show it while the library itself stays silent (it only logs).
 """
 
 from __future__ import annotations
@@ -12,49 +19,29 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from coordinator.model import sgp
 from coordinator.model.evaluation import batches_nll, tokenize_texts
+from coordinator.model.methods import FEDSODA
 from coordinator.model.oda import ODAConfig, distill
-from coordinator.model.packaging import write_package
+from coordinator.model.progress import LogSink, ProgressSink
 from coordinator.model.surgery import (
     build_submodel,
     find_decoder_layers,
     parameter_count,
 )
-from shared.errors import ConfigError, DataError
-from shared.layermap import blocks_for_depth, kept_layers, uniform_drop_layers
+from coordinator.model.tiers import FullModel, TierSpec, build_tiers
+from shared.errors import DataError
+from shared.layermap import tier_name, uniform_drop_layers
 
 log = logging.getLogger(__name__)
-
-
-class ProgressSink(Protocol):
-    """Where long steps report progress (the CLI passes a rich progress bar)."""
-
-    def start(self, description: str, total: int) -> Callable[[int], None]:
-        """Open a task.
-
-        Args:
-            description: What the step does.
-            total: Units of work in the step.
-
-        Returns:
-            A function that advances the task by n units.
-        """
-        ...
-
-
-class _Silent:
-    def start(self, description: str, total: int) -> Callable[[int], None]:
-        log.info("%s (%d steps)", description, total)
-        return lambda n: None
 
 
 @dataclass(frozen=True)
@@ -63,9 +50,9 @@ class PruneConfig:
 
     Attributes:
         block_size: Layers per SGP block ``n``.
-        depth: Layers the smallest sub-LLM keeps (default: 60% of the full depth, rounded to
-            a reachable depth).
-        tiers: Further (larger) depths to package; all tiers share one ranking (nested).
+        depths: Layers each tier keeps (empty: about 60% of the full depth, rounded to a
+            reachable depth); all tiers share one ranking (nested). The smallest is the one
+            compared with uniform drop.
         keep_head: Protected layers at the start.
         keep_tail: Protected layers at the end.
         token: SGP token mode, ``"all"`` or ``"last"``.
@@ -74,17 +61,15 @@ class PruneConfig:
         batch_size: Sequences per SGP forward.
         eval_samples: Held-out paragraphs for perplexity (disjoint from calibration).
         eval_seq_len: Tokens per held-out paragraph.
-        oda: Distillation settings; None skips ODA.
+        oda: Distillation settings of the tiers' pre-alignment; None skips ODA.
         oda_batch_size: Sequences per ODA step.
         baseline_oda: Also distil the uniform-drop baseline (FedOT does one distillation).
         precision: Package precision (``nf4``, ``bf16``, ``fp32``).
-        package: Write the tier packages.
         seed: Seed of the calibration / held-out split.
     """
 
     block_size: int = 4
-    depth: int | None = None
-    tiers: tuple[int, ...] = ()
+    depths: tuple[int, ...] = ()
     keep_head: int = 1
     keep_tail: int = 1
     token: str = "all"
@@ -97,8 +82,15 @@ class PruneConfig:
     oda_batch_size: int = 4
     baseline_oda: bool = True
     precision: str = "nf4"
-    package: bool = True
     seed: int = 0
+
+    def tier_spec(self, model_name: str) -> TierSpec:
+        """The FedSODA tiers this study builds."""
+        return TierSpec(
+            method=FEDSODA.name, depths=self.depths, block_size=self.block_size, keep_head=self.keep_head,
+            keep_tail=self.keep_tail, token=self.token, precision=self.precision, pre_align=self.oda,
+            model_name=model_name,
+        )
 
 
 @dataclass(frozen=True)
@@ -146,26 +138,6 @@ class PruneReport:
         return asdict(self)
 
 
-def tier_name(depth: int) -> str:
-    """Name of the tier that keeps ``depth`` layers (e.g. ``"d18"``)."""
-    return f"d{depth}"
-
-
-def default_depth(num_layers: int, block_size: int, fraction: float = 0.6) -> int:
-    """The reachable depth closest to ``fraction`` of the full depth (at least one block pruned).
-
-    Args:
-        num_layers: Layers of the full LLM.
-        block_size: Layers per SGP block.
-        fraction: Share of layers to keep.
-
-    Returns:
-        ``num_layers - p * block_size`` for the ``p >= 1`` that comes closest.
-    """
-    blocks = max(1, round((1 - fraction) * num_layers / block_size))
-    return num_layers - blocks * block_size
-
-
 def split_public_text(texts: Sequence[str], calib: int, held_out: int, seed: int) -> tuple[list[str], list[str]]:
     """Disjoint calibration and held-out paragraphs after a seeded shuffle.
 
@@ -197,16 +169,6 @@ def _perplexity(model: nn.Module, batches, sink: ProgressSink, label: str) -> fl
     return math.exp(total / count)
 
 
-def _oda_summary(stats) -> dict[str, Any]:
-    return {
-        "steps": stats.steps,
-        "trained_layers": list(stats.trainable_layers),
-        "first_loss": stats.first_loss,
-        "last_loss": stats.last_loss,
-        "loss": list(stats.loss),
-    }
-
-
 def run_prune(
     model: nn.Module,
     tokenizer,
@@ -217,22 +179,16 @@ def run_prune(
     model_name: str = "model",
     sink: ProgressSink | None = None,
 ) -> PruneReport:
-    """Run SGP (+ ODA) on a full LLM, compare with uniform drop, and package the tiers.
-
-    Steps: split the public text into calibration and held-out parts; compute every block
-    distance; rank blocks; build the SGP sub-LLM and the uniform-drop sub-LLM at the same
-    depth; measure held-out perplexity of full / SGP / uniform, then again after ODA; write
-    a package per tier (ODA applied when enabled); write ``report.json``, ``report.md`` and
-    ``distances.png`` to ``out_dir``.
+    """Run the study (see the module docstring) and write its tiers and report into ``out_dir``.
 
     Args:
         model: The full LLM (not modified).
         tokenizer: Its tokenizer.
         texts: Public paragraphs.
-        out_dir: Output folder.
+        out_dir: Output folder: the tiers (:mod:`coordinator.model.tiers` layout) and the report.
         config: Settings.
         model_name: Name recorded in the report and packages.
-        sink: Progress reporting (silent by default).
+        sink: Progress reporting (logged by default).
 
     Returns:
         The report.
@@ -241,16 +197,14 @@ def run_prune(
         ConfigError: Depth / block size / tiers that cannot be reached.
         DataError: Too little public text.
     """
-    sink = sink or _Silent()
+    sink = sink or LogSink()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix, layers = find_decoder_layers(model)
     num_layers = len(layers)
-    n = config.block_size
-    depth = config.depth if config.depth is not None else default_depth(num_layers, n)
-    depths = sorted({depth, *config.tiers})
-    for d in depths:
-        blocks_for_depth(num_layers, d, n)  # validates every tier before any work
+    spec = config.tier_spec(model_name)
+    depths = spec.resolved_depths(num_layers)  # validates every tier before any work
+    depth = depths[0]
     seconds: dict[str, float] = {}
 
     calib_texts, held_texts = split_public_text(texts, config.calib_samples, config.eval_samples, config.seed)
@@ -260,18 +214,16 @@ def run_prune(
 
     started = time.perf_counter()
     advance = sink.start("SGP: block distances", len(calib))
+    # Every block size, for the heat-map; the tiers use the column of config.block_size.
     distances = sgp.compute_block_distances(model, calib, max_block=num_layers, token=config.token, progress=advance)  # type: ignore[arg-type]
-    ranking = sgp.rank_blocks(distances, n, config.keep_head, config.keep_tail)
     seconds["sgp"] = time.perf_counter() - started
-    needed = blocks_for_depth(num_layers, depths[0], n)
-    if needed > len(ranking):
-        raise ConfigError(
-            f"depth {depths[0]} needs {needed} blocks of {n} but only {len(ranking)} fit between the protected layers"
-        )
-    tiers = {tier_name(d): kept_layers(num_layers, ranking, blocks_for_depth(num_layers, d, n)) for d in depths}
+
+    started = time.perf_counter()
+    tierset = build_tiers(FullModel(model, tokenizer, oda_batches), spec, out, sink=sink, distances=distances)
+    seconds["tiers"] = time.perf_counter() - started
+    tiers = tierset.layer_maps()
     sgp_layers = tiers[tier_name(depth)]
-    # FedOT keeps the first and last 2 layers; very shallow sub-LLMs keep what they can.
-    uniform_layers = uniform_drop_layers(num_layers, depth, keep_ends=min(2, depth // 2))
+    uniform_layers = uniform_drop_layers(num_layers, depth)
 
     perplexity: dict[str, float] = {}
     parameters: dict[str, int] = {"full": parameter_count(model)}
@@ -283,51 +235,29 @@ def run_prune(
     parameters["uniform"] = parameter_count(uniform_model)
     perplexity["sgp"] = _perplexity(sgp_model, held, sink, f"SGP {depth} layers")
     perplexity["uniform"] = _perplexity(uniform_model, held, sink, f"uniform drop {depth} layers")
-    seconds["perplexity_before_oda"] = time.perf_counter() - started
+    seconds["perplexity"] = time.perf_counter() - started
 
     oda_stats: dict[str, dict[str, Any]] = {}
-    aligned: dict[str, nn.Module] = {}
-    if config.oda is not None and config.oda.steps > 0:
-        runs = [("sgp", sgp_model, sgp_layers)]
-        if config.baseline_oda:
-            runs.append(("uniform", uniform_model, uniform_layers))
-        for row, sub, kept in runs:
+    if tier_name(depth) in tierset.oda:
+        oda_stats["sgp"] = tierset.oda[tier_name(depth)]
+        oda_stats.update({f"tier {name}": stats for name, stats in tierset.oda.items() if name != tier_name(depth)})
+        perplexity["sgp+oda"] = _perplexity(tierset.aligned_student(model, tier_name(depth)), held, sink, "SGP after ODA")
+        if config.baseline_oda and config.oda is not None:
             started = time.perf_counter()
-            advance = sink.start(f"ODA: {row} ({config.oda.align_layers} layers)", config.oda.steps)
-            stats = distill(model, sub, kept, oda_batches, config.oda, progress=advance)
-            oda_stats[row] = _oda_summary(stats)
-            seconds[f"oda_{row}"] = time.perf_counter() - started
-            perplexity[f"{row}+oda"] = _perplexity(sub, held, sink, f"{row} after ODA")
-            aligned[row] = sub
-
-    packages: dict[str, str] = {}
-    if config.package:
-        started = time.perf_counter()
-        advance = sink.start(f"packaging {len(tiers)} tier(s) ({config.precision})", len(tiers))
-        for name, kept in tiers.items():
-            if kept == sgp_layers and "sgp" in aligned:
-                sub = aligned["sgp"]
-            else:
-                sub = build_submodel(model, kept)
-                if config.oda is not None and config.oda.steps > 0:
-                    stats = distill(model, sub, kept, oda_batches, config.oda)
-                    oda_stats[f"tier {name}"] = _oda_summary(stats)
-            folder = out / "packages" / name
-            write_package(
-                sub, tokenizer, kept, name, 1, folder, config.precision, name=model_name, full_num_layers=num_layers
-            )
-            packages[name] = str(folder)
-            advance(1)
-        seconds["packaging"] = time.perf_counter() - started
+            advance = sink.start(f"ODA: uniform drop ({config.oda.align_layers} layers)", config.oda.steps)
+            oda_stats["uniform"] = distill(model, uniform_model, uniform_layers, oda_batches, config.oda, progress=advance).summary()
+            seconds["oda_uniform"] = time.perf_counter() - started
+            perplexity["uniform+oda"] = _perplexity(uniform_model, held, sink, "uniform drop after ODA")
 
     table = [[None if math.isnan(float(v)) else round(float(v), 6) for v in row] for row in distances]
+    n = config.block_size
     report = PruneReport(
         model=model_name,
         num_layers=num_layers,
         layers_prefix=prefix,
         block_size=n,
         distances=table,
-        ranking=[{"layers": block, "distance": round(float(distances[block[0], n - 1]), 6)} for block in ranking],
+        ranking=[{"layers": block, "distance": round(float(distances[block[0], n - 1]), 6)} for block in tierset.ranking],
         depth=depth,
         sgp_layers=sgp_layers,
         uniform_layers=uniform_layers,
@@ -335,7 +265,7 @@ def run_prune(
         perplexity=perplexity,
         parameters=parameters,
         oda=oda_stats,
-        packages=packages,
+        packages={name: str(t.folder) for name, t in tierset.tiers.items()},
         seconds={k: round(v, 2) for k, v in seconds.items()},
         settings=_settings_dict(config),
     )
@@ -346,7 +276,7 @@ def run_prune(
 def _settings_dict(config: PruneConfig) -> dict[str, Any]:
     data = asdict(replace(config, oda=None))
     data["oda"] = asdict(config.oda) if config.oda is not None else None
-    data["tiers"] = list(config.tiers)
+    data["depths"] = list(config.depths)
     return data
 
 

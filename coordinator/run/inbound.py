@@ -1,4 +1,9 @@
-"""Validation of a decoded client Update before it is persisted or averaged.
+"""Checks of what clients send, before the coordinator acts on any of it.
+
+Mirrors ``edge_client.inbound`` on the other side of the wire: :func:`check_hello` refuses a
+hello no real client sends (before the planner computes with its numbers),
+:func:`check_chunk_request` refuses package downloads to clients that were never admitted,
+and :func:`validate_update` checks an update's tensors.
 
 The server calls :func:`validate_update` for every update the round loop would admit
 (``coordinator.run.rounds.admission``). A failure raises :class:`UpdateValidationError`, an
@@ -11,14 +16,20 @@ shape were checked against the expected map, so a forged shape costs nothing to 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from shared.errors import TensorError, UpdateRejectedError
-from shared.protocol import Envelope, Update
+from shared.errors import FieldTypeError, TensorError, TopicError, UpdateRejectedError
+from shared.protocol import Envelope, Hello, Update
 from shared.tensors import from_payload
+from shared.typed import short_repr
+
+if TYPE_CHECKING:
+    from coordinator.run.rounds import ClientRecord
 
 REJECT_CODES: dict[str, str] = {
     "run": "the envelope names another run",
@@ -207,3 +218,79 @@ def _check_values(delta: Mapping[str, torch.Tensor], limits: UpdateLimits) -> No
         raise UpdateValidationError(
             "norm", f"delta L2 norm {norm:.4g} is not below the bound {limits.max_norm:.4g}"
         )
+
+
+# --------------------------------------------------------------------------- hellos
+
+MAX_MEMORY_BYTES = 1 << 56
+"""Largest memory size a hello may report (64 PiB): beyond it the numbers are not a device's."""
+
+_COMPUTE_CAPABILITY_RE = re.compile(r"\d{1,2}\.\d{1,2}", re.ASCII)
+_MAX_NAME_CHARS = 256
+
+
+def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) -> None:
+    """Refuse a hello no real client sends, before the planner computes with its numbers.
+
+    Args:
+        hello: The decoded hello.
+        topic_client: The client id segment of its topic.
+        max_examples: Largest example count a client may claim.
+
+    Raises:
+        TopicError: The hello names another client than its topic.
+        FieldTypeError: A count, memory size, compute capability or name no device has.
+    """
+    if hello.client_id != topic_client:
+        raise TopicError(f"hello on the topic of {topic_client!r} names client {short_repr(hello.client_id)}")
+    if not 0 < hello.num_examples <= max_examples:
+        raise FieldTypeError(f"hello num_examples={hello.num_examples}; it must be in 1..{max_examples}")
+    profile = hello.profile
+    for name in ("total_memory_bytes", "available_memory_bytes", "gpu_total_memory_bytes", "gpu_free_memory_bytes"):
+        value = getattr(profile, name)
+        if not 0 <= value <= MAX_MEMORY_BYTES:
+            raise FieldTypeError(f"hello profile.{name}={value} is not a memory size (0..{MAX_MEMORY_BYTES})")
+    if not 0 <= profile.cpu_count <= 1 << 20:
+        raise FieldTypeError(f"hello profile.cpu_count={profile.cpu_count} is not a CPU count")
+    if profile.compute_capability and not _COMPUTE_CAPABILITY_RE.fullmatch(profile.compute_capability):
+        raise FieldTypeError(
+            f"hello profile.compute_capability={short_repr(profile.compute_capability)} is not 'major.minor'"
+        )
+    for name in ("name", "device_class", "gpu_name"):
+        if len(getattr(profile, name)) > _MAX_NAME_CHARS:
+            raise FieldTypeError(f"hello profile.{name} is longer than {_MAX_NAME_CHARS} characters")
+    if len(hello.software_version) > _MAX_NAME_CHARS:
+        raise FieldTypeError(f"hello software_version is longer than {_MAX_NAME_CHARS} characters")
+
+
+# --------------------------------------------------------------------------- chunk requests
+
+
+@dataclass(frozen=True)
+class ChunkRequestRefusal:
+    """Why a chunk request is not served.
+
+    Attributes:
+        code: The Nack code (and the refusal counter's key).
+        detail: What was wrong, for our log.
+        advice: What the client should do, for its Nack.
+    """
+
+    code: str
+    detail: str
+    advice: str
+
+
+def check_chunk_request(client: ClientRecord | None, client_id: str) -> ChunkRequestRefusal | None:
+    """Packages go to admitted clients only, so a stranger cannot make us stream them.
+
+    Args:
+        client: The round machine's record of the requesting client (None if it never said hello).
+        client_id: The client id of the request's topic.
+
+    Returns:
+        None to serve the request, else the refusal.
+    """
+    if client is None or not client.accepted:
+        return ChunkRequestRefusal("not_admitted", f"{client_id} was never admitted to this run", "say hello and be admitted first")
+    return None

@@ -1,22 +1,115 @@
-"""Run reports: what happened per round and per client, as tables, CSV and PNG plots.
+"""Run reports: written when a run ends, read back as tables, CSV and PNG plots.
 
-The coordinator writes ``report.json`` into the run directory whenever a run ends (and
-``simulate`` adds ``clients.json`` with each client's final byte counters). Clients put
-cumulative byte counters in every update's resource report, so per-round traffic is the
-difference between a client's consecutive reports.
+The coordinator writes ``report.json`` into the run directory whenever a run ends
+(:func:`write_report`; ``simulate`` adds ``clients.json`` with each client's final byte
+counters), and :func:`load_report` reads it back: the format is defined here, on both sides.
+Clients put cumulative byte counters in every update's resource report, so per-round traffic
+is the difference between a client's consecutive reports.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import RunStateError
 
+if TYPE_CHECKING:
+    from coordinator.run.checkpoint import RunDir
+    from coordinator.run.rounds import RoundRecord, RoundState
+
+REPORT_FILE = "report.json"
+
 GIB = 2**30
 MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ServingTotals:
+    """What the server counted over the run.
+
+    Attributes:
+        chunks_served: Package chunks sent to clients.
+        bytes_served: Their bytes.
+        refused: Refused inbound messages by reason.
+        ignored: Well-formed messages with nothing to do, by kind.
+        bytes_sent: Bytes the coordinator published (MQTT layer).
+        bytes_received: Bytes it received.
+    """
+
+    chunks_served: int
+    bytes_served: int
+    refused: Mapping[str, int]
+    ignored: Mapping[str, int]
+    bytes_sent: int
+    bytes_received: int
+
+
+def round_record_dict(rec: RoundRecord) -> dict[str, Any]:
+    """A round record as plain JSON types: its fields, participants as a ``{client: tier}`` map."""
+    out = dataclasses.asdict(rec)
+    out["participants"] = dict(rec.participants)
+    out["reported"] = list(rec.reported)
+    return out
+
+
+def write_report(
+    run_dir: RunDir,
+    state: RoundState,
+    *,
+    method: str,
+    aggregation: str,
+    assignments: Mapping[str, Any],
+    tiers: Mapping[str, Any],
+    totals: ServingTotals,
+    results: Mapping[str, Any],
+) -> Path:
+    """Write ``report.json``: rounds, clients, every persisted update, tiers, traffic, results.
+
+    Args:
+        run_dir: The run directory.
+        state: The round machine's state at the end.
+        method: The run's method.
+        aggregation: The aggregation strategy's name.
+        assignments: Client id -> its assignment (accepted, tier, reason, plan).
+        tiers: Tier name -> its description (layers, version, package bytes).
+        totals: What the server counted.
+        results: Export and evaluation results ({} when the run failed).
+
+    Returns:
+        The file written.
+    """
+    report = {
+        "run_id": state.run_id,
+        "phase": state.phase.value,
+        "fail_reason": state.fail_reason,
+        "method": method,
+        "aggregation": aggregation,
+        "rounds": [round_record_dict(rec) for rec in state.records],
+        "assignments": dict(assignments),
+        "clients": {c.client_id: {"tier": c.tier, "accepted": c.accepted, "examples": c.num_examples} for c in state.clients},
+        "updates": [
+            {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
+            for r in state.records
+            for u in run_dir.updates(r.round)
+        ],
+        "tiers": dict(tiers),
+        "chunks_served": totals.chunks_served,
+        "bytes_served": totals.bytes_served,
+        "refused": dict(totals.refused),
+        "ignored": dict(totals.ignored),
+        "coordinator_bytes_sent": totals.bytes_sent,
+        "coordinator_bytes_received": totals.bytes_received,
+        "results": dict(results),
+    }
+    path = run_dir.path / REPORT_FILE
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
 
 
 def load_report(run_dir: str | Path) -> dict[str, Any]:
@@ -32,7 +125,7 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
         RunStateError: No ``report.json`` (the run has not ended yet, or it is not a run directory).
     """
     run_dir = Path(run_dir)
-    path = run_dir / "report.json"
+    path = run_dir / REPORT_FILE
     if not path.is_file():
         raise RunStateError(f"{path} does not exist: the run has not ended, or {run_dir} is not a run directory")
     try:
@@ -106,7 +199,7 @@ def render_summary(data: dict[str, Any]) -> None:
 
     from shared.console import console
 
-    rounds = Table(title=f"run {data['run_id']} ({data.get('strategy', '?')}): {data['phase']}", box=box.SIMPLE_HEAD)
+    rounds = Table(title=f"run {data['run_id']} ({data.get('method', '?')}): {data['phase']}", box=box.SIMPLE_HEAD)
     for col in ("round", "reported", "dropped", "rejected", "late", "dup", "examples", "seconds", "outcome"):
         rounds.add_column(col, justify="left" if col == "outcome" else "right")
     for rec in data["rounds"]:

@@ -3,8 +3,9 @@
 One thread owns everything. ``transport.poll`` hands each inbound message to a handler
 registered here (paho's callbacks only enqueue), handlers turn messages into round events,
 :func:`coordinator.run.rounds.step` turns events into actions, and this module carries the
-actions out (publish, persist, aggregate, re-align, export). Model work lives behind
-:class:`coordinator.model.pipeline.ModelPipeline`, so this file is about ordering and safety:
+actions out (publish, persist, aggregate, re-align, export). Model work lives behind the
+:class:`ModelSide` protocol (implemented by :class:`coordinator.model.pipeline.ModelPipeline`,
+bound in :mod:`coordinator.launch`), so this file is about ordering and safety:
 
 * an update is validated, then persisted (fsync), and only then counted, so a coordinator
   killed at any moment restarts with ``serve --resume`` and loses no accepted update;
@@ -22,16 +23,16 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from coordinator.model.pipeline import ModelPipeline
+import torch
+
 from coordinator.run import rounds
 from coordinator.run.aggregation import get_strategy
 from coordinator.run.checkpoint import RunDir, load_run
@@ -39,8 +40,11 @@ from coordinator.run.inbound import (
     RoundContext,
     UpdateLimits,
     UpdateValidationError,
+    check_chunk_request,
+    check_hello,
     validate_update,
 )
+from coordinator.run.reports import ServingTotals, write_report
 from coordinator.run.rounds import (
     AggregationDone,
     AlignmentDone,
@@ -64,15 +68,17 @@ from shared import codec, topics
 from shared.blobs import BlobServer
 from shared.errors import (
     FedSodaError,
-    FieldTypeError,
     ProtocolError,
     RunStateError,
     TopicError,
 )
 from shared.protocol import (
     COORDINATOR_ID,
+    Assignment,
+    DeviceProfile,
     GlobalAdapter,
     Hello,
+    Manifest,
     MessageType,
     Nack,
     Presence,
@@ -99,6 +105,48 @@ def _fault_pause(point: str) -> None:
     if os.environ.get(FAULT_PAUSE_ENV) == point:
         log.warning("%s=%s: stopping this process for a fault-injection test", FAULT_PAUSE_ENV, point)
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class TierLike(Protocol):
+    """What the server reads of a published tier."""
+
+    name: str
+    version: int
+    folder: Path
+    manifest: Manifest
+
+    def describe(self) -> dict[str, Any]:
+        """Plain summary for the run report."""
+        ...
+
+
+class ModelSide(Protocol):
+    """The model work the run side asks for (:class:`coordinator.model.pipeline.ModelPipeline`)."""
+
+    @property
+    def tiers(self) -> Mapping[str, TierLike]:
+        """The published tiers, by name."""
+        ...
+
+    def initial_adapter(self) -> dict[str, torch.Tensor]:
+        """The round-0 global adapter (canonical full-LLM keys)."""
+        ...
+
+    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Per tier, the adapter keys and shapes its clients' updates must have."""
+        ...
+
+    def assign(self, client_id: str, profile: DeviceProfile) -> Assignment:
+        """The tier a client gets (or a refusal with the reason)."""
+        ...
+
+    def realign(self, global_state: dict[str, torch.Tensor], version: int) -> Mapping[str, TierLike]:
+        """Re-align the tiers with the global adapter and return them as ``version``."""
+        ...
+
+    def finish(self, global_state: dict[str, torch.Tensor], run_dir: Path) -> dict[str, Any]:
+        """Export and evaluate the final adapter; return the results."""
+        ...
 
 
 @dataclass
@@ -141,7 +189,7 @@ class CoordinatorServer:
     Args:
         config: The run configuration.
         run_dir: Run directory (created, or resumed from with ``resume=True``).
-        pipeline: Prepared model pipeline (tiers, adapters, re-alignment, export).
+        pipeline: The prepared model side (tiers, adapters, re-alignment, export).
         transport: A connected transport with the coordinator's client id.
         resume: Carry on from the checkpoint in ``run_dir``.
         clock: Wall clock (seconds); injectable so tests can drive deadlines.
@@ -151,7 +199,7 @@ class CoordinatorServer:
         self,
         config: RunConfig,
         run_dir: Path,
-        pipeline: ModelPipeline,
+        pipeline: ModelSide,
         transport: MqttTransport,
         *,
         resume: bool = False,
@@ -163,7 +211,7 @@ class CoordinatorServer:
         self.clock = clock
         self.run_id = config.run_id
         self.counters = ServerCounters()
-        self.strategy = get_strategy("fedavg")
+        self.strategy = get_strategy(config.aggregation.strategy)
         self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID, refused=self.counters.refused)
         self._events: deque = deque()
         self._outcome: RunOutcome | None = None
@@ -331,7 +379,7 @@ class CoordinatorServer:
             # collecting may start now; late acknowledgements change nothing.
             self._events.append(PublishDone(action.round))
 
-    def _publish_tier(self, tier: Any) -> None:
+    def _publish_tier(self, tier: TierLike) -> None:
         self.blobs.add(tier.manifest, tier.folder)
         self._publish(topics.manifest(self.run_id, tier.name), MessageType.MANIFEST, tier.manifest, retain=True)
 
@@ -371,29 +419,19 @@ class CoordinatorServer:
         self._outcome = RunOutcome("finished", "", self.run_dir.path, results)
 
     def _write_report(self, results: dict[str, Any] | None = None) -> None:
-        report = {
-            "run_id": self.run_id,
-            "phase": self.state.phase.value,
-            "fail_reason": self.state.fail_reason,
-            "strategy": self.config.pruning.strategy,
-            "rounds": [rec_to_dict(rec) for rec in self.state.records],
-            "assignments": self.assignments,
-            "clients": {c.client_id: {"tier": c.tier, "accepted": c.accepted, "examples": c.num_examples} for c in self.state.clients},
-            "updates": [
-                {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
-                for r in self.state.records
-                for u in self.run_dir.updates(r.round)
-            ],
-            "tiers": {name: tier.describe() for name, tier in self.pipeline.tiers.items()},
-            "chunks_served": self.blobs.chunks_served,
-            "bytes_served": self.blobs.bytes_served,
-            "refused": dict(self.counters.refused),
-            "ignored": dict(self.counters.ignored),
-            "coordinator_bytes_sent": self.transport.bytes_sent,
-            "coordinator_bytes_received": self.transport.bytes_received,
-            "results": results or {},
-        }
-        (self.run_dir.path / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        totals = ServingTotals(
+            chunks_served=self.blobs.chunks_served,
+            bytes_served=self.blobs.bytes_served,
+            refused=dict(self.counters.refused),
+            ignored=dict(self.counters.ignored),
+            bytes_sent=self.transport.bytes_sent,
+            bytes_received=self.transport.bytes_received,
+        )
+        tiers = {name: tier.describe() for name, tier in self.pipeline.tiers.items()}
+        write_report(
+            self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name,
+            assignments=self.assignments, tiers=tiers, totals=totals, results=results or {},
+        )
 
     # ------------------------------------------------------------------ inbound
 
@@ -426,11 +464,10 @@ class CoordinatorServer:
     def _on_chunk_request(self, message: InboundMessage) -> None:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         assert info.client is not None  # chunkreq topics are per-client
-        client = self.state.client(info.client)
-        if client is None or not client.accepted:
-            # Packages go to admitted clients only: a stranger cannot make us stream them.
-            self._refuse(TopicKind.CHUNKREQ, message.topic, "not_admitted", f"{info.client} was never admitted to this run")
-            self._send_nack(info.client, envelope.round, envelope.message_id, "not_admitted", "say hello and be admitted first")
+        refusal = check_chunk_request(self.state.client(info.client), info.client)
+        if refusal is not None:
+            self._refuse(TopicKind.CHUNKREQ, message.topic, refusal.code, refusal.detail)
+            self._send_nack(info.client, envelope.round, envelope.message_id, refusal.code, refusal.advice)
             return
         self.blobs.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
 
@@ -462,7 +499,7 @@ class CoordinatorServer:
             num_examples=update.num_examples,
             message_id=envelope.message_id,
             metrics=dict(update.metrics),
-            resources=_plain(update.resources),
+            resources=dataclasses.asdict(update.resources),
         )
         log.info("round %d: accepted update from %s (%d examples)", update.round, client_id, update.num_examples)
         self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples))
@@ -480,68 +517,3 @@ class CoordinatorServer:
                 max_examples=self.config.validation.max_examples,
             ),
         )
-
-
-
-MAX_MEMORY_BYTES = 1 << 56
-"""Largest memory size a hello may report (64 PiB): beyond it the numbers are not a device's."""
-
-_COMPUTE_CAPABILITY_RE = re.compile(r"\d{1,2}\.\d{1,2}", re.ASCII)
-_MAX_NAME_CHARS = 256
-
-
-def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) -> None:
-    """Refuse a hello no real client sends, before the planner computes with its numbers.
-
-    Args:
-        hello: The decoded hello.
-        topic_client: The client id segment of its topic.
-        max_examples: Largest example count a client may claim.
-
-    Raises:
-        TopicError: The hello names another client than its topic.
-        FieldTypeError: A count, memory size, compute capability or name no device has.
-    """
-    if hello.client_id != topic_client:
-        raise TopicError(f"hello on the topic of {topic_client!r} names client {short_repr(hello.client_id)}")
-    if not 0 < hello.num_examples <= max_examples:
-        raise FieldTypeError(f"hello num_examples={hello.num_examples}; it must be in 1..{max_examples}")
-    profile = hello.profile
-    for name in ("total_memory_bytes", "available_memory_bytes", "gpu_total_memory_bytes", "gpu_free_memory_bytes"):
-        value = getattr(profile, name)
-        if not 0 <= value <= MAX_MEMORY_BYTES:
-            raise FieldTypeError(f"hello profile.{name}={value} is not a memory size (0..{MAX_MEMORY_BYTES})")
-    if not 0 <= profile.cpu_count <= 1 << 20:
-        raise FieldTypeError(f"hello profile.cpu_count={profile.cpu_count} is not a CPU count")
-    if profile.compute_capability and not _COMPUTE_CAPABILITY_RE.fullmatch(profile.compute_capability):
-        raise FieldTypeError(
-            f"hello profile.compute_capability={short_repr(profile.compute_capability)} is not 'major.minor'"
-        )
-    for name in ("name", "device_class", "gpu_name"):
-        if len(getattr(profile, name)) > _MAX_NAME_CHARS:
-            raise FieldTypeError(f"hello profile.{name} is longer than {_MAX_NAME_CHARS} characters")
-    if len(hello.software_version) > _MAX_NAME_CHARS:
-        raise FieldTypeError(f"hello software_version is longer than {_MAX_NAME_CHARS} characters")
-
-
-def _plain(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(obj)
-
-
-def rec_to_dict(rec: rounds.RoundRecord) -> dict[str, Any]:
-    """A round record as plain JSON types (for the run report).
-
-    Args:
-        rec: A round record.
-
-    Returns:
-        Its fields, participants as a ``{client: tier}`` map.
-    """
-    from dataclasses import asdict
-
-    out = asdict(rec)
-    out["participants"] = dict(rec.participants)
-    out["reported"] = list(rec.reported)
-    return out

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/paper.py: the three strategies run through the real ``simulate``
+"""Smoke test of benchmarks/paper.py: the three methods run through the real ``simulate``
 (embedded broker, client processes) on a 6-layer cut of SmolLM2 in quick mode, and the
 benchmark's numbers are the ones the run directories hold.
 
@@ -25,11 +25,11 @@ def quick_run(tmp_path_factory, small_model_dir):
     return out, summary
 
 
-def test_quick_run_writes_results_for_every_strategy(quick_run):
+def test_quick_run_writes_results_for_every_method(quick_run):
     out, summary = quick_run
     for name in ("paper.json", "paper.md", "paper.png"):
         assert (out / name).stat().st_size > 0
-    rows = summary["rotten_tomatoes"]["strategies"]
+    rows = summary["rotten_tomatoes"]["methods"]
     assert set(rows) == {"fedsoda", "fedot", "fedpetuning"}
     # fedsoda and fedot clients hold a 4-layer sub-LLM, fedpetuning clients the whole 6 layers.
     assert rows["fedsoda"]["layers"] == rows["fedot"]["layers"] == [4]
@@ -72,7 +72,7 @@ def test_set_overrides_every_run_and_is_checked(small_model_dir, tmp_path, capsy
     assert "rounds.realign_evry: unknown option" in capsys.readouterr().err
     paper.main([
         "--quick", "--model", str(small_model_dir), "--tasks", "rotten_tomatoes", "--seeds", "0",
-        "--strategies", "fedsoda", "--clients", "2", "--examples-per-client", "16", "--out-dir", str(tmp_path),
+        "--methods", "fedsoda", "--clients", "2", "--examples-per-client", "16", "--out-dir", str(tmp_path),
         "--work-dir", str(tmp_path / "runs"), "--set", "rounds.realign_every=0",
     ])
     saved = json.loads((tmp_path / "paper.json").read_text())

@@ -14,7 +14,15 @@ VOCAB = 128
 
 def tiny_config(arch: str, num_layers: int = 6):
     """A transformers config of a few-kilobyte model of the given family."""
-    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        PhiConfig,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4)
     if arch == "llama":

@@ -37,7 +37,7 @@ def test_serve_with_an_unknown_config_key_exits_2_naming_the_key(tmp_path):
     result = runner.invoke(coordinator_app, ["serve", "--config", str(config), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == ConfigError.exit_code
     assert "training.local_stepz" in result.output
-    assert "pruning.strategy" in result.output
+    assert "pruning.strategy" in result.output and "method = \"fedsoda\"" in result.output  # where it went
 
 
 def test_serve_with_a_missing_config_file_exits_2(tmp_path):

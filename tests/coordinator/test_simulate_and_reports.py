@@ -8,7 +8,12 @@ from collections import Counter
 
 import pytest
 
-from coordinator.run.reports import load_report, per_client_rounds, write_csv, write_plots
+from coordinator.run.reports import (
+    load_report,
+    per_client_rounds,
+    write_csv,
+    write_plots,
+)
 from coordinator.simulate import partition_rows
 from shared.errors import RunStateError
 
@@ -50,7 +55,7 @@ def _report(tmp_path) -> None:
         }
 
     report = {
-        "run_id": "r", "phase": "finished", "strategy": "fedsoda",
+        "run_id": "r", "phase": "finished", "method": "fedsoda",
         "rounds": [
             {"round": 1, "participants": {"a": "L4", "b": "L4"}, "reported": ["a", "b"], "dropouts": 0, "rejected": 0,
              "late": 0, "duplicates": 0, "examples": 80, "started_at": 0.0, "closed_at": 10.0, "outcome": "aggregated"},

@@ -8,7 +8,7 @@ logged detail. ``tests/corpus/test_corpus.py`` sends the whole corpus over a rea
 
 The messages target the live test's run: run id ``corpus``, the client ``edge-1``, the
 test's scripted client ``probe`` (assigned to round 1), and the tier ``L2`` that the
-4-layer SmolLM2 cut with ``pruning.tiers = [2]`` yields (layers 0 and 3; LoRA rank 4 on
+4-layer SmolLM2 cut with ``pruning.depths = [2]`` yields (layers 0 and 3; LoRA rank 4 on
 ``q_proj`` / ``v_proj``; hidden size 576, key/value size 192).
 
 Regenerate after a protocol change (the corpus test fails until the files match)::

@@ -26,24 +26,46 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from coordinator.run.checkpoint import RunDir
 from coordinator.cli import app as coordinator_app
 from coordinator.model.pipeline import ModelPipeline
+from coordinator.run.checkpoint import RunDir
 from coordinator.run.server import CoordinatorServer
-from shared.protocol import COORDINATOR_ID
 from coordinator.settings import RunConfig
 from edge_client.data import load_dataset
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
 from hardware_profiles.detect import detect_profile
 from shared import codec, topics
-from shared.blobs import ChunkStore, chunk_lengths, compute_blob_id, materialize, resolve_inside
+from shared.blobs import (
+    ChunkStore,
+    chunk_lengths,
+    compute_blob_id,
+    materialize,
+    resolve_inside,
+)
 from shared.config import load_config
 from shared.errors import UnsafePathError
-from shared.protocol import Chunk, FileEntry, Hello, Manifest, MessageType, ResourceReport, Update
+from shared.protocol import (
+    COORDINATOR_ID,
+    Chunk,
+    FileEntry,
+    Hello,
+    Manifest,
+    MessageType,
+    ResourceReport,
+    Update,
+)
 from shared.tensors import state_to_payloads
 from shared.transport import InboundMessage, MqttTransport, TransportConfig
 from tests.corpus import make_corpus
-from tests.corpus.make_corpus import CLIENT, INDEX_FILE, MESSAGES_DIR, PROBE, ROUND, RUN, TIER
+from tests.corpus.make_corpus import (
+    CLIENT,
+    INDEX_FILE,
+    MESSAGES_DIR,
+    PROBE,
+    ROUND,
+    RUN,
+    TIER,
+)
 
 LIVE_TIMEOUT = 240.0
 """Upper bound of every wait in the live test (it takes well under 90 s on 2 loaded cores)."""
@@ -107,6 +129,7 @@ def _config(path: Path, model_dir: Path, port: int) -> RunConfig:
     path.write_text(f"""
 run_id = "{RUN}"
 seed = 1
+method = "fedsoda"
 
 [model]
 model = "{model_dir}"
@@ -115,8 +138,7 @@ calibration_samples = 4
 calibration_seq_len = 16
 
 [pruning]
-strategy = "fedsoda"
-tiers = [2]
+depths = [2]
 
 [alignment]
 pre_align_steps = 0

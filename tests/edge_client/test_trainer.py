@@ -17,7 +17,12 @@ import torch
 
 from coordinator.model.datasets import movie_reviews, train_test_split
 from coordinator.model.models import load_model
-from edge_client.data import LocalDataset, batch_indices, dataset_from_records, make_batch
+from edge_client.data import (
+    LocalDataset,
+    batch_indices,
+    dataset_from_records,
+    make_batch,
+)
 from edge_client.trainer import (
     CHECKPOINT_TENSORS,
     TrainCheckpoint,

@@ -12,7 +12,12 @@ import psutil
 import pytest
 import torch
 
-from hardware_profiles.detect import UNKNOWN, detect_hardware, detect_profile, match_device_class
+from hardware_profiles.detect import (
+    UNKNOWN,
+    detect_hardware,
+    detect_profile,
+    match_device_class,
+)
 from hardware_profiles.profile import load_catalog
 from shared.errors import ConfigError
 

@@ -173,7 +173,7 @@ def test_small_real_model_on_this_cpu(tiny_model_dir: Path) -> None:
 def test_check_plan_is_the_clients_preflight(orin_nano: Path, fake_machine, tmp_path: Path) -> None:
     from hardware_profiles.planner import check_plan
 
-    from .conftest import FakeMachine, GIB
+    from .conftest import GIB, FakeMachine
 
     plan = plan_for_profile(LLAMA_7B, RANKING, detect_profile(root=orin_nano), options=OPTIONS).to_dict()
     ok = check_plan(LLAMA_7B, plan, detect_profile(root=orin_nano))

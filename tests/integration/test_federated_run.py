@@ -31,6 +31,7 @@ def _config(path: Path, run_id: str, model_dir: Path, port: int) -> Path:
     path.write_text(f"""
 run_id = "{run_id}"
 seed = 1
+method = "fedsoda"
 
 [model]
 model = "{model_dir}"
@@ -39,8 +40,7 @@ calibration_samples = 8
 calibration_seq_len = 32
 
 [pruning]
-strategy = "fedsoda"
-tiers = [2]
+depths = [4]
 
 [alignment]
 pre_align_steps = 2

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.run.brokers import BrokerEndpoint, broker_for
 from coordinator.run.credentials import CredentialStore
-from coordinator.launch import BrokerEndpoint, broker_for
 from coordinator.settings import BrokerSettings
 from shared.credentials import ClientCredentials
 
@@ -67,7 +67,7 @@ def enrolled(tmp_path: Path) -> Enrolled:
 def secure_broker(enrolled: Enrolled, tmp_path: Path) -> Iterator[Callable[..., BrokerEndpoint]]:
     """``secure_broker(**broker_settings)``: a running ``mode = "mosquitto"`` broker on ``enrolled``'s store.
 
-    Started through :func:`coordinator.launch.broker_for`, exactly as ``serve`` starts it.
+    Started through :func:`coordinator.run.brokers.broker_for`, exactly as ``serve`` starts it.
     """
     stack: list = []
 

@@ -18,12 +18,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.launch import BrokerEndpoint, broker_for
+from coordinator.run.brokers import BrokerEndpoint, broker_for
 from coordinator.settings import BrokerSettings
 from shared import topics
 from shared.credentials import ClientCredentials
 from shared.errors import BrokerError
-from shared.transport import ConnectionEvent, InboundMessage, MqttTransport, TransportConfig
+from shared.transport import (
+    ConnectionEvent,
+    InboundMessage,
+    MqttTransport,
+    TransportConfig,
+)
 from tests.security.conftest import Enrolled
 from tests.shared.helpers import wait_message
 

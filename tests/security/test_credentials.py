@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
 from coordinator.run.credentials import CredentialStore, acl_text
-from shared.protocol import COORDINATOR_ID
 from coordinator.settings import RunConfig
 from edge_client.cli import app as client_app
 from shared.config import load_config
@@ -29,6 +28,7 @@ from shared.credentials import (
     write_client_credentials,
 )
 from shared.errors import ConfigError
+from shared.protocol import COORDINATOR_ID
 
 runner = CliRunner()
 

@@ -37,7 +37,6 @@ from shared.protocol import Hello, MessageType, Presence, ResourceReport, Update
 from shared.tensors import state_to_payloads
 from shared.transport import InboundMessage, MqttTransport, TransportConfig
 
-
 runner = CliRunner()
 TIMEOUT = 90.0
 
@@ -49,12 +48,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_logging"
 def _config(path: Path, run_id: str, model_dir: Path, port: int, store: Path, pki: Path) -> Path:
     path.write_text(f"""
 run_id = "{run_id}"
+method = "fedpetuning"
 
 [model]
 model = "{model_dir}"
 
 [pruning]
-strategy = "fedpetuning"
 precision = "bf16"
 
 [rounds]

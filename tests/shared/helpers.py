@@ -6,7 +6,14 @@ import time
 from collections.abc import Callable
 
 from shared.broker import BrokerHandle
-from shared.transport import ConnectionEvent, Event, InboundMessage, MqttTransport, TransportConfig, Will
+from shared.transport import (
+    ConnectionEvent,
+    Event,
+    InboundMessage,
+    MqttTransport,
+    TransportConfig,
+    Will,
+)
 
 
 def connect(broker: BrokerHandle, client_id: str, *, will: Will | None = None, **overrides: object) -> MqttTransport:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared import codec
-from tests.shared.samples import GOLDEN_MESSAGE_ID, GOLDEN_ROUND, GOLDEN_TIMESTAMP, RUN, SENDER, samples
+from tests.shared.samples import (
+    GOLDEN_MESSAGE_ID,
+    GOLDEN_ROUND,
+    GOLDEN_TIMESTAMP,
+    RUN,
+    SENDER,
+    samples,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 

@@ -24,7 +24,14 @@ from shared.errors import (
 )
 from shared.protocol import BODY_TYPES, PROTOCOL_VERSION, MessageType, Presence
 from shared.typed import INVALID, Problem, from_plain, to_plain
-from tests.shared.samples import GOLDEN_MESSAGE_ID, GOLDEN_ROUND, GOLDEN_TIMESTAMP, RUN, SENDER, samples
+from tests.shared.samples import (
+    GOLDEN_MESSAGE_ID,
+    GOLDEN_ROUND,
+    GOLDEN_TIMESTAMP,
+    RUN,
+    SENDER,
+    samples,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 

@@ -8,7 +8,12 @@ import torch
 from shared import codec
 from shared.errors import TensorError
 from shared.protocol import GlobalAdapter, MessageType, TensorPayload
-from shared.tensors import from_payload, payloads_to_state, state_to_payloads, to_payload
+from shared.tensors import (
+    from_payload,
+    payloads_to_state,
+    state_to_payloads,
+    to_payload,
+)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,11 @@ import json
 import pytest
 import torch
 
-from coordinator.model.export import export_adapter, load_exported_adapter, merge_adapter
+from coordinator.model.export import (
+    export_adapter,
+    load_exported_adapter,
+    merge_adapter,
+)
 from coordinator.model.surgery import build_submodel, skip_layers
 from shared.adapters import LoraSettings, to_full_keys
 from shared.errors import TensorError

@@ -17,7 +17,11 @@ from coordinator.model.oda import (
     plugged_adapter,
     trainable_layer_indices,
 )
-from coordinator.model.surgery import build_submodel, capture_layer_io, find_decoder_layers
+from coordinator.model.surgery import (
+    build_submodel,
+    capture_layer_io,
+    find_decoder_layers,
+)
 from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.model.datasets import public_text
+from coordinator.model.tiers import load_tiers
 from shared.subllm import read_meta
 
 
@@ -33,11 +34,11 @@ def public_file(tmp_path_factory):
     return path
 
 
-def test_prune_writes_report_and_packages(tiny_model_dir, public_file, tmp_path):
+def test_prune_writes_report_and_tiers(tiny_model_dir, public_file, tmp_path):
     out = tmp_path / "prune"
     args = [
         "prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(out),
-        "--block-size", "1", "--depth", "3", "--tiers", "4", "--calib-samples", "6", "--eval-samples", "4",
+        "--block-size", "1", "--depths", "3,4", "--calib-samples", "6", "--eval-samples", "4",
         "--seq-len", "32", "--oda-steps", "2", "--precision", "fp32", "--json",
     ]
     result = CliRunner().invoke(app, args)
@@ -46,21 +47,28 @@ def test_prune_writes_report_and_packages(tiny_model_dir, public_file, tmp_path)
     assert set(report["perplexity"]) == {"full", "sgp", "uniform", "sgp+oda", "uniform+oda"}
     assert all(v > 1 for v in report["perplexity"].values())
     assert len(report["sgp_layers"]) == 3 and report["sgp_layers"][0] == 0 and report["sgp_layers"][-1] == 3
-    assert report["tiers"]["d4"] == [0, 1, 2, 3] and report["tiers"]["d3"] == report["sgp_layers"]
+    assert report["tiers"]["L4"] == [0, 1, 2, 3] and report["tiers"]["L3"] == report["sgp_layers"]
     assert [b["layers"] for b in report["ranking"]] and all(len(b["layers"]) == 1 for b in report["ranking"])
     for name in ("report.json", "report.md", "distances.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "distances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    meta = read_meta(out / "packages" / "d3")
+    # The tiers are laid out as serve lays them out in a run directory (serve --tiers reads them).
+    meta = read_meta(out / "tiers" / "L3" / "v1")
     assert list(meta.layer_map) == report["sgp_layers"] and meta.precision == "fp32"
+    assert report["packages"]["L3"] == str(out / "tiers" / "L3" / "v1")
+    tierset = load_tiers(out)
+    assert tierset.method == "fedsoda" and tierset.layer_maps() == report["tiers"]
+    assert (out / "tiers" / "L3" / "aligned_v1.safetensors").is_file()
     assert "SGP" in (out / "report.md").read_text()
+    # Not a terminal: the long steps are shown as lines as they go, not as a silent progress bar.
+    assert "ODA: aligning tier L3 (3 layers) to the full model (2 steps)" in result.output
 
 
 def test_prune_reports_unreachable_depth(tiny_model_dir, public_file, tmp_path):
     result = CliRunner().invoke(
         app,
         ["prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(tmp_path),
-         "--block-size", "2", "--depth", "3", "--no-oda", "--no-package"],
+         "--block-size", "2", "--depths", "3", "--no-oda"],
     )
     assert result.exit_code == 2
     assert "depth 3 cannot be reached" in result.output
