@@ -31,16 +31,13 @@ from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model
 from coordinator.model.oda import ODAConfig
 from coordinator.model.progress import ProgressSink
-from coordinator.model.tiers import (
-    FullModel,
+from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers
+from coordinator.model.tierset import (
     PreparedTier,
     TierSet,
-    TierSpec,
     adopt_tiers,
-    build_tiers,
     check_tiers_fit,
     load_tiers,
-    realign_tiers,
 )
 from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.planner import assign_tier

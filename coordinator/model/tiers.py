@@ -8,29 +8,18 @@ SGP settings, pre-alignment, precision), :func:`build_tiers`:
 3. builds each sub-LLM and pre-aligns it with ODA where the method distils;
 4. keeps the tensors ODA changed (fp32) and writes package version 1 with its manifest.
 
-Everything lands in one folder, the same for ``prune`` (its output folder) and ``serve`` (its
-run directory)::
-
-    ROOT/tiers.json                          the record: method, model fingerprint, ranking,
-                                             tiers (layer map, version), ODA summaries
-    ROOT/tiers/<tier>/v<k>/                  package version k (format: shared.subllm)
-    ROOT/tiers/<tier>/aligned_v<k>.safetensors   the tensors alignment changed, fp32
-
-so ``serve --tiers DIR`` adopts a ``prune`` output as it is (:func:`adopt_tiers`, no SGP or
-ODA), ``serve --resume`` reloads its own (:func:`load_tiers`), and :func:`realign_tiers`
-publishes the next version. Tiers are named after their depth (``L18`` keeps 18 layers).
+Everything lands in one folder, laid out the same for ``prune`` (its output folder) and
+``serve`` (its run directory): see :mod:`coordinator.model.tierset`, which also reloads and
+adopts it. :func:`realign_tiers` publishes the next version of every tier. Tiers are named
+after their depth (``L18`` keeps 18 layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +32,19 @@ from coordinator.model.methods import LayerChoice, Method, get_method
 from coordinator.model.oda import ODAConfig, distill
 from coordinator.model.packaging import write_package
 from coordinator.model.progress import LogSink, ProgressSink
-from coordinator.model.surgery import build_submodel, find_decoder_layers, text_config
+from coordinator.model.surgery import build_submodel, find_decoder_layers
+from coordinator.model.tierset import (
+    TIERS_FOLDER,
+    PreparedTier,
+    TierSet,
+    model_fingerprint,
+    tier_from_folder,
+)
 from shared.adapters import LoraSettings
-from shared.blobs import build_manifest
-from shared.errors import ConfigError, RunStateError
+from shared.errors import ConfigError
 from shared.layermap import blocks_for_depth, default_depth, tier_name
-from shared.protocol import Manifest
-from shared.subllm import read_meta
 
 log = logging.getLogger(__name__)
-
-RECORD_FILE = "tiers.json"
-TIERS_FOLDER = "tiers"
-RECORD_FORMAT = 1
-#: Embedding values hashed into a model's fingerprint (enough to tell checkpoints apart).
-_FINGERPRINT_VALUES = 4096
 
 
 @dataclass(frozen=True)
@@ -124,126 +111,6 @@ class FullModel:
     model: nn.Module
     tokenizer: Any
     calibration: Sequence[Batch]
-
-
-@dataclass(frozen=True)
-class PreparedTier:
-    """One sub-LLM tier as published.
-
-    Attributes:
-        name: Tier name, ``L<kept layers>`` (e.g. ``L18``).
-        kept: Full-LLM indices of its layers (its layer map).
-        version: Package version (1, then +1 per re-alignment).
-        folder: Package folder.
-        manifest: Its content-addressed manifest.
-    """
-
-    name: str
-    kept: list[int]
-    version: int
-    folder: Path
-    manifest: Manifest
-
-    def describe(self) -> dict[str, Any]:
-        """Plain summary for the run report (layers, version, package size)."""
-        return {
-            "layers": len(self.kept),
-            "layer_map": self.kept,
-            "version": self.version,
-            "package_bytes": sum(f.size for f in self.manifest.files),
-            "blob_id": self.manifest.blob_id,
-        }
-
-
-@dataclass(frozen=True)
-class TierSet:
-    """The prepared tiers of one model in one folder (see the module docstring).
-
-    Attributes:
-        root: The folder holding :data:`RECORD_FILE` and ``tiers/``.
-        method: The method that built them.
-        num_layers: Layers of the full LLM.
-        layers_prefix: Dotted path of its decoder layer list.
-        fingerprint: :func:`model_fingerprint` of the full LLM they were cut from.
-        ranking: SGP blocks in pruning order (empty when the method ranks nothing).
-        tiers: Tier name -> prepared tier, shallowest first.
-        spec: The :class:`TierSpec` they were built with, as plain types.
-        oda: Tier name -> summary of its latest alignment (absent when never aligned).
-        source: The folder they were first built in, when adopted from elsewhere ("" if here).
-    """
-
-    root: Path
-    method: str
-    num_layers: int
-    layers_prefix: str
-    fingerprint: str
-    ranking: list[list[int]]
-    tiers: dict[str, PreparedTier]
-    spec: dict[str, Any]
-    oda: dict[str, dict[str, Any]] = field(default_factory=dict)
-    source: str = ""
-
-    def layer_maps(self) -> dict[str, list[int]]:
-        """Tier name -> layer map."""
-        return {name: list(t.kept) for name, t in self.tiers.items()}
-
-    def aligned_path(self, name: str, version: int) -> Path:
-        """File of the tensors alignment changed in version ``version`` of tier ``name``."""
-        return self.root / TIERS_FOLDER / name / f"aligned_v{version}.safetensors"
-
-    def aligned_student(self, full_model: nn.Module, name: str) -> nn.Module:
-        """The fp32 sub-LLM of tier ``name`` at its current version, aligned weights loaded.
-
-        Re-alignment starts from this rather than from the 4-bit package, so quantization error
-        never accumulates across versions.
-        """
-        from safetensors.torch import load_file
-
-        tier = self.tiers[name]
-        student = build_submodel(full_model, tier.kept)
-        path = self.aligned_path(name, tier.version)
-        if path.is_file():
-            student.load_state_dict(load_file(str(path)), strict=False)
-        return student
-
-    def save(self) -> None:
-        """Write the record (atomically: a crash leaves the old one or the new one)."""
-        record = {
-            "format": RECORD_FORMAT,
-            "method": self.method,
-            "num_layers": self.num_layers,
-            "layers_prefix": self.layers_prefix,
-            "fingerprint": self.fingerprint,
-            "ranking": self.ranking,
-            "tiers": {t.name: {"kept": t.kept, "version": t.version} for t in self.tiers.values()},
-            "spec": self.spec,
-            "oda": self.oda,
-            "source": self.source,
-        }
-        path = self.root / RECORD_FILE
-        staging = path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(staging, path)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash that tells checkpoints apart: architecture, sizes, first embedding values.
-
-    The values are hashed in bf16, so the same checkpoint loaded in fp32 or bf16 agrees.
-
-    Args:
-        model: A causal LM.
-
-    Returns:
-        16 hex characters.
-    """
-    config = text_config(model)
-    digest = hashlib.sha256()
-    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
-        digest.update(f"{key}={getattr(config, key, None)};".encode())
-    embedding = model.get_input_embeddings().weight.detach().reshape(-1)[:_FINGERPRINT_VALUES]
-    digest.update(embedding.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def build_tiers(
@@ -363,111 +230,7 @@ class _Packager:
             precision=self.precision, name=self.model_name, full_num_layers=self.num_layers,
         )
         advance(1)
-        return _tier_from_folder(name, kept, version, folder, self.model_name)
-
-
-def _tier_from_folder(name: str, kept: list[int], version: int, folder: Path, model_name: str) -> PreparedTier:
-    # Clients plan memory from the manifest before downloading, so it carries the
-    # package's meta and the sub-LLM's model config.
-    meta = dataclasses.asdict(read_meta(folder))
-    meta["model_config"] = json.loads((folder / "config.json").read_text())
-    manifest = build_manifest(folder, name=model_name, version=version, tier=name, meta=meta)
-    return PreparedTier(name=name, kept=list(kept), version=version, folder=folder, manifest=manifest)
-
-
-def load_tiers(root: str | Path) -> TierSet:
-    """Read the tiers recorded in ``root`` (a run directory or a ``prune`` output).
-
-    Raises:
-        RunStateError: No record, a record of another format, or a package it names is missing.
-    """
-    root = Path(root)
-    path = root / RECORD_FILE
-    if not path.is_file():
-        raise RunStateError(f"{path} is missing: no tiers were prepared in {root}")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunStateError(f"{path} is not valid JSON ({exc.msg})") from exc
-    if record.get("format") != RECORD_FORMAT:
-        raise RunStateError(f"{path} has record format {record.get('format')!r}; this fedsoda reads {RECORD_FORMAT}")
-    spec = record["spec"]
-    tiers = {}
-    for name, tier in record["tiers"].items():
-        folder = root / TIERS_FOLDER / name / f"v{tier['version']}"
-        if not folder.is_dir():
-            raise RunStateError(f"{path} names tier {name} v{tier['version']}, but {folder} is missing")
-        tiers[name] = _tier_from_folder(name, tier["kept"], tier["version"], folder, spec["model_name"])
-    return TierSet(
-        root=root, method=record["method"], num_layers=record["num_layers"], layers_prefix=record["layers_prefix"],
-        fingerprint=record["fingerprint"], ranking=record["ranking"], tiers=tiers, spec=spec,
-        oda=record.get("oda", {}), source=record.get("source", ""),
-    )
-
-
-def check_tiers_fit(tierset: TierSet, full_model: nn.Module, method: str) -> None:
-    """Refuse tiers cut from another model, or built by another method than the run's.
-
-    Raises:
-        ConfigError: The fingerprint or the method differ (the message says which).
-    """
-    fingerprint = model_fingerprint(full_model)
-    if tierset.fingerprint != fingerprint:
-        raise ConfigError(
-            f"the tiers in {tierset.root} were cut from another model (fingerprint {tierset.fingerprint}, "
-            f"{tierset.num_layers} layers) than this run's ({fingerprint}, "
-            f"{len(find_decoder_layers(full_model)[1])} layers): prune this model, or use its model"
-        )
-    if tierset.method != method:
-        raise ConfigError(
-            f"the tiers in {tierset.root} were built by method {tierset.method!r}; this run's method is {method!r}"
-        )
-
-
-def adopt_tiers(source: str | Path, root: str | Path, full_model: nn.Module, method: str) -> TierSet:
-    """Take the tiers a ``prune`` run wrote in ``source`` as this run's, in ``root``.
-
-    The files are hard-linked where the file system allows (copied otherwise), so the run
-    directory is self-contained: later versions, ``--resume`` and deleting ``source`` work as
-    for tiers built in the run.
-
-    Args:
-        source: A ``prune`` output folder (or any folder :func:`build_tiers` wrote).
-        root: The run directory.
-        full_model: The run's full LLM (checked against the tiers' fingerprint).
-        method: The run's method (must be the one that built them).
-
-    Returns:
-        The tiers, now recorded in ``root``.
-
-    Raises:
-        RunStateError: ``source`` holds no tiers.
-        ConfigError: They do not fit this model or method.
-    """
-    source, root = Path(source).resolve(), Path(root)
-    found = load_tiers(source)
-    check_tiers_fit(found, full_model, method)
-    if source == root.resolve():
-        return found
-    target = root / TIERS_FOLDER
-    if target.exists():
-        shutil.rmtree(target)  # the run directory held tiers of an earlier start: these replace them
-    shutil.copytree(source / TIERS_FOLDER, target, copy_function=_link_or_copy)
-    tiers = {
-        name: _tier_from_folder(name, t.kept, t.version, target / name / f"v{t.version}", found.spec["model_name"])
-        for name, t in found.tiers.items()
-    }
-    adopted = dataclasses.replace(found, root=root, tiers=tiers, source=found.source or str(source))
-    adopted.save()
-    return adopted
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: a copy costs only disk
-        shutil.copy2(src, dst)
-    return dst
+        return tier_from_folder(name, kept, version, folder, self.model_name)
 
 
 def realign_tiers(

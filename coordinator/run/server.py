@@ -26,16 +26,16 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 
 from coordinator.run import rounds
 from coordinator.run.aggregation import get_strategy
 from coordinator.run.checkpoint import RunDir, load_run
+from coordinator.run.model_side import ModelSide, TierLike
 from coordinator.run.inbound import (
     RoundContext,
     UpdateLimits,
@@ -74,11 +74,8 @@ from shared.errors import (
 )
 from shared.protocol import (
     COORDINATOR_ID,
-    Assignment,
-    DeviceProfile,
     GlobalAdapter,
     Hello,
-    Manifest,
     MessageType,
     Nack,
     Presence,
@@ -105,48 +102,6 @@ def _fault_pause(point: str) -> None:
     if os.environ.get(FAULT_PAUSE_ENV) == point:
         log.warning("%s=%s: stopping this process for a fault-injection test", FAULT_PAUSE_ENV, point)
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-class TierLike(Protocol):
-    """What the server reads of a published tier."""
-
-    name: str
-    version: int
-    folder: Path
-    manifest: Manifest
-
-    def describe(self) -> dict[str, Any]:
-        """Plain summary for the run report."""
-        ...
-
-
-class ModelSide(Protocol):
-    """The model work the run side asks for (:class:`coordinator.model.pipeline.ModelPipeline`)."""
-
-    @property
-    def tiers(self) -> Mapping[str, TierLike]:
-        """The published tiers, by name."""
-        ...
-
-    def initial_adapter(self) -> dict[str, torch.Tensor]:
-        """The round-0 global adapter (canonical full-LLM keys)."""
-        ...
-
-    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        """Per tier, the adapter keys and shapes its clients' updates must have."""
-        ...
-
-    def assign(self, client_id: str, profile: DeviceProfile) -> Assignment:
-        """The tier a client gets (or a refusal with the reason)."""
-        ...
-
-    def realign(self, global_state: dict[str, torch.Tensor], version: int) -> Mapping[str, TierLike]:
-        """Re-align the tiers with the global adapter and return them as ``version``."""
-        ...
-
-    def finish(self, global_state: dict[str, torch.Tensor], run_dir: Path) -> dict[str, Any]:
-        """Export and evaluate the final adapter; return the results."""
-        ...
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app
 from coordinator.model.datasets import public_text
-from coordinator.model.tiers import load_tiers
+from coordinator.model.tierset import load_tiers
 from shared.subllm import read_meta
 
 
