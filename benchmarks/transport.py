@@ -4,7 +4,7 @@ One run measures, on loopback:
 
 - raw TCP: a sender process pushes the blob's bytes through a plain socket (the ceiling);
 - blob fetch through mosquitto and through the embedded broker: a coordinator process runs
-  a :class:`~shared.blobs.BlobServer`, this process runs a :class:`~shared.blobs.BlobFetcher`
+  a :class:`~shared.blob_server.BlobServer`, this process runs a :class:`~shared.blob_fetcher.BlobFetcher`
   into an empty cache (request windows, sha256 checks, the on-disk chunk store and the
   atomic materialization included), each as a ratio to raw TCP;
 - the message path alone through each broker: a publisher process sends encoded 4 MiB
@@ -43,15 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared import codec, topics  # noqa: E402
-from shared.blobs import (  # noqa: E402
-    BlobFetcher,
-    BlobServer,
-    ChunkStore,
-    build_manifest,
-    chunk_lengths,
-    materialize,
-)
+from shared.blob_fetcher import BlobFetcher  # noqa: E402
+from shared.blob_server import BlobServer  # noqa: E402
 from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto  # noqa: E402
+from shared.chunkstore import ChunkStore, materialize  # noqa: E402
+from shared.manifests import build_manifest, chunk_lengths  # noqa: E402
 from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
 from shared.tensors import to_payload  # noqa: E402
 from shared.topics import TopicKind  # noqa: E402

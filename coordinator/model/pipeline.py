@@ -43,9 +43,9 @@ from coordinator.model.packaging import write_package
 from coordinator.settings import RunConfig
 from hardware_profiles.planner import assign_tier
 from shared.adapters import LoraSettings
-from shared.blobs import build_manifest
 from shared.errors import ConfigError, RunStateError
 from shared.layermap import kept_layers, uniform_drop_layers
+from shared.manifests import build_manifest
 from shared.protocol import Assignment, DeviceProfile, Manifest
 from shared.subllm import read_meta
 from shared.tasks import ClassificationTask, accuracy, score_label_words

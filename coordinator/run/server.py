@@ -61,7 +61,7 @@ from coordinator.run.rounds import (
 )
 from coordinator.settings import RunConfig
 from shared import codec, topics
-from shared.blobs import BlobServer
+from shared.blob_server import BlobServer
 from shared.errors import (
     FedSodaError,
     FieldTypeError,

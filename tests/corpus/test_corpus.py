@@ -36,9 +36,10 @@ from edge_client.data import load_dataset
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
 from hardware_profiles.detect import detect_profile
 from shared import codec, topics
-from shared.blobs import ChunkStore, chunk_lengths, compute_blob_id, materialize, resolve_inside
+from shared.chunkstore import ChunkStore, materialize, resolve_inside
 from shared.config import load_config
 from shared.errors import UnsafePathError
+from shared.manifests import chunk_lengths, compute_blob_id
 from shared.protocol import Chunk, FileEntry, Hello, Manifest, MessageType, ResourceReport, Update
 from shared.tensors import state_to_payloads
 from shared.transport import InboundMessage, MqttTransport, TransportConfig
