@@ -81,10 +81,11 @@ class FetchStats:
 class BlobFetcher:
     """Client side: fetch a manifest's missing chunks and materialize its folder.
 
-    ``fetch`` drives the transport itself (``transport.poll``), so while it runs every other
-    message still reaches its handlers. Each fetch keeps at most ``window`` chunks in
-    flight; when no chunk arrives for ``request_timeout`` seconds, or the connection comes
-    back, the in-flight ones are asked for again, up to ``max_attempts`` times each.
+    :meth:`fetch`, its one entry point, drives the transport itself (``transport.poll``), so
+    while it runs every other message still reaches its handlers. Each fetch keeps at most
+    ``window`` chunks in flight; when no chunk arrives for ``request_timeout`` seconds, or
+    the connection comes back, the in-flight ones are asked for again, up to
+    ``max_attempts`` times each.
 
     Args:
         transport: Connected transport (persistent session recommended).

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared import codec, topics
-from shared.errors import BlobError, ProtocolError
+from shared.errors import BlobError
 from shared.manifests import check_relative_path, validate_manifest
 from shared.protocol import COORDINATOR_ID, Chunk, ChunkRequest, Manifest, MessageType, Nack
-from shared.transport import InboundMessage, Transport
+from shared.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,12 @@ class _Source:
 class BlobServer:
     """Coordinator side: answers chunk requests for the manifests it holds.
 
-    Chunks are read from the source files only when requested (memory stays at one chunk
-    per request being served) and published to the requester's ``chunk`` topic. A source
-    file whose size or mtime changed since :meth:`add` is refused rather than re-hashed on
-    every read (sha256 runs at ~250 MB/s on small CPUs; the receiver verifies every chunk
-    anyway). Requests are capped at
+    The owner decodes each message from a ``chunkreq`` topic and hands the request to
+    :meth:`serve`, its one entry point. Chunks are read from the source files only when
+    requested (memory stays at one chunk per request being served) and published to the
+    requester's ``chunk`` topic. A source file whose size or mtime changed since :meth:`add`
+    is refused rather than re-hashed on every read (sha256 runs at ~250 MB/s on small CPUs;
+    the receiver verifies every chunk anyway). Requests are capped at
     ``max_hashes_per_request`` chunks; the client's window keeps below that.
 
     Args:
@@ -67,7 +68,6 @@ class BlobServer:
         self._index: dict[str, _Source] = {}
         self.chunks_served = 0
         self.bytes_served = 0
-        self.requests_rejected = 0
         self.refused: Counter[str] = Counter() if refused is None else refused
 
     def add(self, manifest: Manifest, folder: str | os.PathLike[str]) -> None:
@@ -186,27 +186,6 @@ class BlobServer:
             self.bytes_served += len(data)
         self.chunks_served += served
         return served
-
-    def handle(self, message: InboundMessage) -> int:
-        """Decode a message from a ``chunkreq`` topic and serve it; bad input is logged and nacked.
-
-        Args:
-            message: A message received on ``topics.all_of(run, TopicKind.CHUNKREQ)``.
-
-        Returns:
-            Number of chunks published (0 for a refused request).
-        """
-        try:
-            info, envelope = codec.decode_message(message.topic, message.payload, run=self.run)
-        except ProtocolError as exc:
-            self.requests_rejected += 1
-            log.warning("refused chunk request on %s: %s", message.topic, exc)
-            client = topics.client_of(message.topic)
-            if client is not None:
-                self._nack(client, "", -1, "bad_message", str(exc))
-            return 0
-        assert info.client is not None  # chunkreq topics are per-client
-        return self.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
 
     def _nack(self, client_id: str, ref: str, round: int, code: str, reason: str) -> None:
         self.refused[code] += 1

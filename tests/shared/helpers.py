@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared import topics
+from shared import codec, topics
 from shared.blob_fetcher import BlobFetcher
 from shared.blob_server import BlobServer
 from shared.broker import BrokerHandle
 from shared.chunkstore import ChunkStore
+from shared.errors import ProtocolError
 from shared.manifests import MARKER_NAME
 from shared.topics import TopicKind
 from shared.transport import ConnectionEvent, Event, InboundMessage, MqttTransport, TransportConfig, Will
@@ -88,10 +89,25 @@ def folder_tree(root: Path) -> dict[str, bytes]:
 def serving(
     broker: BrokerHandle, run: str, server_cls: type[BlobServer] = BlobServer, **kwargs: object
 ) -> Iterator[BlobServer]:
-    """A coordinator loop thread: one transport, chunk requests dispatched to a BlobServer."""
+    """A coordinator loop thread: one transport, chunk requests dispatched to a BlobServer.
+
+    Requests are decoded and handed to :meth:`BlobServer.serve` as the coordinator's handler
+    does; one that does not decode is counted in ``server.refused`` under its error's class
+    name (the coordinator's refusal counters, which it shares with its BlobServer).
+    """
     transport = connect(broker, f"coord-{run}")
     server = server_cls(transport, run=run, **kwargs)  # type: ignore[arg-type]
-    transport.subscribe(topics.all_of(run, TopicKind.CHUNKREQ), server.handle)
+
+    def on_chunk_request(message: InboundMessage) -> None:
+        try:
+            info, envelope = codec.decode_message(message.topic, message.payload, run=run)
+        except ProtocolError as exc:
+            server.refused[type(exc).__name__] += 1
+            return
+        assert info.client is not None  # chunkreq topics are per-client
+        server.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
+
+    transport.subscribe(topics.all_of(run, TopicKind.CHUNKREQ), on_chunk_request)
     stop = threading.Event()
     errors: list[BaseException] = []
 
