@@ -92,12 +92,6 @@ class BlobServer:
         self._folders[manifest.blob_id] = root
         self._reindex()
 
-    def remove(self, blob_id: str) -> None:
-        """Stop serving a manifest (its chunks stay served if another manifest has them)."""
-        self.manifests.pop(blob_id, None)
-        self._folders.pop(blob_id, None)
-        self._reindex()
-
     def _reindex(self) -> None:
         index: dict[str, _Source] = {}
         for blob_id, manifest in self.manifests.items():

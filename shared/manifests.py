@@ -222,11 +222,6 @@ def chunk_lengths(manifest: Manifest) -> dict[str, int]:
     return lengths
 
 
-def manifest_size(manifest: Manifest) -> int:
-    """Total bytes of the files a manifest lists."""
-    return sum(f.size for f in manifest.files)
-
-
 def check_chunk(envelope: Envelope) -> None:
     """Check that a received chunk's bytes hash to the name it carries.
 
