@@ -45,9 +45,11 @@ sys.path.insert(0, str(REPO))
 from shared import codec, topics  # noqa: E402
 from shared.blob_fetcher import BlobFetcher  # noqa: E402
 from shared.blob_server import BlobServer  # noqa: E402
-from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto  # noqa: E402
+from shared.broker import BrokerHandle  # noqa: E402
 from shared.chunkstore import ChunkStore, materialize  # noqa: E402
+from shared.embedded_broker import start_embedded_broker  # noqa: E402
 from shared.manifests import build_manifest, chunk_lengths  # noqa: E402
+from shared.mosquitto import start_mosquitto  # noqa: E402
 from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
 from shared.tensors import to_payload  # noqa: E402
 from shared.topics import TopicKind  # noqa: E402

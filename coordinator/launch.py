@@ -18,7 +18,9 @@ from coordinator.model.pipeline import ModelPipeline, Progress
 from coordinator.run.credentials import CredentialStore
 from coordinator.run.server import CoordinatorServer, RunOutcome
 from coordinator.settings import BrokerSettings, RunConfig
-from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
+from shared.broker import BrokerHandle
+from shared.embedded_broker import start_embedded_broker
+from shared.mosquitto import start_mosquitto
 from shared.protocol import COORDINATOR_ID
 from shared.transport import MqttTransport, TransportConfig
 

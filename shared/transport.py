@@ -318,7 +318,7 @@ class MqttTransport:
             if time.monotonic() > deadline:
                 last = self._last_error
                 self.close(graceful=False)
-                hint = "start one (python -m shared.broker) or check host, port and TLS settings"
+                hint = "start one (python -m shared.embedded_broker) or check host, port and TLS settings"
                 if self.config.ca_file is None and last.startswith("connection closed before CONNACK"):
                     # What a TLS listener does with a plaintext CONNECT.
                     hint = "the broker hung up without answering: if this port expects TLS, give the broker's CA certificate (ca_file)"
