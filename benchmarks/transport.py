@@ -53,7 +53,8 @@ from shared.mosquitto import start_mosquitto  # noqa: E402
 from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
 from shared.tensors import to_payload  # noqa: E402
 from shared.topics import TopicKind  # noqa: E402
-from shared.transport import InboundMessage, MqttTransport, TransportConfig  # noqa: E402
+from shared.transport import MqttTransport  # noqa: E402
+from shared.transport_types import InboundMessage, TransportConfig  # noqa: E402
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB

@@ -22,7 +22,8 @@ from shared.broker import BrokerHandle
 from shared.embedded_broker import start_embedded_broker
 from shared.mosquitto import start_mosquitto
 from shared.protocol import COORDINATOR_ID
-from shared.transport import MqttTransport, TransportConfig
+from shared.transport import MqttTransport
+from shared.transport_types import TransportConfig
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ from shared.protocol import (
 )
 from shared.subllm import load_package
 from shared.tensors import payloads_to_state, state_to_payloads
-from shared.transport import ConnectionEvent, InboundMessage, MqttTransport, TransportConfig, Will
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig, Will
 from shared.typed import short_repr
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from shared.chunkstore import ChunkStore, is_materialized, materialize
 from shared.errors import BlobError, ChunkHashMismatchError, ProtocolError
 from shared.manifests import check_chunk, chunk_lengths, validate_manifest
 from shared.protocol import Chunk, ChunkRequest, Manifest, MessageType, Nack
-from shared.transport import ConnectionEvent, InboundMessage, Transport
+from shared.transport_types import ConnectionEvent, InboundMessage, Transport
 
 log = logging.getLogger(__name__)
 

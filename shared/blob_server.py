@@ -18,7 +18,7 @@ from shared import codec, topics
 from shared.errors import BlobError
 from shared.manifests import check_relative_path, validate_manifest
 from shared.protocol import COORDINATOR_ID, Chunk, ChunkRequest, Manifest, MessageType, Nack
-from shared.transport import Transport
+from shared.transport_types import Transport
 
 log = logging.getLogger(__name__)
 

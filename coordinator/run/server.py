@@ -80,7 +80,8 @@ from shared.protocol import (
 )
 from shared.tensors import state_to_payloads
 from shared.topics import TopicKind
-from shared.transport import ConnectionEvent, InboundMessage, MqttTransport
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage
 from shared.typed import short_repr
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,8 @@ from shared.errors import UnsafePathError
 from shared.manifests import chunk_lengths, compute_blob_id
 from shared.protocol import Chunk, FileEntry, Hello, Manifest, MessageType, ResourceReport, Update
 from shared.tensors import state_to_payloads
-from shared.transport import InboundMessage, MqttTransport, TransportConfig
+from shared.transport import MqttTransport
+from shared.transport_types import InboundMessage, TransportConfig
 from tests.corpus import make_corpus
 from tests.corpus.make_corpus import CLIENT, INDEX_FILE, MESSAGES_DIR, PROBE, ROUND, RUN, TIER
 

@@ -16,7 +16,8 @@ from shared.chunkstore import ChunkStore
 from shared.errors import ProtocolError
 from shared.manifests import MARKER_NAME
 from shared.topics import TopicKind
-from shared.transport import ConnectionEvent, Event, InboundMessage, MqttTransport, TransportConfig, Will
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, Event, InboundMessage, TransportConfig, Will
 
 
 def connect(broker: BrokerHandle, client_id: str, *, will: Will | None = None, **overrides: object) -> MqttTransport:

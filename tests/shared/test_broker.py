@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from shared.broker import BrokerHandle, port_open
-from shared.transport import ConnectionEvent
+from shared.transport_types import ConnectionEvent
 from tests.shared.helpers import connect, wait_for
 
 

@@ -11,7 +11,7 @@ import psutil
 
 from shared import topics
 from shared.broker import BrokerHandle, port_open
-from shared.transport import ConnectionEvent
+from shared.transport_types import ConnectionEvent
 from tests.shared.helpers import connect, wait_connected, wait_for, wait_message
 
 REPO = Path(__file__).resolve().parents[2]
