@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from coordinator.simulate import client_name  # noqa: E402
-from shared.broker import start_mosquitto  # noqa: E402
+from shared.mosquitto import start_mosquitto  # noqa: E402
 from tests.runlib import Federation, audit_run, light_settings  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -4,7 +4,7 @@ One run measures, on loopback:
 
 - raw TCP: a sender process pushes the blob's bytes through a plain socket (the ceiling);
 - blob fetch through mosquitto and through the embedded broker: a coordinator process runs
-  a :class:`~shared.blobs.BlobServer`, this process runs a :class:`~shared.blobs.BlobFetcher`
+  a :class:`~shared.blob_server.BlobServer`, this process runs a :class:`~shared.blob_fetcher.BlobFetcher`
   into an empty cache (request windows, sha256 checks, the on-disk chunk store and the
   atomic materialization included), each as a ratio to raw TCP;
 - the message path alone through each broker: a publisher process sends encoded 4 MiB
@@ -43,19 +43,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared import codec, topics  # noqa: E402
-from shared.blobs import (  # noqa: E402
-    BlobFetcher,
-    BlobServer,
-    ChunkStore,
-    build_manifest,
-    chunk_lengths,
-    materialize,
-)
-from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto  # noqa: E402
+from shared.blob_fetcher import BlobFetcher  # noqa: E402
+from shared.blob_server import BlobServer  # noqa: E402
+from shared.broker import BrokerHandle  # noqa: E402
+from shared.chunkstore import ChunkStore, materialize  # noqa: E402
+from shared.embedded_broker import start_embedded_broker  # noqa: E402
+from shared.manifests import build_manifest, chunk_lengths  # noqa: E402
+from shared.mosquitto import start_mosquitto  # noqa: E402
 from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
 from shared.tensors import to_payload  # noqa: E402
 from shared.topics import TopicKind  # noqa: E402
-from shared.transport import InboundMessage, MqttTransport, TransportConfig  # noqa: E402
+from shared.transport import MqttTransport  # noqa: E402
+from shared.transport_types import InboundMessage, TransportConfig  # noqa: E402
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -90,7 +89,15 @@ def _role_blob_server(port: int, folder: str) -> None:
     transport = MqttTransport(TransportConfig(port=port, client_id="bench-coordinator")).connect()
     server = BlobServer(transport, run=RUN)
     server.add(build_manifest(folder, "bench", 1, "t"), folder)
-    transport.subscribe(topics.all_of(RUN, TopicKind.CHUNKREQ), server.handle)
+
+    def on_chunk_request(message: InboundMessage) -> None:
+        # Decoded and served as the coordinator's handler does; only this benchmark's own
+        # client asks, so there is nothing to refuse.
+        info, envelope = codec.decode_message(message.topic, message.payload, run=RUN)
+        assert info.client is not None  # chunkreq topics are per-client
+        server.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
+
+    transport.subscribe(topics.all_of(RUN, TopicKind.CHUNKREQ), on_chunk_request)
     print("ready", flush=True)
     while True:  # killed by the parent
         transport.poll(1.0)

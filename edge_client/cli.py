@@ -147,7 +147,7 @@ def _join(data, broker, run_id, client_id, profile_name, state_dir, device, labe
     from hardware_profiles.detect import detect_profile
     from shared.config import cache_dir
     from shared.console import console, parse_broker_address
-    from shared.transport import TransportConfig
+    from shared.transport_types import TransportConfig
 
     host, port = parse_broker_address(broker)
     dataset = load_dataset(data, task=_parse_label_words(label_words))

@@ -16,8 +16,8 @@ import torch
 
 from shared import topics
 from shared.adapters import PEFT_PREFIX
-from shared.blobs import validate_manifest
 from shared.errors import FieldTypeError, TensorError, TopicError
+from shared.manifests import validate_manifest
 from shared.protocol import Assignment, GlobalAdapter, Manifest, Nack, Schedule, TrainingParams
 from shared.tensors import from_payload
 from shared.typed import short_repr

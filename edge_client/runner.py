@@ -36,8 +36,10 @@ from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
 from edge_client.trainer import TrainProgress, clear_checkpoint, load_checkpoint, train_adapter
 from shared import codec, topics
-from shared.blobs import BlobFetcher, ChunkStore, FetchProgress, check_chunk
+from shared.blob_fetcher import BlobFetcher, FetchProgress
+from shared.chunkstore import ChunkStore
 from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError, TopicError
+from shared.manifests import check_chunk
 from shared.protocol import (
     COORDINATOR_ID,
     Assignment,
@@ -53,7 +55,8 @@ from shared.protocol import (
 )
 from shared.subllm import load_package
 from shared.tensors import payloads_to_state, state_to_payloads
-from shared.transport import ConnectionEvent, InboundMessage, MqttTransport, TransportConfig, Will
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig, Will
 from shared.typed import short_repr
 
 log = logging.getLogger(__name__)

@@ -136,7 +136,7 @@ def encode(
     if len(data) > MAX_MESSAGE_BYTES:
         raise PayloadTooLargeError(
             f"{msg_type.value} message is {len(data)} bytes, over the protocol cap of {MAX_MESSAGE_BYTES}; "
-            "send large data as a chunked blob (shared.blobs)"
+            "send large data as a chunked blob (shared.blob_server, shared.blob_fetcher)"
         )
     return data
 

@@ -213,7 +213,7 @@ class Manifest:
     """A content-addressed folder (a sub-LLM package), retained on ``manifest/{tier}``.
 
     Attributes:
-        blob_id: sha256 hex over the canonical file list (see :func:`shared.blobs.compute_blob_id`).
+        blob_id: sha256 hex over the canonical file list (see :func:`shared.manifests.compute_blob_id`).
         name: Human name (e.g. the model id).
         version: Package version; grows with each re-alignment.
         tier: Tier this package serves.

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
+from shared.broker import BrokerHandle
+from shared.embedded_broker import start_embedded_broker
+from shared.mosquitto import start_mosquitto
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ from typing import Any
 from shared import codec, topics
 from shared.broker import BrokerHandle
 from shared.protocol import Schedule
-from shared.transport import InboundMessage, MqttTransport, TransportConfig
+from shared.transport import MqttTransport
+from shared.transport_types import InboundMessage, TransportConfig
 
 POLL_SECONDS = 0.1
 """How often conditions on files written by other processes are polled."""

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from coordinator.model.surgery import build_submodel, find_decoder_layers, text_config
-from shared.blobs import build_manifest
+
 from shared.errors import ConfigError, RunStateError
+from shared.manifests import build_manifest
 from shared.protocol import Manifest
 from shared.subllm import read_meta
 

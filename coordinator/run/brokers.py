@@ -15,9 +15,11 @@ from pathlib import Path
 
 from coordinator.run.credentials import CredentialStore
 from coordinator.settings import BrokerSettings
-from shared.broker import BrokerHandle, start_embedded_broker, start_mosquitto
+from shared.broker import BrokerHandle
+from shared.embedded_broker import start_embedded_broker
+from shared.mosquitto import start_mosquitto
 from shared.protocol import COORDINATOR_ID
-from shared.transport import TransportConfig
+from shared.transport_types import TransportConfig
 
 log = logging.getLogger(__name__)
 

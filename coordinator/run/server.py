@@ -65,7 +65,7 @@ from coordinator.run.rounds import (
 )
 from coordinator.settings import RunConfig
 from shared import codec, topics
-from shared.blobs import BlobServer
+from shared.blob_server import BlobServer
 from shared.errors import (
     FedSodaError,
     ProtocolError,
@@ -83,7 +83,8 @@ from shared.protocol import (
 )
 from shared.tensors import state_to_payloads
 from shared.topics import TopicKind
-from shared.transport import ConnectionEvent, InboundMessage, MqttTransport
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage
 from shared.typed import short_repr
 
 log = logging.getLogger(__name__)

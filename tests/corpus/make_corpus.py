@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 
 from shared import codec
-from shared.blobs import compute_blob_id
+from shared.manifests import compute_blob_id
 from shared.protocol import (
     Assignment,
     Chunk,

@@ -35,27 +35,14 @@ from edge_client.data import load_dataset
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
 from hardware_profiles.detect import detect_profile
 from shared import codec, topics
-from shared.blobs import (
-    ChunkStore,
-    chunk_lengths,
-    compute_blob_id,
-    materialize,
-    resolve_inside,
-)
+from shared.chunkstore import ChunkStore, materialize, resolve_inside
 from shared.config import load_config
 from shared.errors import UnsafePathError
-from shared.protocol import (
-    COORDINATOR_ID,
-    Chunk,
-    FileEntry,
-    Hello,
-    Manifest,
-    MessageType,
-    ResourceReport,
-    Update,
-)
+from shared.manifests import chunk_lengths, compute_blob_id
+from shared.protocol import COORDINATOR_ID, Chunk, FileEntry, Hello, Manifest, MessageType, ResourceReport, Update
 from shared.tensors import state_to_payloads
-from shared.transport import InboundMessage, MqttTransport, TransportConfig
+from shared.transport import MqttTransport
+from shared.transport_types import InboundMessage, TransportConfig
 from tests.corpus import make_corpus
 from tests.corpus.make_corpus import (
     CLIENT,

@@ -26,7 +26,7 @@ import signal
 import pytest
 
 from edge_client.runner import PENDING_FILE
-from shared.blobs import build_manifest, chunk_lengths
+from shared.manifests import build_manifest, chunk_lengths
 from tests.runlib import check_ledger
 
 pytestmark = pytest.mark.integration

@@ -23,12 +23,8 @@ from coordinator.settings import BrokerSettings
 from shared import topics
 from shared.credentials import ClientCredentials
 from shared.errors import BrokerError
-from shared.transport import (
-    ConnectionEvent,
-    InboundMessage,
-    MqttTransport,
-    TransportConfig,
-)
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig
 from tests.security.conftest import Enrolled
 from tests.shared.helpers import wait_message
 

@@ -35,7 +35,8 @@ from shared.credentials import ClientCredentials, load_client_credentials
 from shared.errors import BrokerError
 from shared.protocol import Hello, MessageType, Presence, ResourceReport, Update
 from shared.tensors import state_to_payloads
-from shared.transport import InboundMessage, MqttTransport, TransportConfig
+from shared.transport import MqttTransport
+from shared.transport_types import InboundMessage, TransportConfig
 
 runner = CliRunner()
 TIMEOUT = 90.0

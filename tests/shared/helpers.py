@@ -1,19 +1,23 @@
-"""Helpers for broker tests: connected transports and queue-based waits (no bare sleeps)."""
+"""Helpers for broker tests: connected transports, queue-based waits (no bare sleeps) and blob transfers."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+from shared import codec, topics
+from shared.blob_fetcher import BlobFetcher
+from shared.blob_server import BlobServer
 from shared.broker import BrokerHandle
-from shared.transport import (
-    ConnectionEvent,
-    Event,
-    InboundMessage,
-    MqttTransport,
-    TransportConfig,
-    Will,
-)
+from shared.chunkstore import ChunkStore
+from shared.errors import ProtocolError
+from shared.manifests import MARKER_NAME
+from shared.topics import TopicKind
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, Event, InboundMessage, TransportConfig, Will
 
 
 def connect(broker: BrokerHandle, client_id: str, *, will: Will | None = None, **overrides: object) -> MqttTransport:
@@ -62,3 +66,73 @@ def drain(transport: MqttTransport) -> list[Event]:
     while (event := transport.poll(0)) is not None:
         events.append(event)
     return events
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    """Create ``root`` holding ``files`` (relative posix path -> bytes); returns ``root``."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def folder_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but the blob marker: relative posix path -> bytes."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER_NAME
+    }
+
+
+@contextmanager
+def serving(
+    broker: BrokerHandle, run: str, server_cls: type[BlobServer] = BlobServer, **kwargs: object
+) -> Iterator[BlobServer]:
+    """A coordinator loop thread: one transport, chunk requests dispatched to a BlobServer.
+
+    Requests are decoded and handed to :meth:`BlobServer.serve` as the coordinator's handler
+    does; one that does not decode is counted in ``server.refused`` under its error's class
+    name (the coordinator's refusal counters, which it shares with its BlobServer).
+    """
+    transport = connect(broker, f"coord-{run}")
+    server = server_cls(transport, run=run, **kwargs)  # type: ignore[arg-type]
+
+    def on_chunk_request(message: InboundMessage) -> None:
+        try:
+            info, envelope = codec.decode_message(message.topic, message.payload, run=run)
+        except ProtocolError as exc:
+            server.refused[type(exc).__name__] += 1
+            return
+        assert info.client is not None  # chunkreq topics are per-client
+        server.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
+
+    transport.subscribe(topics.all_of(run, TopicKind.CHUNKREQ), on_chunk_request)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                transport.poll(0.1)
+        except BaseException as exc:  # surfaced in the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(10)
+        transport.close()
+        assert not errors, errors
+
+
+def fetcher_for(
+    broker: BrokerHandle, run: str, client: str, cache: Path, **kwargs: object
+) -> tuple[MqttTransport, BlobFetcher]:
+    """A connected client transport and a BlobFetcher on it with its chunk store in ``cache``."""
+    transport = connect(broker, client)
+    return transport, BlobFetcher(transport, ChunkStore(cache), run=run, client_id=client, **kwargs)  # type: ignore[arg-type]

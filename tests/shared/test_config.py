@@ -10,7 +10,7 @@ import pytest
 
 from shared.config import env_var_name, load_config
 from shared.errors import ConfigError
-from shared.transport import TransportConfig
+from shared.transport_types import TransportConfig
 
 
 @dataclass(frozen=True)

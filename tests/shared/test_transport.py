@@ -28,13 +28,8 @@ from shared.errors import (
 )
 from shared.protocol import MessageType, Presence
 from shared.topics import TopicKind
-from shared.transport import (
-    ConnectionEvent,
-    InboundMessage,
-    MqttTransport,
-    TransportConfig,
-    Will,
-)
+from shared.transport import MqttTransport
+from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig, Will
 from tests.shared.helpers import connect, drain, wait_connected, wait_for, wait_message
 from tests.shared.samples import SENDER, samples
 

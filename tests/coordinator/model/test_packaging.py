@@ -14,8 +14,8 @@ from torch import nn
 
 from coordinator.model.packaging import prepare_package_model, write_package
 from coordinator.model.surgery import build_submodel, find_decoder_layers
-from shared.blobs import build_manifest
 from shared.errors import BlobError, ModelError
+from shared.manifests import build_manifest
 from shared.subllm import (
     EMBEDDING_FILE,
     INDEX_FILE,
