@@ -197,17 +197,17 @@ def test_your_own_mosquitto_on_the_generated_files(broker_factory, enrolled: Enr
 def test_a_client_enrolled_while_the_broker_starts_gets_in(secure_broker, enrolled: Enrolled, monkeypatch) -> None:
     """An ``add`` that lands after mosquitto read its files but before ``serve`` noted the broker
     (so ``add`` had no one to signal) is picked up: ``serve`` sees the change and signals it."""
-    import coordinator.launch as launch
+    import coordinator.run.brokers as brokers
 
     late: list[ClientCredentials] = []
-    real_start = launch.start_mosquitto
+    real_start = brokers.start_mosquitto
 
     def start_then_enrol(**kwargs: object):
         handle = real_start(**kwargs)
         late.append(enrolled.store.add("late-device"))  # the race window, made certain
         return handle
 
-    monkeypatch.setattr(launch, "start_mosquitto", start_then_enrol)
+    monkeypatch.setattr(brokers, "start_mosquitto", start_then_enrol)
     endpoint = secure_broker()
     deadline = time.monotonic() + 10
     while True:  # mosquitto applies a SIGHUP asynchronously: retry the login for a moment
