@@ -18,9 +18,9 @@ injects one fault:
   offline), restart it 1-4 s later with the same id and state folder.
 
 Before each fault the updates the coordinator has accepted so far (its persisted update
-files) are noted. After the run, the run directory is audited (``tests.runlib.audit_run``):
-each round's saved global adapter must be FedAvg of the previous one and of exactly the
-round's accepted updates, each once. Reported: rounds completed, faults injected, updates
+files) are noted. After the run, the run directory is audited
+(``benchmarks.harness.audit_run``): each round's saved global adapter must be FedAvg of the
+previous one and of exactly the round's accepted updates, each once. Reported: rounds completed, faults injected, updates
 accepted, updates lost (accepted before a fault but missing from the aggregates; target 0),
 updates counted twice (target 0), and what the faults cost: repeated deliveries ignored,
 late updates refused, clients' updates acknowledged by the broker but never counted.
@@ -50,9 +50,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import Federation, audit_run, light_settings  # noqa: E402
 from coordinator.simulate import client_name  # noqa: E402
 from shared.mosquitto import start_mosquitto  # noqa: E402
-from tests.runlib import Federation, audit_run, light_settings  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 CUT_LAYERS = 4

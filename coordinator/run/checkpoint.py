@@ -34,7 +34,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from coordinator.run.rounds import RoundState, UpdateReceived, admission, step
+from coordinator.run.round_events import UpdateReceived
+from coordinator.run.round_state import RoundState
+from coordinator.run.rounds import admission, step
 from shared.errors import RunStateError
 
 logger = logging.getLogger(__name__)

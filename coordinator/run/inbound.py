@@ -29,7 +29,7 @@ from shared.tensors import from_payload
 from shared.typed import short_repr
 
 if TYPE_CHECKING:
-    from coordinator.run.rounds import ClientRecord
+    from coordinator.run.round_state import ClientRecord
 
 REJECT_CODES: dict[str, str] = {
     "run": "the envelope names another run",

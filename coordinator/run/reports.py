@@ -21,7 +21,7 @@ from shared.errors import RunStateError
 
 if TYPE_CHECKING:
     from coordinator.run.checkpoint import RunDir
-    from coordinator.run.rounds import RoundRecord, RoundState
+    from coordinator.run.round_state import RoundRecord, RoundState
 
 REPORT_FILE = "report.json"
 

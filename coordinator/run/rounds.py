@@ -2,12 +2,17 @@
 
 ``step(state, event) -> (state, actions)`` is the whole round logic: which clients train,
 when a round closes, when to aggregate, re-align, finish or fail. It performs no I/O and
-reads no clock: time enters only as :class:`Tick` events, so tests drive deadlines without
-sleeping and a restarted coordinator replays nothing but its checkpoint. The server loop
-(``coordinator.run.server``) turns broker messages into events and carries out the returned
-actions (publish, nack, aggregate, persist) in order.
+reads no clock: time enters only as :class:`~coordinator.run.round_events.Tick` events, so
+tests drive deadlines without sleeping and a restarted coordinator replays nothing but its
+checkpoint. The server loop (``coordinator.run.server``) turns broker messages into events
+and carries out the returned actions (publish, nack, aggregate, persist) in order.
 
-Phases and their allowed changes are data (:data:`TRANSITIONS`); ``step`` raises
+Here are the machine's functions (:func:`initial_state`, :func:`admission`, :func:`step` and
+its handlers); its data is in :mod:`coordinator.run.round_state` (phases, the transition
+table, state records) and :mod:`coordinator.run.round_events` (events in, actions out).
+
+Phases and their allowed changes are data
+(:data:`~coordinator.run.round_state.TRANSITIONS`); ``step`` raises
 :class:`~shared.errors.RunStateError` on any phase change the table does not list. Staying
 in the same phase is not a transition.
 
@@ -15,61 +20,52 @@ Update admission (late, duplicate, not assigned) is decided here by :func:`admis
 same function ``step`` uses, so the server can ask before it validates and persists an
 update's tensors; content validation (shapes, NaN, norm) happens outside
 (``coordinator.run.inbound``) and enters as ``UpdateReceived(ok=False, code=..., reason=...)``.
+
+Somewhat over the project's ~450 lines on purpose: ``step`` and the handler of each event
+are one unit, read against the transition table they must obey.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any
 
+from coordinator.run.round_events import (
+    Abort,
+    Action,
+    AggregationDone,
+    AlignmentDone,
+    ClientHello,
+    ClientOffline,
+    ClientOnline,
+    Event,
+    Fail,
+    Finish,
+    PersistCheckpoint,
+    PublishDone,
+    PublishSchedule,
+    RequestAggregation,
+    SendNack,
+    Start,
+    StartAlignment,
+    Tick,
+    UpdateReceived,
+)
+from coordinator.run.round_state import (
+    TERMINAL_PHASES,
+    TRANSITIONS,
+    ClientRecord,
+    Phase,
+    RoundRecord,
+    RoundState,
+)
 from coordinator.settings import RoundConfig
 from shared.errors import RunStateError
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = 1
-"""Version of the dict layout written by :meth:`RoundState.to_dict`."""
-
-
-class Phase(StrEnum):
-    """Where the run stands."""
-
-    WAITING = "waiting_for_clients"
-    PUBLISHING = "publishing"
-    COLLECTING = "collecting"
-    AGGREGATING = "aggregating"
-    ALIGNING = "aligning"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-
-TERMINAL_PHASES = frozenset({Phase.FINISHED, Phase.FAILED})
-
-TRANSITIONS: dict[tuple[Phase, Phase], str] = {
-    (Phase.WAITING, Phase.PUBLISHING): "enough eligible clients online: select and publish a round",
-    (Phase.WAITING, Phase.FAILED): "max_wait_s passed without enough clients, or Abort",
-    (Phase.PUBLISHING, Phase.COLLECTING): "PublishDone for the round's schedule",
-    (Phase.PUBLISHING, Phase.AGGREGATING): "PublishDone when the round is already complete "
-    "(updates that raced the publish acknowledgement)",
-    (Phase.PUBLISHING, Phase.FAILED): "Abort",
-    (Phase.COLLECTING, Phase.AGGREGATING): "every live assigned client reported and quorum met, "
-    "or deadline with quorum",
-    (Phase.COLLECTING, Phase.FAILED): "deadline without quorum and no extension left, or Abort",
-    (Phase.AGGREGATING, Phase.PUBLISHING): "AggregationDone, more rounds, enough clients online",
-    (Phase.AGGREGATING, Phase.WAITING): "AggregationDone, more rounds, too few clients online",
-    (Phase.AGGREGATING, Phase.ALIGNING): "AggregationDone and a re-alignment is due",
-    (Phase.AGGREGATING, Phase.FINISHED): "AggregationDone for the last round",
-    (Phase.AGGREGATING, Phase.FAILED): "Abort",
-    (Phase.ALIGNING, Phase.PUBLISHING): "AlignmentDone, enough clients online",
-    (Phase.ALIGNING, Phase.WAITING): "AlignmentDone, too few clients online",
-    (Phase.ALIGNING, Phase.FAILED): "Abort",
-}
-"""Every allowed phase change, with when it happens. Anything else raises."""
 
 # The status string a published Schedule carries in each phase (shared.protocol.Schedule).
 _SCHEDULE_STATUS: dict[Phase, str] = {
@@ -81,181 +77,6 @@ _SCHEDULE_STATUS: dict[Phase, str] = {
     Phase.FINISHED: "finished",
     Phase.FAILED: "failed",
 }
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    """What the coordinator knows about one client.
-
-    Attributes:
-        client_id: The client's id (its topic segment).
-        tier: Sub-LLM tier assigned at hello ("" when refused).
-        accepted: Whether the planner accepted the client at hello.
-        num_examples: Examples the client declared at hello.
-        online: Last known presence (hello sets it; Last Will clears it).
-    """
-
-    client_id: str
-    tier: str
-    accepted: bool
-    num_examples: int
-    online: bool
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One round's selection, progress and counters (the report reads these).
-
-    Attributes:
-        round: Round number (1-based).
-        participants: Assigned clients as sorted ``(client_id, tier)`` pairs.
-        quorum: Reports needed to close the round.
-        started_at: Tick time when the round was selected.
-        deadline: Current deadline (unix seconds); moves on extension.
-        extensions: Extensions used so far.
-        reported: Clients whose update was accepted, sorted.
-        examples: Sum of ``num_examples`` over accepted updates.
-        dropouts: Assigned clients that had not reported when the round closed.
-        duplicates: Repeated updates for this round from a client already counted.
-        late: Updates for this round that arrived after it closed.
-        rejected: Updates refused by validation or from a client not assigned.
-        closed_at: Tick time when collection stopped (None while open).
-        outcome: ``"open"``, ``"closed"`` (aggregating), ``"aggregated"`` or ``"failed"``.
-    """
-
-    round: int
-    participants: tuple[tuple[str, str], ...]
-    quorum: int
-    started_at: float
-    deadline: float
-    extensions: int = 0
-    reported: tuple[str, ...] = ()
-    examples: int = 0
-    dropouts: int = 0
-    duplicates: int = 0
-    late: int = 0
-    rejected: int = 0
-    closed_at: float | None = None
-    outcome: str = "open"
-
-    @property
-    def assigned(self) -> frozenset[str]:
-        """The ids of the clients assigned to this round."""
-        return frozenset(cid for cid, _ in self.participants)
-
-
-@dataclass(frozen=True)
-class RoundState:
-    """Everything the round loop needs; serializes to plain JSON types.
-
-    Attributes:
-        config: The run's round config (checkpointed with the state so a resumed run keeps it).
-        run_id: The run's id (topic segment).
-        seed: Seed for client selection; round t uses ``random.Random(f"{seed}:{t}")``.
-        phase: Current phase.
-        round: Current (or last) round number; 0 before the first.
-        now: Time of the latest Tick/Start (unix seconds).
-        waiting_since: When the run last entered waiting_for_clients.
-        adapter_round: Round of the newest global adapter (0 = the initial adapter).
-        model_version: Sub-LLM version from the latest AlignmentDone (0 = pre-aligned).
-        clients: Known clients sorted by id.
-        records: One record per started round, oldest first.
-        fail_reason: Why the run failed ("" otherwise).
-    """
-
-    config: RoundConfig
-    run_id: str
-    seed: int
-    phase: Phase = Phase.WAITING
-    round: int = 0
-    now: float = 0.0
-    waiting_since: float = 0.0
-    adapter_round: int = 0
-    model_version: int = 0
-    clients: tuple[ClientRecord, ...] = ()
-    records: tuple[RoundRecord, ...] = ()
-    fail_reason: str = ""
-
-    def client(self, client_id: str) -> ClientRecord | None:
-        """Return the record of ``client_id``, or None if it never said hello."""
-        for c in self.clients:
-            if c.client_id == client_id:
-                return c
-        return None
-
-    def record(self, round_: int) -> RoundRecord | None:
-        """Return the record of round ``round_``, or None if it never started."""
-        for r in self.records:
-            if r.round == round_:
-                return r
-        return None
-
-    @property
-    def current(self) -> RoundRecord | None:
-        """The record of the current round, or None before the first round."""
-        return self.record(self.round)
-
-    def eligible_online(self) -> list[str]:
-        """Sorted ids of clients that were accepted at hello and are online."""
-        return [c.client_id for c in self.clients if c.accepted and c.online]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict for JSON (see :meth:`from_dict`)."""
-        d = dataclasses.asdict(self)
-        d["phase"] = self.phase.value
-        d["format"] = STATE_FORMAT
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RoundState:
-        """Rebuild a state written by :meth:`to_dict`.
-
-        Args:
-            d: The dict (as loaded from JSON: tuples became lists).
-
-        Returns:
-            The equal state.
-
-        Raises:
-            RunStateError: A field is missing or malformed, or the format is unknown.
-        """
-        try:
-            if d.get("format") != STATE_FORMAT:
-                raise RunStateError(
-                    f"state format {d.get('format')!r} is not {STATE_FORMAT}: "
-                    "this run directory was written by another fedsoda version"
-                )
-            records = tuple(
-                RoundRecord(
-                    **{
-                        **r,
-                        "participants": tuple((str(a), str(b)) for a, b in r["participants"]),
-                        "reported": tuple(r["reported"]),
-                    }
-                )
-                for r in d["records"]
-            )
-            return cls(
-                config=RoundConfig(**d["config"]),
-                run_id=d["run_id"],
-                seed=d["seed"],
-                phase=Phase(d["phase"]),
-                round=d["round"],
-                now=d["now"],
-                waiting_since=d["waiting_since"],
-                adapter_round=d["adapter_round"],
-                model_version=d["model_version"],
-                clients=tuple(ClientRecord(**c) for c in d["clients"]),
-                records=records,
-                fail_reason=d["fail_reason"],
-            )
-        except RunStateError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunStateError(f"corrupt round state ({type(exc).__name__}: {exc})") from exc
 
 
 def initial_state(config: RoundConfig, *, run_id: str, seed: int, now: float = 0.0) -> RoundState:
@@ -271,194 +92,6 @@ def initial_state(config: RoundConfig, *, run_id: str, seed: int, now: float = 0
         A fresh state. Feed ``Start(now)`` to it to get the first actions.
     """
     return RoundState(config=config, run_id=run_id, seed=seed, now=now, waiting_since=now)
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Start:
-    """The server started or resumed: re-emit whatever the current phase is waiting on."""
-
-    now: float
-
-
-@dataclass(frozen=True)
-class Tick:
-    """The clock moved to ``now`` (unix seconds); deadlines are checked here."""
-
-    now: float
-
-
-@dataclass(frozen=True)
-class ClientHello:
-    """A client said hello and the planner decided on it (implies the client is online)."""
-
-    client_id: str
-    tier: str
-    accepted: bool
-    num_examples: int
-
-
-@dataclass(frozen=True)
-class ClientOnline:
-    """A client's presence says online (it is live again, even mid-round)."""
-
-    client_id: str
-
-
-@dataclass(frozen=True)
-class ClientOffline:
-    """A client's presence says offline, e.g. its Last Will: it no longer blocks closing."""
-
-    client_id: str
-
-
-@dataclass(frozen=True)
-class UpdateReceived:
-    """An update arrived; ``ok`` is the verdict of content validation done outside.
-
-    Attributes:
-        client_id: The sender (already checked against the topic).
-        round: The round the update names.
-        message_id: Envelope message id (Nacks refer to it).
-        num_examples: The client's example count.
-        ok: True when content validation passed and the update was persisted.
-        code: Rejection code when not ok (see ``coordinator.run.inbound``).
-        reason: Human-readable rejection reason when not ok.
-    """
-
-    client_id: str
-    round: int
-    message_id: str
-    num_examples: int
-    ok: bool = True
-    code: str = ""
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class PublishDone:
-    """The schedule of ``round`` was published (broker acknowledged)."""
-
-    round: int
-
-
-@dataclass(frozen=True)
-class AggregationDone:
-    """The global adapter of ``round`` was aggregated and saved."""
-
-    round: int
-
-
-@dataclass(frozen=True)
-class AlignmentDone:
-    """Re-alignment finished and sub-LLM ``version`` was packaged and published."""
-
-    version: int
-
-
-@dataclass(frozen=True)
-class Abort:
-    """Stop the run as failed (operator interrupt, an aggregation or alignment error)."""
-
-    reason: str
-
-
-Event = (
-    Start
-    | Tick
-    | ClientHello
-    | ClientOnline
-    | ClientOffline
-    | UpdateReceived
-    | PublishDone
-    | AggregationDone
-    | AlignmentDone
-    | Abort
-)
-
-
-# --------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class PersistCheckpoint:
-    """Write the new state to the run directory before carrying out the other actions."""
-
-
-@dataclass(frozen=True)
-class PublishSchedule:
-    """Publish (retained) a Schedule; the server adds training params and manifests.
-
-    Attributes:
-        round: The round the schedule is about (the next one while waiting).
-        status: ``"waiting" | "running" | "aligning" | "finished" | "failed"``.
-        deadline: Unix deadline (0.0 when no round is running).
-        quorum: Reports needed (0 when no round is running).
-        participants: Assigned clients as sorted ``(client_id, tier)`` pairs.
-        adapter_round: Round of the global adapter clients must start from.
-        model_version: Sub-LLM version the manifests must carry.
-    """
-
-    round: int
-    status: str
-    deadline: float
-    quorum: int
-    participants: tuple[tuple[str, str], ...]
-    adapter_round: int
-    model_version: int
-
-
-@dataclass(frozen=True)
-class SendNack:
-    """Tell a client its update was not used."""
-
-    client_id: str
-    round: int
-    ref_message_id: str
-    code: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RequestAggregation:
-    """Aggregate the persisted updates of ``client_ids`` for ``round``, then send AggregationDone."""
-
-    round: int
-    client_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StartAlignment:
-    """Re-align the sub-LLMs with the global adapter of ``round``, then send AlignmentDone."""
-
-    round: int
-
-
-@dataclass(frozen=True)
-class Finish:
-    """All rounds are aggregated; export the adapter of ``adapter_round`` and stop."""
-
-    adapter_round: int
-
-
-@dataclass(frozen=True)
-class Fail:
-    """The run failed; stop with ``reason``."""
-
-    reason: str
-
-
-Action = (
-    PersistCheckpoint
-    | PublishSchedule
-    | SendNack
-    | RequestAggregation
-    | StartAlignment
-    | Finish
-    | Fail
-)
 
 
 # --------------------------------------------------------------------------- admission
@@ -861,4 +494,3 @@ _HANDLERS: dict[type, Callable[[RoundState, Any], tuple[RoundState, list[Action]
     AlignmentDone: _on_alignment_done,
     Abort: _on_abort,
 }
-

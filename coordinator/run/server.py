@@ -45,7 +45,7 @@ from coordinator.run.inbound import (
     validate_update,
 )
 from coordinator.run.reports import ServingTotals, write_report
-from coordinator.run.rounds import (
+from coordinator.run.round_events import (
     AggregationDone,
     AlignmentDone,
     ClientHello,

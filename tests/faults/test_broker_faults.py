@@ -25,9 +25,9 @@ import signal
 
 import pytest
 
+from benchmarks.harness import check_ledger
 from edge_client.runner import PENDING_FILE
 from shared.manifests import build_manifest, chunk_lengths
-from tests.runlib import check_ledger
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from benchmarks.harness import Federation, Ledger, check_ledger, light_settings
 from edge_client.runner import PENDING_FILE
 from shared.mosquitto import start_mosquitto
-from tests.runlib import Federation, Ledger, check_ledger, light_settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import signal
 
 import pytest
 
+from benchmarks.harness import check_ledger
 from coordinator.run.server import FAULT_PAUSE_ENV
-from tests.runlib import check_ledger
 
 pytestmark = pytest.mark.integration
 

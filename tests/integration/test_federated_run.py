@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.harness import Processes, check_ledger, wait_until, write_rows
 from coordinator.model.datasets import movie_reviews, train_test_split
-from tests.runlib import Processes, ScheduleWatch, check_ledger, wait_until, write_rows
+from tests.runlib import ScheduleWatch
 
 pytestmark = pytest.mark.integration
 

@@ -14,26 +14,23 @@ import torch
 from coordinator.run import checkpoint
 from coordinator.run.aggregation import FedAvg
 from coordinator.run.checkpoint import RunDir, atomic_write_bytes, load_run
-from coordinator.run.rounds import (
+from coordinator.run.round_events import (
     AggregationDone,
     AlignmentDone,
     ClientHello,
     ClientOffline,
     PersistCheckpoint,
-    Phase,
     PublishDone,
     PublishSchedule,
     RequestAggregation,
-    RoundState,
     SendNack,
     Start,
     StartAlignment,
     Tick,
     UpdateReceived,
-    admission,
-    initial_state,
-    step,
 )
+from coordinator.run.round_state import Phase, RoundState
+from coordinator.run.rounds import admission, initial_state, step
 from coordinator.settings import RoundConfig
 from shared.errors import RunStateError
 

@@ -17,31 +17,29 @@ from dataclasses import replace
 import pytest
 
 from coordinator.run import rounds
-from coordinator.run.rounds import (
-    TRANSITIONS,
+from coordinator.run.round_events import (
     Abort,
+    Action,
     AggregationDone,
     AlignmentDone,
     ClientHello,
     ClientOffline,
     ClientOnline,
+    Event,
     Fail,
     Finish,
     PersistCheckpoint,
-    Phase,
     PublishDone,
     PublishSchedule,
     RequestAggregation,
-    RoundState,
     SendNack,
     Start,
     StartAlignment,
     Tick,
     UpdateReceived,
-    admission,
-    initial_state,
-    step,
 )
+from coordinator.run.round_state import TRANSITIONS, Phase, RoundState
+from coordinator.run.rounds import admission, initial_state, step
 from coordinator.settings import RoundConfig
 from shared.errors import ConfigError, RunStateError
 
@@ -55,8 +53,8 @@ class Driver:
     def __init__(self) -> None:
         self.seen: set[tuple[Phase, Phase]] = set()
 
-    def run(self, state: RoundState, *events: rounds.Event) -> tuple[RoundState, list[rounds.Action]]:
-        out: list[rounds.Action] = []
+    def run(self, state: RoundState, *events: Event) -> tuple[RoundState, list[Action]]:
+        out: list[Action] = []
         for ev in events:
             new, actions = step(state, ev)
             if new.phase is not state.phase:
@@ -105,7 +103,7 @@ def collecting(d: Driver, config: RoundConfig, clients: tuple[str, ...] = ("a", 
     return s
 
 
-def of(actions: list[rounds.Action], kind: type) -> list:
+def of(actions: list[Action], kind: type) -> list:
     return [a for a in actions if isinstance(a, kind)]
 
 
