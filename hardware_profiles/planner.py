@@ -21,19 +21,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from hardware_profiles.flops import training_flops
 from hardware_profiles.memory import (
-    PRECISIONS,
     MemoryEstimate,
-    ModelShape,
+    describe_bytes,
+    estimate_training_memory,
+)
+from hardware_profiles.profile import Catalog, DeviceClass, load_catalog
+from hardware_profiles.shape import ModelShape, model_shape
+from hardware_profiles.training_setup import (
+    PRECISIONS,
     Optimizer,
     Precision,
     TrainingSetup,
-    describe_bytes,
-    estimate_training_memory,
-    model_shape,
-    training_flops,
 )
-from hardware_profiles.profile import Catalog, DeviceClass, load_catalog
 from shared.errors import ConfigError, InsufficientMemoryError
 from shared.layermap import check_ranking, kept_layers, tier_name
 from shared.protocol import Assignment, DeviceProfile, TrainingParams
@@ -371,7 +372,7 @@ def plan_for_profile(
 
     Args:
         model_config: The FULL model's config (anything
-            :func:`~hardware_profiles.memory.model_shape` takes, or a ``ModelShape``).
+            :func:`~hardware_profiles.shape.model_shape` takes, or a ``ModelShape``).
         ranking: SGP blocks in pruning order, each a list of full-LLM layer indices.
         profile: A catalog class, a measured profile, or a ready :class:`Budget`.
         options: What the run asks for (default: :class:`PlannerOptions`).

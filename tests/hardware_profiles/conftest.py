@@ -1,4 +1,5 @@
-"""Fixtures of the hardware_profiles tests: fake Jetson / RTX machines for detection.
+"""Fixtures of the hardware_profiles tests: fake Jetson / RTX machines for detection, and the
+model config several test modules share.
 
 Only the hardware is faked (psutil's memory figures, torch.cuda's device answers and the
 Jetson files under a temporary root); everything else (catalog, matching, estimator,
@@ -16,6 +17,12 @@ import pytest
 import torch
 
 GIB = 1 << 30
+
+LLAMA_7B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+"""A Llama-2-7B-shaped config (built on the meta device only)."""
 
 _VM = namedtuple("_VM", ["total", "available", "percent", "used", "free"])
 

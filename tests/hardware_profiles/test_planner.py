@@ -27,7 +27,7 @@ from shared.errors import ConfigError, InsufficientMemoryError
 from shared.layermap import kept_layers
 from shared.protocol import Assignment, MessageType, TrainingParams
 
-from .test_memory import LLAMA_7B
+from .conftest import LLAMA_7B
 
 # A plausible SGP ranking of single layers for a 32-layer model: middle-to-late layers first,
 # the first and last layers protected.
