@@ -194,7 +194,8 @@ def _run_child_wait4(spec: dict) -> tuple[int, dict, float]:
 
 
 def _estimate(model_dir: Path, spec: dict):
-    from hardware_profiles.memory import TrainingSetup, estimate_training_memory
+    from hardware_profiles.memory import estimate_training_memory
+    from hardware_profiles.training_setup import TrainingSetup
 
     setup = TrainingSetup(
         num_layers=spec["layers"],
@@ -253,7 +254,7 @@ def _write_outputs(rows: list[dict], meta: dict) -> None:
         )
     if meta.get("throughput_tflops"):
         lines += ["", f"Sustained fp32 LoRA training throughput measured here: {meta['throughput_tflops']:.3f} TFLOP/s "
-                  "(median over the fp32 configurations, FLOPs from `hardware_profiles.memory.training_flops`; "
+                  "(median over the fp32 configurations, FLOPs from `hardware_profiles.flops.training_flops`; "
                   "step times include whatever else ran on the machine, so they are not a clean throughput figure)."]
     (RESULTS / "memory_estimator.md").write_text("\n".join(lines) + "\n")
     try:
@@ -302,7 +303,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from hardware_profiles.memory import training_flops
+    from hardware_profiles.flops import training_flops
 
     try:
         import importlib.metadata as md

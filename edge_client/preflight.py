@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hardware_profiles.memory import process_rss_bytes
-from hardware_profiles.planner import MemoryCheck, check_plan
+from hardware_profiles.assignment import MemoryCheck, check_plan
+from hardware_profiles.detect import process_rss_bytes
 from shared.protocol import DeviceProfile, Manifest
 
 

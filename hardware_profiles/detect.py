@@ -12,12 +12,16 @@ A probe that cannot run reports status ``unknown`` with the reason and contribut
 empty strings; nothing here raises for missing hardware. The measured numbers go into a
 :class:`shared.protocol.DeviceProfile` (what a client sends in its Hello); the class match
 (or the user's override by name) fills ``device_class``.
+
+:func:`process_rss_bytes` measures the calling process itself: a client adds it back to the
+memory available, since the estimate already counts the whole process.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import platform
 import re
 import socket
@@ -340,3 +344,13 @@ def detect_profile(*, override: str | None = None, catalog: Catalog | None = Non
         ConfigError: ``override`` names no catalog class.
     """
     return detect_hardware(override=override, catalog=catalog, root=root).profile
+
+
+def process_rss_bytes() -> int:
+    """Current resident set of this process (0 when it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # noqa: BLE001 - a missing psutil only removes a correction
+        return 0

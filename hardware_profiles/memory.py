@@ -1,7 +1,9 @@
 """Peak-memory estimator for LoRA training of a (pruned) causal LM.
 
-The estimate is built from the model's own config (the model is instantiated on PyTorch's
-``meta`` device, so no weight is read and nothing is allocated) and the training setup. It
+The estimate is built from the model's own config (its shape, read by
+:func:`hardware_profiles.shape.model_shape` on PyTorch's ``meta`` device, so no weight is read
+and nothing is allocated) and the training setup
+(:class:`~hardware_profiles.training_setup.TrainingSetup`). It
 models what the fedsoda client really runs (:func:`edge_client.trainer.train_adapter`: PEFT
 LoRA, ``prepare_model_for_kbit_training`` for 4-bit models, AdamW, the proximal term) and
 adds up, in bytes:
@@ -48,26 +50,18 @@ typical figures from PyTorch practice, not measured here, and say so.
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
-import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from shared.errors import ConfigError, ModelError
-
-log = logging.getLogger(__name__)
-
-Precision = Literal["nf4", "int8", "bf16", "fp16", "fp32"]
-ComputeDtype = Literal["fp32", "bf16", "fp16"]
-Optimizer = Literal["adamw", "adamw8bit", "sgd"]
-Device = Literal["cpu", "cuda"]
-
-PRECISIONS: tuple[Precision, ...] = ("nf4", "int8", "bf16", "fp16", "fp32")
-"""Weight precisions the estimator knows, smallest first."""
+from hardware_profiles.shape import ModelShape, model_shape
+from hardware_profiles.training_setup import (
+    Device,
+    Precision,
+    TrainingSetup,
+    lora_param_count,
+    wrapped_linears,
+)
+from shared.errors import ConfigError
 
 MIB = 1 << 20
 
@@ -128,276 +122,7 @@ _LORA_STATE_BYTES = {"adamw": 4 + 4 + 8 + 4, "adamw8bit": 4 + 4 + 2 + 4, "sgd": 
 """Per LoRA parameter: fp32 value, gradient, optimizer moments, the proximal term's global copy."""
 
 
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    """A linear module inside one decoder layer.
-
-    Attributes:
-        name: Dotted name relative to the layer (``self_attn.q_proj``).
-        in_features: Input width.
-        out_features: Output width.
-    """
-
-    name: str
-    in_features: int
-    out_features: int
-
-    @property
-    def numel(self) -> int:
-        """Weight count ``in * out``."""
-        return self.in_features * self.out_features
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimator needs to know about a causal LM, read from its config.
-
-    Attributes:
-        model_type: ``config.model_type``.
-        num_layers: Decoder layers of the full model.
-        hidden_size: Residual width h.
-        intermediate_size: MLP width I.
-        num_heads: Query heads.
-        num_kv_heads: Key/value heads (grouped-query attention).
-        head_dim: Width of one head.
-        vocab_size: Vocabulary V (the logits' width).
-        layer_linears: Linear modules of one decoder layer.
-        layer_other_params: Parameters of one layer outside its linears (norms, biases).
-        embedding_params: Input embedding parameters.
-        lm_head_params: Output head parameters not shared with the embedding (0 when tied).
-        other_params: Everything else outside the layers (final norm, ...).
-        gated_mlp: The MLP has a gate projection (SwiGLU-style: three saved intermediates).
-    """
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    layer_linears: tuple[LinearShape, ...]
-    layer_other_params: int
-    embedding_params: int
-    lm_head_params: int
-    other_params: int
-    gated_mlp: bool
-
-    @property
-    def layer_linear_params(self) -> int:
-        """Weights in one layer's linear modules."""
-        return sum(lin.numel for lin in self.layer_linears)
-
-    def total_params(self, num_layers: int | None = None) -> int:
-        """Parameters of the model cut to ``num_layers`` decoder layers (default: all)."""
-        n = self.num_layers if num_layers is None else num_layers
-        return n * (self.layer_linear_params + self.layer_other_params) + self.embedding_params + self.lm_head_params + self.other_params
-
-
-def _config_from(model_config: Any) -> Any:
-    """A transformers config from a config object, a dict, a config.json or a model folder."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(model_config, PretrainedConfig):
-        return model_config
-    if isinstance(model_config, Mapping):
-        data = dict(model_config)
-        model_type = data.pop("model_type", None)
-        if not model_type:
-            raise ModelError("a model config given as a dict needs its 'model_type'")
-        return AutoConfig.for_model(model_type, **data)
-    path = Path(model_config)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ModelError(f"no model config at {path}: pass a Hugging Face model folder holding config.json")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model config {path}: {exc}") from exc
-
-
-def model_shape(model_config: Any) -> ModelShape:
-    """Read a model's shape by building it on the meta device (no weights, no memory).
-
-    Args:
-        model_config: A ``transformers.PretrainedConfig``, a config dict (with
-            ``model_type``), a ``config.json`` path or a model folder.
-
-    Returns:
-        The :class:`ModelShape`.
-
-    Raises:
-        ModelError: The config cannot be read, or no decoder layer list is found.
-    """
-    config = _config_from(model_config)
-    # Quantization settings in a config are about how weights are stored, not the shape.
-    key = config.to_json_string(use_diff=False)
-    return _model_shape_cached(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _model_shape_cached(config_json: str) -> ModelShape:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    data = json.loads(config_json)
-    data.pop("quantization_config", None)
-    model_type = data.pop("model_type")
-    config = AutoConfig.for_model(model_type, **data)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"cannot build a {model_type!r} causal LM from its config: {exc}") from exc
-    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    layers = _decoder_layers(model, n_layers)
-    first = layers[0]
-    linears = []
-    linear_params = 0
-    for name, module in first.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear):
-            linears.append(LinearShape(name, module.in_features, module.out_features))
-            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-        elif type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:  # GPT-2 style
-            linears.append(LinearShape(name, int(weight.shape[0]), int(weight.shape[1])))
-            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-    if not linears:
-        raise ModelError(f"no linear modules in the decoder layers of {model_type!r}")
-    layer_params = sum(p.numel() for p in first.parameters())
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    embedding_params = embed.weight.numel() if embed is not None else 0
-    tied = head is not None and embed is not None and head.weight is embed.weight
-    lm_head_params = 0 if (head is None or tied) else sum(p.numel() for p in head.parameters())
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    other = total - n_layers * layer_params - embedding_params - lm_head_params
-    hidden = int(config.hidden_size)
-    heads = int(getattr(config, "num_attention_heads", 0) or 1)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    widest = max(lin.out_features for lin in linears)
-    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or widest)
-    return ModelShape(
-        model_type=model_type,
-        num_layers=n_layers,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=int(config.vocab_size),
-        layer_linears=tuple(linears),
-        layer_other_params=layer_params - linear_params,
-        embedding_params=embedding_params,
-        lm_head_params=lm_head_params,
-        other_params=max(other, 0),
-        gated_mlp=any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears),
-    )
-
-
-def _decoder_layers(model: Any, n_layers: int) -> Any:
-    import torch
-
-    candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    exact = [m for m in candidates if len(m) == n_layers]
-    pool = exact or candidates
-    if not pool:
-        raise ModelError(f"no decoder layer list found in {type(model).__name__}")
-    return max(pool, key=lambda m: sum(p.numel() for p in m.parameters()))
-
-
-# --------------------------------------------------------------------------- setup and estimate
-
-
-@dataclass(frozen=True)
-class TrainingSetup:
-    """One way to train a LoRA adapter: everything that changes peak memory.
-
-    Attributes:
-        num_layers: Decoder layers the (sub-)LLM keeps; ``None`` means all of them.
-        precision: Weight precision of the frozen base model.
-        compute_dtype: Activation dtype; ``None`` picks the client's default: fp32 on CPU
-            (and for fp32 weights), bf16 for bf16 weights and for 4/8-bit on CUDA, fp16 for
-            fp16 weights.
-        lora_rank: LoRA rank r.
-        lora_targets: Module names LoRA wraps (PEFT matching: a module whose name equals the
-            target or ends with ``.target``); ``("all-linear",)`` wraps every layer linear.
-        lora_dropout: LoRA dropout (above 0 every wrapped module keeps its own dropped copy
-            and mask).
-        batch_size: Sequences per step.
-        seq_len: Tokens per sequence (the estimate assumes full-length batches).
-        optimizer: ``adamw``, ``adamw8bit`` or ``sgd``.
-        grad_checkpointing: Recompute each layer's activations in backward.
-        device: ``cpu`` or ``cuda``.
-        unified_memory: CUDA device sharing memory with the host (Jetson).
-        checkpoint_precision: Precision of the weights file loaded (``None``: the same as
-            ``precision``, i.e. a prepared sub-LLM package).
-        padded: Batches carry padding, so attention gets an explicit mask and key/value are
-            repeated to every head (the client's batches do).
-    """
-
-    num_layers: int | None = None
-    precision: Precision = "nf4"
-    compute_dtype: ComputeDtype | None = None
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_dropout: float = 0.0
-    batch_size: int = 4
-    seq_len: int = 64
-    optimizer: Optimizer = "adamw"
-    grad_checkpointing: bool = False
-    device: Device = "cpu"
-    unified_memory: bool = False
-    checkpoint_precision: Precision | None = None
-    padded: bool = True
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.checkpoint_precision is not None and self.checkpoint_precision not in PRECISIONS:
-            problems.append(f"checkpoint_precision must be one of {list(PRECISIONS)}, got {self.checkpoint_precision!r}")
-        if self.compute_dtype is not None and self.compute_dtype not in _DTYPE_BYTES:
-            problems.append(f"compute_dtype must be one of {list(_DTYPE_BYTES)}, got {self.compute_dtype!r}")
-        if self.num_layers is not None and self.num_layers < 1:
-            problems.append(f"num_layers must be >= 1, got {self.num_layers}")
-        for name in ("lora_rank", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.optimizer not in _LORA_STATE_BYTES:
-            problems.append(f"optimizer must be one of {list(_LORA_STATE_BYTES)}, got {self.optimizer!r}")
-        if not self.lora_targets:
-            problems.append("lora_targets must name at least one module")
-        if self.device not in ("cpu", "cuda"):
-            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.unified_memory and self.device != "cuda":
-            problems.append("unified_memory applies to a CUDA device (Jetson)")
-        if problems:
-            raise ConfigError("invalid training setup: " + "; ".join(problems))
-
-    @property
-    def resolved_compute_dtype(self) -> ComputeDtype:
-        """The compute dtype, with the client's defaults applied."""
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        if self.precision in ("bf16", "fp16"):
-            return self.precision
-        if self.precision in ("nf4", "int8") and self.device == "cuda":
-            return "bf16"
-        return "fp32"
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per step, ``batch_size * seq_len``."""
-        return self.batch_size * self.seq_len
+# --------------------------------------------------------------------------- estimate
 
 
 @dataclass(frozen=True)
@@ -428,19 +153,6 @@ class MemoryEstimate:
         out = asdict(self)
         out["setup"]["lora_targets"] = list(self.setup.lora_targets)
         return out
-
-
-def _targets_match(name: str, targets: tuple[str, ...]) -> bool:
-    if "all-linear" in targets:
-        return True
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def lora_param_count(shape: ModelShape, setup: TrainingSetup) -> int:
-    """Trainable LoRA parameters: ``r * (in + out)`` per wrapped linear per kept layer."""
-    n_layers = setup.num_layers or shape.num_layers
-    wrapped = [lin for lin in shape.layer_linears if _targets_match(lin.name, setup.lora_targets)]
-    return n_layers * sum(setup.lora_rank * (lin.in_features + lin.out_features) for lin in wrapped)
 
 
 def _input_group(name: str) -> str:
@@ -475,7 +187,7 @@ def layer_activation_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tu
         (shape.num_heads * 4, 1),  # log-sum-exp of the fused attention
         (inter * cb, 3 if shape.gated_mlp else 1),  # gate, activation, up (or the pre-activation)
     ]
-    wrapped = [lin for lin in shape.layer_linears if _targets_match(lin.name, setup.lora_targets)]
+    wrapped = wrapped_linears(shape, setup)
     if setup.lora_dropout > 0:
         # Every LoRA module drops its own copy of the input and keeps the fp32 mask.
         out += [(lin.in_features * 4, 2) for lin in wrapped]
@@ -518,8 +230,9 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
     """Estimate the peak memory of training a LoRA adapter.
 
     Args:
-        model_config: The FULL model's config (anything :func:`model_shape` takes); the
-            setup's ``num_layers`` says how many of its layers the sub-LLM keeps.
+        model_config: The FULL model's config (anything
+            :func:`~hardware_profiles.shape.model_shape` takes); the setup's ``num_layers``
+            says how many of its layers the sub-LLM keeps.
         setup: The training setup.
 
     Returns:
@@ -626,29 +339,6 @@ def _load_peak(shape: ModelShape, n_layers: int, setup: TrainingSetup, weights: 
     return file_bytes + weights
 
 
-def training_flops(model_config: Any, setup: TrainingSetup) -> float:
-    """FLOPs of one training step (forward, backward to the activations, LoRA updates).
-
-    Frozen weights need no weight gradients, so backward costs about one more forward
-    (``2 * params`` per token each); checkpointing adds a second forward. Attention adds
-    ``4 * seq_len * q_width`` per token per layer and pass.
-
-    Args:
-        model_config: The full model's config (or a :class:`ModelShape`).
-        setup: The training setup.
-
-    Returns:
-        FLOPs per optimizer step.
-    """
-    shape = model_config if isinstance(model_config, ModelShape) else model_shape(model_config)
-    n_layers = setup.num_layers or shape.num_layers
-    matmul_params = n_layers * shape.layer_linear_params + shape.hidden_size * shape.vocab_size
-    attention = 4 * setup.seq_len * shape.num_heads * shape.head_dim * n_layers
-    passes = 3 if setup.grad_checkpointing else 2
-    per_token = passes * (2 * matmul_params + attention) + 6 * lora_param_count(shape, setup)
-    return float(per_token * setup.tokens)
-
-
 def describe_bytes(n: int) -> str:
     """``1234567890`` -> ``"1.15 GiB"``; for messages and tables."""
     value = float(n)
@@ -659,28 +349,11 @@ def describe_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def process_rss_bytes() -> int:
-    """Current resident set of this process (0 when it cannot be read)."""
-    try:
-        import psutil
-
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-    except Exception:  # noqa: BLE001 - a missing psutil only removes a correction
-        return 0
-
-
 __all__ = [
     "CPU_FRAMEWORK_BYTES",
     "CPU_HEAP_FACTOR",
-    "LinearShape",
     "MemoryEstimate",
-    "ModelShape",
-    "PRECISIONS",
-    "TrainingSetup",
+    "describe_bytes",
     "estimate_training_memory",
     "layer_activation_tensors",
-    "lora_param_count",
-    "model_shape",
-    "training_flops",
 ]
-

@@ -15,10 +15,12 @@ from typing import Any
 
 from rich.table import Table
 
-from hardware_profiles.detect import Detection, detect_hardware
-from hardware_profiles.memory import describe_bytes, model_shape, process_rss_bytes
-from hardware_profiles.planner import Budget, Plan, PlannerOptions, budget_for, plan_for_profile, plan_tiers
+from hardware_profiles.budget import Budget, budget_for
+from hardware_profiles.detect import Detection, detect_hardware, process_rss_bytes
+from hardware_profiles.memory import describe_bytes
+from hardware_profiles.planner import Plan, PlannerOptions, plan_for_profile, plan_tiers
 from hardware_profiles.profile import GIB, Catalog, load_catalog
+from hardware_profiles.shape import model_shape
 from shared.errors import ConfigError, InsufficientMemoryError
 
 

@@ -40,7 +40,7 @@ from coordinator.model.tierset import (
     load_tiers,
 )
 from coordinator.settings import AlignmentSettings, RunConfig
-from hardware_profiles.planner import assign_tier
+from hardware_profiles.assignment import assign_tier
 from shared.adapters import LoraSettings
 from shared.protocol import Assignment, DeviceProfile
 from shared.tasks import ClassificationTask, accuracy, score_label_words

@@ -1,4 +1,5 @@
-"""Fixtures of the hardware_profiles tests: fake Jetson / RTX machines for detection.
+"""Fixtures of the hardware_profiles tests: fake Jetson / RTX machines for detection, and the
+model config, ranking and planner options several test modules share.
 
 Only the hardware is faked (psutil's memory figures, torch.cuda's device answers and the
 Jetson files under a temporary root); everything else (catalog, matching, estimator,
@@ -15,7 +16,20 @@ import psutil
 import pytest
 import torch
 
+from hardware_profiles.planner import PlannerOptions
+
 GIB = 1 << 30
+
+LLAMA_7B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+"""A Llama-2-7B-shaped config (built on the meta device only)."""
+
+# A plausible SGP ranking of single layers for a 32-layer model: middle-to-late layers first,
+# the first and last layers protected.
+RANKING = [[i] for i in (24, 25, 23, 26, 22, 27, 21, 28, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 29, 30, 1)]
+OPTIONS = PlannerOptions(lora_rank=8, lora_targets=("q_proj", "v_proj"), batch_size=4, seq_len=512)
 
 _VM = namedtuple("_VM", ["total", "available", "percent", "used", "free"])
 

@@ -17,6 +17,7 @@ from hardware_profiles.detect import (
     detect_hardware,
     detect_profile,
     match_device_class,
+    process_rss_bytes,
 )
 from hardware_profiles.profile import load_catalog
 from shared.errors import ConfigError
@@ -135,9 +136,15 @@ def test_missing_psutil_is_unknown_not_a_crash(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(builtins, "__import__", no_psutil)
     det = detect_hardware(root=tmp_path)
     assert [p.detail for p in det.probes if p.name == "memory"] == ["psutil is not installed"]
+    assert process_rss_bytes() == 0
 
 
 def test_match_function_on_a_hand_built_profile(rtx3060_box: Path) -> None:
     profile = detect_profile(root=rtx3060_box)
     cls, reason = match_device_class(profile, load_catalog())
     assert cls is not None and cls.name == "rtx-3060-12gb" and reason
+
+
+def test_process_rss_counts_this_process() -> None:
+    # torch is imported, so the process holds well over 100 MiB.
+    assert process_rss_bytes() > 100 * 2**20

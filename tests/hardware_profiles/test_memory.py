@@ -1,4 +1,4 @@
-"""The memory estimator: shapes from configs, saved activations against autograd, monotonicity.
+"""The memory estimator: saved activations against autograd, breakdown, monotonicity, load peak.
 
 These run the real (cut) SmolLM2 on CPU; the end-to-end accuracy check against measured peak
 RSS is benchmarks/memory_estimator.py (too slow for unit tests).
@@ -15,66 +15,14 @@ import torch
 
 from hardware_profiles.memory import (
     MemoryEstimate,
-    TrainingSetup,
     estimate_training_memory,
     layer_activation_tensors,
-    lora_param_count,
-    model_shape,
-    training_flops,
 )
-from shared.errors import ConfigError, ModelError
+from hardware_profiles.shape import model_shape
+from hardware_profiles.training_setup import TrainingSetup
+from shared.errors import ConfigError
 
-LLAMA_7B = {
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
-}
-
-
-def test_shape_from_a_model_folder_matches_the_real_model(tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    shape = model_shape(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert shape.num_layers == 4 and shape.hidden_size == 576 and shape.num_kv_heads == 3
-    assert shape.total_params() == sum(p.numel() for p in model.parameters())
-    assert shape.lm_head_params == 0  # SmolLM2 ties its embeddings
-    assert {lin.name for lin in shape.layer_linears} == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    }
-    assert shape.gated_mlp
-
-
-def test_config_forms_agree(tiny_model_dir: Path) -> None:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    as_dict = json.loads((tiny_model_dir / "config.json").read_text())
-    assert model_shape(config) == model_shape(tiny_model_dir) == model_shape(tiny_model_dir / "config.json") == model_shape(as_dict)
-
-
-def test_unreadable_configs_raise_model_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="config.json"):
-        model_shape(tmp_path)
-    with pytest.raises(ModelError, match="model_type"):
-        model_shape({"hidden_size": 8})
-
-
-def test_big_configs_build_on_the_meta_device_without_memory() -> None:
-    shape = model_shape(LLAMA_7B)
-    assert 6.7e9 < shape.total_params() < 6.8e9  # Llama-2-7B: 6.74 B parameters
-    assert shape.lm_head_params == 32000 * 4096
-
-
-def test_lora_parameter_count_matches_peft(tiny_model_dir: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    real = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    setup = TrainingSetup(lora_rank=16, lora_targets=("q_proj", "v_proj", "down_proj"))
-    assert lora_param_count(model_shape(tiny_model_dir), setup) == real
+from .conftest import LLAMA_7B
 
 
 def _saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
@@ -179,24 +127,6 @@ def test_loading_a_converted_checkpoint_can_set_the_peak(tiny_model_dir: Path) -
     same = estimate_training_memory(tiny_model_dir, lean)
     converted = estimate_training_memory(tiny_model_dir, replace(lean, checkpoint_precision="fp32"))
     assert converted.peak_phase == "load" and converted.total_bytes > same.total_bytes
-
-
-def test_training_flops_scale_with_tokens_and_checkpointing() -> None:
-    setup = TrainingSetup(num_layers=32, precision="bf16", batch_size=4, seq_len=512)
-    flops = training_flops(LLAMA_7B, setup)
-    # ~4 * params * tokens for forward + activation backward of a frozen 6.7 B model
-    assert 4 * 6.5e9 * 2048 < flops < 4 * 7.2e9 * 2048 * 1.2
-    assert training_flops(LLAMA_7B, replace(setup, grad_checkpointing=True)) == pytest.approx(flops * 1.5, rel=0.01)
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [dict(precision="fp8"), dict(batch_size=0), dict(lora_dropout=1.0), dict(lora_targets=()), dict(optimizer="lion"),
-     dict(device="cpu", unified_memory=True)],
-)
-def test_invalid_setups_are_refused(bad: dict) -> None:
-    with pytest.raises(ConfigError):
-        TrainingSetup(**bad)
 
 
 def test_more_layers_than_the_model_has_is_an_error(tiny_model_dir: Path) -> None:

@@ -12,27 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from hardware_profiles.budget import Budget
 from hardware_profiles.detect import detect_profile
-from hardware_profiles.planner import (
-    Budget,
-    PlannerOptions,
-    assign_tier,
-    budget_for,
-    plan_for_profile,
-    plan_tiers,
-)
+from hardware_profiles.planner import PlannerOptions, plan_for_profile, plan_tiers
 from hardware_profiles.profile import load_catalog
 from shared import codec
 from shared.errors import ConfigError, InsufficientMemoryError
 from shared.layermap import kept_layers
-from shared.protocol import Assignment, MessageType, TrainingParams
+from shared.protocol import Assignment, MessageType
 
-from .test_memory import LLAMA_7B
-
-# A plausible SGP ranking of single layers for a 32-layer model: middle-to-late layers first,
-# the first and last layers protected.
-RANKING = [[i] for i in (24, 25, 23, 26, 22, 27, 21, 28, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 29, 30, 1)]
-OPTIONS = PlannerOptions(lora_rank=8, lora_targets=("q_proj", "v_proj"), batch_size=4, seq_len=512)
+from .conftest import LLAMA_7B, OPTIONS, RANKING
 
 
 def test_orin_nano_trains_a_deeply_pruned_bf16_tier_and_rtx_3060_the_whole_model_in_nf4() -> None:
@@ -64,24 +53,6 @@ def test_plans_of_all_catalog_classes_are_nested_tiers() -> None:
     assert len(kept) >= 3
     for small, big in zip(kept, kept[1:]):
         assert small <= big
-
-
-def test_measured_jetson_orin_nano_profile(orin_nano: Path) -> None:
-    profile = detect_profile(root=orin_nano)
-    budget = budget_for(profile)
-    # Unified memory: what is available now, less the class's 15% margin.
-    assert budget.unified_memory and budget.device == "cuda" and not budget.supports_4bit
-    assert budget.bytes == int(profile.available_memory_bytes * 0.85)
-    plan = plan_for_profile(LLAMA_7B, RANKING, profile, options=OPTIONS)
-    assert plan.precision == "bf16" and plan.estimate_bytes <= budget.bytes
-
-
-def test_measured_rtx_3060_profile_uses_free_gpu_memory(rtx3060_box: Path) -> None:
-    profile = detect_profile(root=rtx3060_box)
-    budget = budget_for(profile)
-    assert budget.bytes == int(profile.gpu_free_memory_bytes * 0.9) and budget.supports_4bit
-    plan = plan_for_profile(LLAMA_7B, RANKING, profile, options=OPTIONS)
-    assert plan.precision == "nf4" and len(plan.keep_layers) == 32
 
 
 def test_small_budget_turns_on_checkpointing_then_smaller_batches() -> None:
@@ -132,56 +103,7 @@ def test_plan_to_dict_travels_in_an_assignment() -> None:
     assert codec.decode(data).body.plan == plain
 
 
-def _params(**kw) -> TrainingParams:
-    values = dict(local_steps=5, learning_rate=1e-4, batch_size=4, seq_len=128, lora_rank=8, lora_alpha=16.0,
-                  lora_dropout=0.0, target_modules=["q_proj", "v_proj"], mu=0.01, seed=0)
-    values.update(kw)
-    return TrainingParams(**values)
-
-
-def test_assign_tier_gives_the_deepest_prepared_tier_that_fits(rtx3060_box: Path) -> None:
-    profile = detect_profile(root=rtx3060_box)
-    tiers = {"L32": list(range(32)), "L16": kept_layers(32, RANKING, 16)}
-    assignment = assign_tier("c1", profile, LLAMA_7B, tiers, _params(), precision="nf4")
-    assert assignment.accepted and assignment.tier == "L32"
-    assert assignment.plan["keep_layers"] == list(range(32)) and assignment.plan["precision"] == "nf4"
-
-
-def test_assign_tier_refuses_4bit_runs_on_a_jetson(orin_nano: Path) -> None:
-    profile = detect_profile(root=orin_nano)
-    assignment = assign_tier("nano", profile, LLAMA_7B, {"L32": list(range(32))}, _params(), precision="nf4")
-    assert not assignment.accepted and assignment.tier == ""
-    assert "bitsandbytes" in assignment.reason and "jetson-orin-nano-8gb" in assignment.reason
-
-
-def test_assign_tier_picks_a_smaller_tier_or_refuses_with_numbers(orin_nano: Path) -> None:
-    profile = detect_profile(root=orin_nano)
-    small = kept_layers(32, RANKING, 30)
-    tiers = {"L32": list(range(32)), f"L{len(small)}": small}
-    assignment = assign_tier("nano", profile, LLAMA_7B, tiers, _params(), precision="bf16")
-    assert assignment.accepted and assignment.tier == f"L{len(small)}"
-    refused = assign_tier("nano", profile, LLAMA_7B, {"L32": list(range(32))}, _params(), precision="bf16")
-    assert not refused.accepted and "L32 needs" in refused.reason and "GiB" in refused.reason
-
-
 def test_small_real_model_on_this_cpu(tiny_model_dir: Path) -> None:
     profile = detect_profile()
     plan = plan_for_profile(tiny_model_dir, [[2], [1]], profile, options=PlannerOptions(batch_size=2, seq_len=32))
     assert plan.pruned_blocks == 0 and plan.keep_layers == (0, 1, 2, 3)
-
-
-def test_check_plan_is_the_clients_preflight(orin_nano: Path, fake_machine, tmp_path: Path) -> None:
-    from hardware_profiles.planner import check_plan
-
-    from .conftest import GIB, FakeMachine
-
-    plan = plan_for_profile(LLAMA_7B, RANKING, detect_profile(root=orin_nano), options=OPTIONS).to_dict()
-    ok = check_plan(LLAMA_7B, plan, detect_profile(root=orin_nano))
-    assert ok.fits and ok.estimate_bytes == plan["estimate_bytes"]
-    # Later, something else took most of the memory: the same plan no longer fits.
-    fake_machine(FakeMachine(total=int(7.4 * GIB), available=int(1.5 * GIB), cpus=6, gpu_name="Orin",
-                             gpu_total=int(7.4 * GIB), gpu_free=int(1.4 * GIB), capability=(8, 7)))
-    late = check_plan(LLAMA_7B, plan, detect_profile(root=orin_nano))
-    assert not late.fits and "does not fit" in late.reason and "GiB" in late.reason
-    with pytest.raises(ConfigError, match="incomplete"):
-        check_plan(LLAMA_7B, {"precision": "bf16"}, detect_profile(root=orin_nano))

@@ -1,0 +1,168 @@
+"""Assignment: the coordinator's answer to one client, and the client's re-check before download.
+
+The run's tiers are already prepared (packages in one precision) when a client says hello, so
+:func:`assign_tier` does not search a ranking like :func:`~hardware_profiles.planner.plan_for_profile`:
+it picks the deepest prepared tier whose plan fits the client's reported profile. Later the
+client re-measures and :func:`check_plan` re-estimates that same plan against the memory free
+now (:mod:`edge_client.preflight`), refusing with both numbers when it no longer fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hardware_profiles.budget import Budget, budget_for, runnable_precisions
+from hardware_profiles.memory import (
+    MemoryEstimate,
+    describe_bytes,
+    estimate_training_memory,
+)
+from hardware_profiles.planner import PlannerOptions, fit_tier
+from hardware_profiles.profile import Catalog, DeviceClass
+from hardware_profiles.shape import model_shape
+from hardware_profiles.training_setup import Precision, TrainingSetup
+from shared.errors import ConfigError
+from shared.protocol import Assignment, DeviceProfile, TrainingParams
+
+
+def assign_tier(
+    client_id: str,
+    profile: DeviceProfile,
+    model_config: Any,
+    tiers: Mapping[str, Sequence[int]],
+    training: TrainingParams,
+    *,
+    precision: Precision = "nf4",
+    catalog: Catalog | None = None,
+) -> Assignment:
+    """The coordinator's answer to a Hello: the deepest prepared tier the client can train.
+
+    The run's tiers are fixed (prepared packages in one precision) and the batch is the
+    schedule's, so only gradient checkpointing may give way here.
+
+    Args:
+        client_id: The client.
+        profile: Its measured profile (from its Hello).
+        model_config: The full model's config.
+        tiers: Tier name -> kept full-LLM layer indices (the prepared packages).
+        training: The run's training parameters.
+        precision: Precision of the prepared packages.
+        catalog: Catalog for the profile's class.
+
+    Returns:
+        An accepted Assignment with the plan, or a refused one whose reason has the numbers.
+    """
+    if not tiers:
+        return Assignment(client_id=client_id, accepted=False, tier="", reason="the run has no prepared tier", plan={})
+    budget = budget_for(profile, catalog)
+    if precision in ("nf4", "int8") and not budget.supports_4bit:
+        return Assignment(
+            client_id=client_id,
+            accepted=False,
+            tier="",
+            reason=(
+                f"the run publishes {precision} packages but bitsandbytes 4/8-bit does not run on "
+                f"{profile.device_class} ({profile.gpu_name or profile.accelerator}); run the coordinator with a "
+                "bf16 or fp32 package precision for such devices"
+            ),
+            plan={},
+        )
+    shape = model_shape(model_config)
+    options = PlannerOptions.from_training(training, precisions=(precision,))
+    precisions = runnable_precisions(budget, options.precisions)
+    leanest: tuple[str, MemoryEstimate] | None = None
+    for name, keep in sorted(tiers.items(), key=lambda item: (-len(item[1]), item[0])):
+        keep_t = tuple(sorted(int(i) for i in keep))
+        plan, est = fit_tier(shape, keep_t, -1, budget, options, precisions)
+        if plan is not None:
+            plan = replace(plan, tier=name, pruned_blocks=shape.num_layers - len(keep_t))
+            return Assignment(
+                client_id=client_id,
+                accepted=True,
+                tier=name,
+                reason=f"{name} fits: {describe_bytes(plan.estimate_bytes)} of {describe_bytes(plan.budget_bytes)} ({budget.source})",
+                plan=plan.to_dict(),
+            )
+        if leanest is None or est.total_bytes < leanest[1].total_bytes:
+            leanest = (name, est)
+    assert leanest is not None
+    name, est = leanest
+    return Assignment(
+        client_id=client_id,
+        accepted=False,
+        tier="",
+        reason=(
+            f"no prepared tier fits {budget.source}: budget {describe_bytes(budget.bytes)}, the smallest tier {name} "
+            f"needs {describe_bytes(est.total_bytes)} even with gradient checkpointing"
+        ),
+        plan={},
+    )
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """Whether an assigned plan fits the memory a client really has now.
+
+    Attributes:
+        fits: The estimate is within the budget.
+        estimate_bytes: Estimated peak of the plan.
+        budget_bytes: What the device offers now.
+        reason: One line with both numbers.
+    """
+
+    fits: bool
+    estimate_bytes: int
+    budget_bytes: int
+    reason: str
+
+
+def check_plan(
+    model_config: Any,
+    plan: Mapping[str, Any],
+    profile: DeviceProfile | DeviceClass | Budget,
+    *,
+    catalog: Catalog | None = None,
+    process_rss_bytes: int = 0,
+) -> MemoryCheck:
+    """Re-estimate an assigned plan against the memory free now (the client's preflight).
+
+    Args:
+        model_config: The FULL model's config (the plan's ``keep_layers`` cut it).
+        plan: :meth:`~hardware_profiles.planner.Plan.to_dict` output (``Assignment.plan``).
+        profile: The client's freshly measured profile (or a class / budget).
+        catalog: Catalog for the profile's class.
+        process_rss_bytes: The calling process's resident set (see
+            :func:`~hardware_profiles.budget.budget_for`).
+
+    Returns:
+        The :class:`MemoryCheck`.
+
+    Raises:
+        ConfigError: The plan lacks a field or holds an invalid value.
+    """
+    try:
+        setup_fields = {
+            "num_layers": len(plan["keep_layers"]),
+            "precision": plan["precision"],
+            "lora_rank": int(plan["lora_rank"]),
+            "lora_targets": tuple(plan.get("lora_targets", ("q_proj", "v_proj"))),
+            "lora_dropout": float(plan.get("lora_dropout", 0.0)),
+            "batch_size": int(plan["batch_size"]),
+            "seq_len": int(plan["seq_len"]),
+            "grad_checkpointing": bool(plan["grad_checkpointing"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the assigned plan is incomplete or malformed ({exc!r}): {dict(plan)}") from None
+    budget = profile if isinstance(profile, Budget) else budget_for(profile, catalog, process_rss_bytes=process_rss_bytes)
+    setup = TrainingSetup(**setup_fields, device=budget.device, unified_memory=budget.unified_memory)
+    est = estimate_training_memory(model_config, setup)
+    fits = est.total_bytes <= budget.bytes
+    verdict = "fits" if fits else "does not fit"
+    return MemoryCheck(
+        fits=fits,
+        estimate_bytes=est.total_bytes,
+        budget_bytes=budget.bytes,
+        reason=f"{plan.get('tier', 'the plan')} {verdict}: needs {describe_bytes(est.total_bytes)}, {budget.source} gives {describe_bytes(budget.bytes)}",
+    )
