@@ -34,7 +34,8 @@ from edge_client.data import LocalDataset
 from edge_client.inbound import check_adapter, check_addressed_to, check_manifest, check_schedule
 from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
-from edge_client.trainer import TrainProgress, clear_checkpoint, load_checkpoint, train_adapter
+from edge_client.train_checkpoint import clear_checkpoint, load_checkpoint
+from edge_client.trainer import TrainProgress, train_adapter
 from shared import codec, topics
 from shared.blobs import BlobFetcher, ChunkStore, FetchProgress, check_chunk
 from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError, TopicError
