@@ -25,7 +25,7 @@ import signal
 
 import pytest
 
-from edge_client.runner import PENDING_FILE
+from edge_client.outbox import PENDING_FILE
 from shared.blobs import build_manifest, chunk_lengths
 from tests.runlib import check_ledger
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from edge_client.runner import PENDING_FILE
+from edge_client.outbox import PENDING_FILE
 from shared.broker import start_mosquitto
 from tests.runlib import Federation, Ledger, check_ledger, light_settings
 
