@@ -305,8 +305,10 @@ class EdgeClient:
             if acknowledged is not None:
                 self.events.on_status(f"round {acknowledged}: the broker acknowledged our update")
             if isinstance(event, ConnectionEvent) and event.connected:
-                # The broker may have lost our presence (restart without persistence): restate it.
-                self._announce(True, "reconnected")
+                if self.transport.reconnects:
+                    # The broker may have lost our presence (restart without persistence): restate
+                    # it. The first connection's presence went out above, as "joined".
+                    self._announce(True, "reconnected")
                 self.outbox.connection_up(event.session_present)
             schedule = self.schedule
             if schedule is not self._schedule_seen:
