@@ -20,7 +20,14 @@ from edge_client.trainer import round_seed, train_adapter
 from shared.errors import DataError, ModelError
 from shared.subllm import disable_cpu_4bit_repacking
 from shared.tasks import TaskFormat
-from tests.edge_client.helpers import PREFIX, SUB_MAP, TARGETS, has_lora, make_params, random_global_adapter
+from tests.edge_client.helpers import (
+    PREFIX,
+    SUB_MAP,
+    TARGETS,
+    has_lora,
+    make_params,
+    random_global_adapter,
+)
 
 
 def _load_nf4(path: Path) -> torch.nn.Module:

@@ -8,10 +8,22 @@ import json
 import pytest
 import torch
 
-from edge_client.train_checkpoint import CHECKPOINT_TENSORS, TrainCheckpoint, load_checkpoint, params_dict, save_checkpoint
+from edge_client.train_checkpoint import (
+    CHECKPOINT_TENSORS,
+    TrainCheckpoint,
+    load_checkpoint,
+    params_dict,
+    save_checkpoint,
+)
 from edge_client.trainer import train_adapter
 from shared.errors import RunStateError
-from tests.edge_client.helpers import PREFIX, SUB_MAP, has_lora, make_params, random_global_adapter
+from tests.edge_client.helpers import (
+    PREFIX,
+    SUB_MAP,
+    has_lora,
+    make_params,
+    random_global_adapter,
+)
 
 
 def test_resume_after_a_crash_gives_the_same_delta(fp32, rt_dataset, tmp_path):
