@@ -324,7 +324,7 @@ class Federation:
 
     def rounds_sent(self, name: str) -> list[int]:
         """Rounds client ``name`` has recorded as sent (its state file: acknowledged by the broker)."""
-        from edge_client.runner import STATE_FILE
+        from edge_client.outbox import STATE_FILE
 
         path = self.state_dir(name) / STATE_FILE
         return json.loads(path.read_text()).get("rounds_sent", []) if path.is_file() else []

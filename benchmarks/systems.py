@@ -413,12 +413,8 @@ def paired_steps(client_model, bare_model, tokenizer, dataset, steps: int, warmu
 def extra_work_seconds(model, tokenizer, dataset, reps: int = 20) -> dict[str, float]:
     """Seconds per step of the client's work a bare loop lacks: batching, proximal term, clipping."""
     from edge_client.data import make_batch
-    from edge_client.trainer import (
-        adapter_parameters,
-        attach_lora,
-        detach_lora,
-        proximal_term,
-    )
+    from edge_client.lora import adapter_parameters, attach_lora, detach_lora
+    from edge_client.trainer import proximal_term
 
     params = _bench_params(1)
     t0 = time.perf_counter()

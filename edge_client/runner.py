@@ -12,14 +12,14 @@ counted in ``ClientOutcome.refused``) and the client carries on with what it had
 
 What survives a crash lives in the state folder: verified sub-LLM chunks (so a broken
 download resumes), the rounds already sent (so a restart does not train twice), the
-mid-round training checkpoint (so a restart resumes from the last saved step), and a
-trained update the broker has not acknowledged yet (so a restart sends it again instead of
-losing it: a round counts as sent only once the broker has acknowledged its update).
+mid-round training checkpoint (so a restart resumes from the last saved step,
+:mod:`edge_client.train_checkpoint`), and a trained update the broker has not acknowledged
+yet (so a restart sends it again instead of losing it: a round counts as sent only once the
+broker has acknowledged its update, :mod:`edge_client.outbox`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -32,13 +32,15 @@ import torch
 
 from edge_client.data import LocalDataset
 from edge_client.inbound import check_adapter, check_addressed_to, check_manifest, check_schedule
+from edge_client.outbox import Outbox
 from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
-from edge_client.trainer import TrainProgress, clear_checkpoint, load_checkpoint, train_adapter
+from edge_client.train_checkpoint import clear_checkpoint, load_checkpoint
+from edge_client.trainer import TrainProgress, train_adapter
 from shared import codec, topics
 from shared.blob_fetcher import BlobFetcher, FetchProgress
 from shared.chunkstore import ChunkStore
-from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, RunStateError, TopicError
+from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, TopicError
 from shared.manifests import check_chunk
 from shared.protocol import (
     COORDINATOR_ID,
@@ -63,10 +65,7 @@ log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "fedsoda 0.1.0"
 HELLO_RETRY_SECONDS = 5.0
-"""The envelope sender of everything the coordinator publishes (its MQTT client id)."""
-STATE_FILE = "client.json"
-PENDING_FILE = "update-unacked.msgpack"
-"""The encoded update of the round named ``unacked_round`` in client.json, kept until acknowledged."""
+"""How often a hello is repeated while no assignment has come (a hello is not retained)."""
 ACK_WAIT_SECONDS = 10.0
 """How long sending an update blocks for the broker's acknowledgement before the loop goes on waiting."""
 
@@ -176,84 +175,12 @@ class EdgeClient:
         self.nacks: list[dict[str, Any]] = []
         self.refused: Counter[str] = Counter()
         self._fetching = False  # while a BlobFetcher runs, chunk messages are its own
-        self._sent, self._unacked = self._load_sent()
-        self._last_update: tuple[int, bytes] | None = None  # (round, encoded update) sent last
+        self.outbox = Outbox(options.state_dir, self.run_id, self.client_id, self.transport)
         self._schedule_seen: Schedule | None = None
-        self._broker_lost_state = False  # a reconnect found our session gone since the last update
         self._loaded: tuple[str, Any, Any, Any] | None = None  # (blob_id, model, tokenizer, PackageMeta)
         self._fetch_stats = [0, 0]
         self._hello_at = 0.0
         self._preflight_done = False
-
-    # ------------------------------------------------------------------ state on disk
-
-    def _state_path(self) -> Path:
-        return self.options.state_dir / STATE_FILE
-
-    def _load_sent(self) -> tuple[list[int], int | None]:
-        """Rounds whose update the broker acknowledged, and the round of an unacknowledged one."""
-        path = self._state_path()
-        if not path.is_file():
-            return [], None
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunStateError(f"{path} is corrupt ({exc.msg}); delete it to start this client afresh") from exc
-        if data.get("run_id") != self.run_id:
-            return [], None  # another run used this folder: its chunks stay useful, its rounds do not
-        unacked = data.get("unacked_round")
-        if unacked is not None and not (self.options.state_dir / PENDING_FILE).is_file():
-            unacked = None
-        return [int(r) for r in data.get("rounds_sent", [])], None if unacked is None else int(unacked)
-
-    def _save_sent(self) -> None:
-        path = self._state_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "client_id": self.client_id, "rounds_sent": self._sent,
-                                   "unacked_round": self._unacked}))
-        tmp.replace(path)
-
-    def _send_update(self, round_num: int, payload: bytes) -> None:
-        """Publish an encoded update, saved first so that a restart can send it again.
-
-        A QoS 1 publish made while the broker is unreachable waits in this process's memory:
-        were the round marked sent now, a crash before the broker's acknowledgement would lose
-        the update. The coordinator keeps the first copy it accepts, so sending twice is safe.
-        """
-        pending = self.options.state_dir / PENDING_FILE
-        pending.with_suffix(".tmp").write_bytes(payload)
-        pending.with_suffix(".tmp").replace(pending)
-        self._unacked = round_num
-        self._save_sent()
-        self._last_update = (round_num, payload)
-        self._broker_lost_state = False  # only a loss after this publish can drop it
-        self.transport.publish(topics.update(self.run_id, self.client_id), payload, qos=1)
-
-    def _resend_if_still_awaited(self, schedule: Schedule | None) -> None:
-        """After the broker lost its state, send our update again when the coordinator republishes its round.
-
-        A broker that crashed comes back without sessions: it may acknowledge our update and
-        drop it because the coordinator has not subscribed again yet. The coordinator
-        republishes its schedule once it has; the round still running means it may still
-        wait for us. It keeps the first copy it accepts.
-        """
-        if (not self._broker_lost_state or schedule is None or self._last_update is None
-                or self._unacked is not None or schedule.status != "running"
-                or schedule.round != self._last_update[0] or self.client_id not in schedule.participants):
-            return
-        self._broker_lost_state = False
-        self.events.on_status(f"round {schedule.round}: the broker lost its state; sending our update again")
-        self.transport.publish(topics.update(self.run_id, self.client_id), self._last_update[1], qos=1)
-
-    def _check_acknowledged(self, timeout: float) -> bool:
-        """Mark the unacknowledged round sent once the broker has acknowledged everything we published."""
-        if self._unacked is None or not self.transport.flush(timeout=timeout):
-            return False
-        self._sent.append(self._unacked)
-        self._unacked = None
-        self._save_sent()
-        (self.options.state_dir / PENDING_FILE).unlink(missing_ok=True)
-        return True
 
     # ------------------------------------------------------------------ messages
 
@@ -370,24 +297,27 @@ class EdgeClient:
     def _serve(self, stop: Callable[[], bool]) -> ClientOutcome:
         self._announce(True, "joined")
         self._subscribe()
-        if self._unacked is not None:
-            # Trained before a crash but never acknowledged: send it again rather than lose it.
-            self.events.on_status(f"round {self._unacked}: re-sending the update the broker never acknowledged")
-            self._last_update = (self._unacked, (self.options.state_dir / PENDING_FILE).read_bytes())
-            self.transport.publish(topics.update(self.run_id, self.client_id), self._last_update[1], qos=1)
+        # Trained before a crash but never acknowledged: send it again rather than lose it.
+        resent = self.outbox.resend_unacked()
+        if resent is not None:
+            self.events.on_status(f"round {resent}: re-sending the update the broker never acknowledged")
         idle_since = time.monotonic()
         while not stop():
             event = self.transport.poll(0.5)
-            if self._check_acknowledged(timeout=0.0):
-                self.events.on_status(f"round {self._sent[-1]}: the broker acknowledged our update")
+            acknowledged = self.outbox.check_acknowledged(timeout=0.0)
+            if acknowledged is not None:
+                self.events.on_status(f"round {acknowledged}: the broker acknowledged our update")
             if isinstance(event, ConnectionEvent) and event.connected:
-                # The broker may have lost our presence (restart without persistence): restate it.
-                self._announce(True, "reconnected")
-                self._broker_lost_state |= not event.session_present
+                if self.transport.reconnects:
+                    # The broker may have lost our presence (restart without persistence): restate
+                    # it. The first connection's presence went out above, as "joined".
+                    self._announce(True, "reconnected")
+                self.outbox.connection_up(event.session_present)
             schedule = self.schedule
             if schedule is not self._schedule_seen:
                 self._schedule_seen = schedule
-                self._resend_if_still_awaited(schedule)
+                if self.outbox.resend_if_still_awaited(schedule):
+                    self.events.on_status(f"round {schedule.round}: the broker lost its state; sending our update again")
             if schedule is not None and schedule.status in ("finished", "failed"):
                 # Before the assignment: a client (re)joining a run that has just ended gets
                 # no assignment any more, only the retained final schedule.
@@ -429,7 +359,7 @@ class EdgeClient:
         self._preflight_done = True
 
     def _ready_to_train(self, schedule: Schedule) -> bool:
-        if schedule.status != "running" or schedule.round in self._sent or schedule.round == self._unacked:
+        if schedule.status != "running" or self.outbox.holds(schedule.round):
             return False
         tier = schedule.participants.get(self.client_id)
         if tier is None:
@@ -498,10 +428,10 @@ class EdgeClient:
             metrics=result.metrics,
             resources=report,
         )
-        self._send_update(round_num, codec.encode(MessageType.UPDATE, update, run=self.run_id, round=round_num, sender=self.client_id))
+        self.outbox.send(round_num, codec.encode(MessageType.UPDATE, update, run=self.run_id, round=round_num, sender=self.client_id))
         clear_checkpoint(checkpoint_dir)
         loss = result.metrics.get("loss_last", float("nan"))
-        if self._check_acknowledged(timeout=ACK_WAIT_SECONDS):
+        if self.outbox.check_acknowledged(timeout=ACK_WAIT_SECONDS) is not None:
             self.events.on_status(f"round {round_num}: sent update (loss {loss:.3f})")
         else:
             self.events.on_status(f"round {round_num}: update (loss {loss:.3f}) waits for the broker's acknowledgement")
@@ -511,7 +441,7 @@ class EdgeClient:
             client_id=self.client_id,
             status=status,
             reason=reason,
-            rounds_sent=list(self._sent),
+            rounds_sent=list(self.outbox.sent),
             bytes_sent=self.transport.bytes_sent,
             bytes_received=self.transport.bytes_received,
             chunks_fetched=self._fetch_stats[0],

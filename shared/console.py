@@ -25,17 +25,32 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
+#: Start of the WARNING bitsandbytes logs when imported on a CPU with AVX512_BF16 without the
+#: optional ``kernels`` package. It is harmless: bitsandbytes falls back to its own kernel, for
+#: an inference layout fedsoda switches off anyway (``shared.subllm.disable_cpu_4bit_repacking``).
+#: And its advice, ``pip install kernels``, is wrong for an offline client: kernels fetches
+#: code from the Hugging Face hub at run time.
+_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_kernels_hint(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("bitsandbytes") and str(record.msg).startswith(_KERNELS_HINT))
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Send log records to the rich console (INFO, or DEBUG with ``verbose``).
 
     Args:
         verbose: Show debug records too.
     """
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True)
+    # On the handler, not on bitsandbytes' logger: a logger's filter misses records its children log.
+    handler.addFilter(_not_kernels_hint)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        handlers=[handler],
         force=True,
     )
     # Third-party libraries are chatty at INFO; keep their warnings only.

@@ -297,13 +297,20 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> int:
     return count
 
 
+#: Texts of transformers' load warnings about facts :func:`load_package` checks itself: the
+#: load-report table (it would call the 4-bit embedding table "newly initialized"), and the
+#: tied-weights notice that the table and the head tied to it are "absent from the checkpoint"
+#: (in a 4-bit package they live outside the index; a key a package really lacks stays among
+#: the missing keys, which load_package refuses).
+_CHECKED_LOAD_WARNINGS = ("LOAD REPORT", "This checkpoint seem corrupted. The tied weights mapping")
+
+
 @contextmanager
-def _without_load_report() -> Iterator[None]:
-    """Drop transformers' load-report warning; :func:`load_package` checks the same facts itself
-    and would otherwise print a table calling the 4-bit embedding table "newly initialized"."""
+def _without_checked_load_warnings() -> Iterator[None]:
+    """Drop transformers' load warnings that :func:`load_package` replaces with its own checks."""
     report_logger = logging.getLogger("transformers.modeling_utils")
     drop = logging.Filter()
-    drop.filter = lambda record: "LOAD REPORT" not in str(record.msg)  # type: ignore[method-assign]
+    drop.filter = lambda record: not any(text in str(record.msg) for text in _CHECKED_LOAD_WARNINGS)  # type: ignore[method-assign]
     report_logger.addFilter(drop)
     try:
         yield
@@ -353,7 +360,7 @@ def load_package(
             ) from exc
         kwargs["device_map"] = {"": str(device)}
     try:
-        with _without_load_report():
+        with _without_checked_load_warnings():
             model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -26,7 +26,7 @@ import signal
 import pytest
 
 from benchmarks.harness import check_ledger
-from edge_client.runner import PENDING_FILE
+from edge_client.outbox import PENDING_FILE
 from shared.manifests import build_manifest, chunk_lengths
 
 pytestmark = pytest.mark.integration

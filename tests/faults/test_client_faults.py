@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 
 from benchmarks.harness import Federation, Ledger, check_ledger, light_settings
-from edge_client.runner import PENDING_FILE
+from edge_client.outbox import PENDING_FILE
 from shared.mosquitto import start_mosquitto
 
 pytestmark = pytest.mark.integration

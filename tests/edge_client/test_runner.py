@@ -1,0 +1,59 @@
+"""The edge client's loop (edge_client.runner) against a real broker, with no coordinator.
+
+Whole runs (hello, fetch, train, send) are covered by tests/integration and tests/faults.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from edge_client.data import dataset_from_records
+from edge_client.runner import ClientOptions, EdgeClient
+from shared import codec, topics
+from shared.broker import BrokerHandle
+from shared.transport import InboundMessage, TransportConfig
+from tests.shared.helpers import connect, drain, wait_for
+from tests.shared.samples import profile
+
+
+def test_presence_says_joined_on_the_first_connection_and_reconnected_after_a_drop(
+    mosquitto_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path
+) -> None:
+    run_id, client_id = unique_id("run"), unique_id("edge")
+    presence_topic = topics.presence(run_id, client_id)
+    reasons: list[str] = []
+
+    def on_presence(message: InboundMessage) -> None:
+        reasons.append(codec.decode_message(message.topic, message.payload, run=run_id)[1].body.reason)
+
+    watcher = connect(mosquitto_broker, unique_id("watcher"))
+    watcher.subscribe(presence_topic, on_presence)
+    transport_config = TransportConfig(
+        host=mosquitto_broker.host, port=mosquitto_broker.port, client_id=client_id,
+        reconnect_min_delay=0.1, reconnect_max_delay=1.0,
+    )
+    dataset = dataset_from_records([{"prompt": "2+2=", "answer": "4"}], source="inline")
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path), transport_config, profile(), dataset)
+    started = time.monotonic()
+    before_drop: list[str] = []
+
+    def stop() -> bool:
+        # Called once per loop pass: the first pass handles the first connection's event.
+        drain(watcher)
+        elapsed = time.monotonic() - started
+        if not before_drop:
+            if elapsed > 1.5 and reasons:
+                before_drop.extend(reasons)
+                client.transport.drop_connection()
+            return False
+        assert elapsed < 30.0, f"no 'reconnected' presence after the drop: {reasons}"
+        return "reconnected" in reasons
+
+    outcome = client.run(stop=stop)
+    assert outcome.status == "stopped"
+    assert before_drop == ["joined"]
+    wait_for(watcher, lambda _event: "left" in reasons)
+    # The broker publishes the Last Will ("connection lost") when the drop cuts the socket.
+    assert [r for r in reasons if r != "connection lost"] == ["joined", "reconnected", "left"]
+    watcher.close()
