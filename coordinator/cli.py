@@ -113,7 +113,7 @@ def _progress_printer():
     from shared.console import console
 
     def show(message: str) -> None:
-        console.print(f"[cyan]>[/] {message}")
+        console.print(f"[cyan]>[/] {message}", soft_wrap=True)  # one line each: paths stay whole in logs
 
     return show
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,8 +22,20 @@ from shared.errors import ConfigError, FedSodaError
 
 T = TypeVar("T")
 
+#: Columns of the console when stderr is not a terminal (a log file, CI, a pipe). Rich would
+#: assume 80 there and cut the report tables and wrap long lines; a log has no width to fit.
+LOG_WIDTH = 200
+
+
+def console_width(is_terminal: bool, environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
+    """The console's width: the terminal's own (None), ``COLUMNS`` if set, else :data:`LOG_WIDTH`."""
+    if is_terminal or environ.get("COLUMNS"):
+        return None
+    return LOG_WIDTH
+
+
 #: Everything human-readable goes to stderr, so ``--json`` output on stdout stays clean.
-console = Console(stderr=True)
+console = Console(stderr=True, width=console_width(sys.stderr.isatty()))
 
 
 #: Start of the WARNING bitsandbytes logs when imported on a CPU with AVX512_BF16 without the
