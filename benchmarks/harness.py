@@ -1,4 +1,6 @@
-"""Real serve/join processes on a broker, and the audit of a run directory; used by the soak benchmark and the fault/integration tests.
+"""Real serve/join processes on a broker, and the audit of a run directory.
+
+Used by the soak benchmark and by the fault and integration tests (benchmarks never import tests):
 
 * :class:`Processes` starts ``python -m coordinator serve`` / ``python -m edge_client join``
   children with their output in one log file each, can stop, continue or kill them, and

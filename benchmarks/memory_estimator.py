@@ -67,7 +67,7 @@ def worker(spec: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_client.trainer import train_adapter
+    from edge_client.trainer import TrainOptions, train_adapter
     from shared.protocol import TrainingParams
     from shared.subllm import disable_cpu_4bit_repacking
 
@@ -104,18 +104,7 @@ def worker(spec: dict) -> None:
         seed=0,
     )
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    result = train_adapter(
-        model,
-        tokenizer,
-        dataset,
-        params,
-        None,
-        list(range(spec["layers"])),
-        "model.layers",
-        "cpu",
-        progress_cb=lambda p: mark(f"step{p.step}"),
-        gradient_checkpointing=spec["gc"],
-    )
+    result = train_adapter(model, tokenizer, dataset, params, None, list(range(spec["layers"])), "model.layers", "cpu", options=TrainOptions(progress_cb=lambda p: mark(f"step{p.step}"), gradient_checkpointing=spec["gc"]))
     print(json.dumps({"stages": stages, "metrics": result.metrics}))
 
 

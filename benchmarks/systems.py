@@ -34,6 +34,9 @@ One run measures, on the CPU:
 Writes benchmarks/results/systems.json, systems.md and systems.png (memory vs N).
 
 Usage: ``python benchmarks/systems.py [--quick] [--no-nf4] [--out-dir DIR]``.
+
+This script is over 450 lines because its two measurements share one results file and one
+run (the README's systems table reports them side by side); each part is self-contained.
 """
 
 from __future__ import annotations
@@ -377,7 +380,7 @@ def paired_steps(client_model, bare_model, tokenizer, dataset, steps: int, warmu
         ``client_step_s`` and ``bare_step_s`` (paired lists) and ``client_call_outside_steps_s``
         (the call's time outside its steps, from the trainer's own step timings).
     """
-    from edge_client.trainer import train_adapter
+    from edge_client.trainer import TrainOptions, train_adapter
 
     total_steps = warmup + steps
     params = _bench_params(total_steps)
@@ -399,10 +402,7 @@ def paired_steps(client_model, bare_model, tokenizer, dataset, steps: int, warmu
 
     try:
         t0 = time.perf_counter()
-        result = train_adapter(
-            client_model, tokenizer, dataset, params, None, list(range(CUT_LAYERS)), "model.layers", "cpu",
-            progress_cb=after_client_step,
-        )
+        result = train_adapter(client_model, tokenizer, dataset, params, None, list(range(CUT_LAYERS)), "model.layers", "cpu", options=TrainOptions(progress_cb=after_client_step))
         total = time.perf_counter() - t0 - in_callbacks[0]  # the bare steps ran inside the call
     finally:
         bare.close()

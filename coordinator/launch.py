@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.model.pipeline import ModelPipeline, Progress
+from coordinator.run.aggregation import get_strategy
 from coordinator.run.brokers import broker_for
 from coordinator.run.server import CoordinatorServer, RunOutcome
 from coordinator.settings import RunConfig, effective_config
@@ -44,6 +45,7 @@ def serve_run(
         How the run ended.
     """
     config = effective_config(config)
+    get_strategy(config.aggregation.strategy)  # an unknown name fails now, not after the tiers are built
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with broker_for(config.broker, progress, run_dir / "broker") as broker:

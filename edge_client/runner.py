@@ -16,6 +16,10 @@ mid-round training checkpoint (so a restart resumes from the last saved step,
 :mod:`edge_client.train_checkpoint`), and a trained update the broker has not acknowledged
 yet (so a restart sends it again instead of losing it: a round counts as sent only once the
 broker has acknowledged its update, :mod:`edge_client.outbox`).
+
+This module is a little over 450 lines because the client is one class whose handlers and loop
+share the state it holds; what it sent (:mod:`edge_client.outbox`), its checks
+(:mod:`edge_client.inbound`) and its training (:mod:`edge_client.trainer`) live elsewhere.
 """
 
 from __future__ import annotations
@@ -31,16 +35,27 @@ from typing import Any
 import torch
 
 from edge_client.data import LocalDataset
-from edge_client.inbound import check_adapter, check_addressed_to, check_manifest, check_schedule
+from edge_client.inbound import (
+    check_adapter,
+    check_addressed_to,
+    check_manifest,
+    check_schedule,
+)
 from edge_client.outbox import Outbox
 from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
 from edge_client.train_checkpoint import clear_checkpoint, load_checkpoint
-from edge_client.trainer import TrainProgress, train_adapter
+from edge_client.trainer import TrainOptions, TrainProgress, train_adapter
 from shared import codec, topics
 from shared.blob_fetcher import BlobFetcher, FetchProgress
 from shared.chunkstore import ChunkStore
-from shared.errors import BlobError, FedSodaError, InsufficientMemoryError, ProtocolError, TopicError
+from shared.errors import (
+    BlobError,
+    FedSodaError,
+    InsufficientMemoryError,
+    ProtocolError,
+    TopicError,
+)
 from shared.manifests import check_chunk
 from shared.protocol import (
     COORDINATOR_ID,
@@ -58,7 +73,12 @@ from shared.protocol import (
 from shared.subllm import load_package
 from shared.tensors import payloads_to_state, state_to_payloads
 from shared.transport import MqttTransport
-from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig, Will
+from shared.transport_types import (
+    ConnectionEvent,
+    InboundMessage,
+    TransportConfig,
+    Will,
+)
 from shared.typed import short_repr
 
 log = logging.getLogger(__name__)
@@ -412,12 +432,14 @@ class EdgeClient:
                 list(meta.layer_map),
                 meta.layers_prefix,
                 self._device(),
-                progress_cb=self.events.on_train,
-                resume_state=resume,
-                round_num=round_num,
-                gradient_checkpointing=bool(self.assignment.plan.get("grad_checkpointing", False)),
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_every=self.options.checkpoint_every,
+                TrainOptions(
+                    round_num=round_num,
+                    progress_cb=self.events.on_train,
+                    resume_state=resume,
+                    gradient_checkpointing=bool(self.assignment.plan.get("grad_checkpointing", False)),
+                    checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=self.options.checkpoint_every,
+                ),
             )
         report = tracker.report(bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received)
         update = Update(

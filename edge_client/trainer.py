@@ -182,6 +182,30 @@ class _LoopSettings:
     max_grad_norm: float | None
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How one round of local training runs, beyond the round's parameters.
+
+    Attributes:
+        round_num: The round number (seeds the round and is stored in checkpoints).
+        progress_cb: Called with a :class:`TrainProgress` after every step; an exception
+            from it aborts training (the last checkpoint stays on disk).
+        resume_state: A checkpoint of this round to carry on from.
+        gradient_checkpointing: Trade compute for activation memory.
+        checkpoint_dir: Where to save mid-round checkpoints (``None``: never).
+        checkpoint_every: Save after every this many steps (0: never).
+        max_grad_norm: Clip the adapter gradient norm to this (``None``: no clipping).
+    """
+
+    round_num: int = 0
+    progress_cb: Callable[[TrainProgress], None] | None = None
+    resume_state: TrainCheckpoint | None = None
+    gradient_checkpointing: bool = False
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = 1.0
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -197,14 +221,7 @@ def train_adapter(
     layer_map: Sequence[int],
     layers_prefix: str,
     device: str | torch.device,
-    progress_cb: Callable[[TrainProgress], None] | None = None,
-    resume_state: TrainCheckpoint | None = None,
-    *,
-    round_num: int = 0,
-    gradient_checkpointing: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
-    max_grad_norm: float | None = 1.0,
+    options: TrainOptions = TrainOptions(),
 ) -> TrainResult:
     """Train a LoRA adapter for one round and return its delta from the global adapter.
 
@@ -225,14 +242,8 @@ def train_adapter(
         layer_map: ``layer_map[i]`` = full-LLM index of sub-LLM layer ``i``.
         layers_prefix: Dotted path of the decoder layer list (e.g. ``"model.layers"``).
         device: Where to train. A plain model is moved there; a 4-bit model must already be.
-        progress_cb: Called with a :class:`TrainProgress` after every step; an exception
-            from it aborts training (the last checkpoint stays on disk).
-        resume_state: A checkpoint of this round to carry on from.
-        round_num: The round number (seeds the round and is stored in checkpoints).
-        gradient_checkpointing: Trade compute for activation memory.
-        checkpoint_dir: Where to save mid-round checkpoints (``None``: never).
-        checkpoint_every: Save after every this many steps (0: never).
-        max_grad_norm: Clip the adapter gradient norm to this (``None``: no clipping).
+        options: Round number, progress callback, checkpointing and clipping
+            (:class:`TrainOptions`).
 
     Returns:
         The :class:`TrainResult`.
@@ -243,6 +254,7 @@ def train_adapter(
             is on another device, or the loss became NaN/Inf (lower the learning rate).
         RunStateError: ``resume_state`` belongs to another round or other params.
     """
+    resume_state, round_num = options.resume_state, options.round_num
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: no examples to train on")
     if params.objective == "label_words" and dataset.task is None:
@@ -262,7 +274,7 @@ def train_adapter(
         check_resume(resume_state, params, round_num)
     seed = round_seed(int(params.seed), round_num)
     torch.manual_seed(seed)
-    with lora_for_training(model, params, gradient_checkpointing=gradient_checkpointing) as peft_model:
+    with lora_for_training(model, params, gradient_checkpointing=options.gradient_checkpointing) as peft_model:
         adapter = adapter_parameters(peft_model)
         if resume_state is not None:
             check_resume_start(resume_state, adapter, global_adapter, layer_map, layers_prefix)
@@ -287,10 +299,10 @@ def train_adapter(
         settings = _LoopSettings(
             layer_map=layer_map,
             layers_prefix=layers_prefix,
-            progress_cb=progress_cb,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            max_grad_norm=max_grad_norm,
+            progress_cb=options.progress_cb,
+            checkpoint_dir=options.checkpoint_dir,
+            checkpoint_every=options.checkpoint_every,
+            max_grad_norm=options.max_grad_norm,
         )
         return _train_loop(round_, settings, resume_state)
 

@@ -15,6 +15,11 @@ bound in :mod:`coordinator.launch`), so this file is about ordering and safety:
   was never admitted is refused: logged as ``refused <kind> on <topic>: [<reason>] <detail>``,
   counted by reason (``ServerCounters.refused``, the run report's ``refused``), answered with
   a Nack where there is someone to answer, and the loop keeps serving.
+
+This module is a little over 450 lines because the server is one class: every handler and
+action shares its state and its ordering rules, which is what this file is about; its checks
+(:mod:`coordinator.run.inbound`), its report (:mod:`coordinator.run.reports`) and its model side
+(:mod:`coordinator.run.model_side`) already live elsewhere.
 """
 
 from __future__ import annotations

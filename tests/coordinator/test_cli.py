@@ -40,6 +40,15 @@ def test_serve_with_an_unknown_config_key_exits_2_naming_the_key(tmp_path):
     assert "pruning.strategy" in result.output and "method = \"fedsoda\"" in result.output  # where it went
 
 
+def test_serve_with_an_unknown_method_or_aggregation_exits_2_before_any_work(tmp_path):
+    for flag, value, expected in (("--method", "fedx", "method must be one of fedsoda, fedot, fedpetuning"),
+                                  ("--aggregation", "krum2", "unknown aggregation strategy 'krum2'; choose one of fedavg")):
+        result = runner.invoke(coordinator_app, ["serve", flag, value, "--run-dir", str(tmp_path / "run")])
+        assert result.exit_code == ConfigError.exit_code, result.output
+        assert expected in result.output
+        assert not (tmp_path / "run" / "tiers.json").exists()
+
+
 def test_serve_with_a_missing_config_file_exits_2(tmp_path):
     result = runner.invoke(coordinator_app, ["serve", "--config", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2

@@ -16,7 +16,7 @@ import torch
 from coordinator.model.models import load_model
 from edge_client.data import LocalDataset, batch_indices, make_batch
 from edge_client.lora import adapter_parameters, attach_lora, detach_lora
-from edge_client.trainer import round_seed, train_adapter
+from edge_client.trainer import TrainOptions, round_seed, train_adapter
 from shared.errors import DataError, ModelError
 from shared.subllm import disable_cpu_4bit_repacking
 from shared.tasks import TaskFormat
@@ -104,7 +104,7 @@ def test_gradient_checkpointing_gives_the_same_result(fp32, rt_dataset):
     model, tokenizer = fp32
     params = make_params(local_steps=2)
     plain = train_adapter(model, tokenizer, rt_dataset, params, None, SUB_MAP, PREFIX, "cpu")
-    ckpt = train_adapter(model, tokenizer, rt_dataset, params, None, SUB_MAP, PREFIX, "cpu", gradient_checkpointing=True)
+    ckpt = train_adapter(model, tokenizer, rt_dataset, params, None, SUB_MAP, PREFIX, "cpu", options=TrainOptions(gradient_checkpointing=True))
     for key, value in plain.delta.items():
         torch.testing.assert_close(ckpt.delta[key], value, atol=1e-6, rtol=1e-4)
     assert not model.is_activation_checkpointing

@@ -15,7 +15,7 @@ from edge_client.train_checkpoint import (
     params_dict,
     save_checkpoint,
 )
-from edge_client.trainer import train_adapter
+from edge_client.trainer import TrainOptions, train_adapter
 from shared.errors import RunStateError
 from tests.edge_client.helpers import (
     PREFIX,
@@ -32,26 +32,18 @@ def test_resume_after_a_crash_gives_the_same_delta(fp32, rt_dataset, tmp_path):
     params = make_params(local_steps=4, lora_dropout=0.1, seed=3)
     global_adapter = random_global_adapter(SUB_MAP, seed=2)
     kwargs = dict(round_num=5, checkpoint_every=2)
-    straight = train_adapter(
-        model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", checkpoint_dir=tmp_path / "a", **kwargs
-    )
+    straight = train_adapter(model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", options=TrainOptions(checkpoint_dir=tmp_path / "a", **kwargs))
 
     def crash(progress):
         if progress.step == 3:
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(
-            model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu",
-            progress_cb=crash, checkpoint_dir=tmp_path / "b", **kwargs,
-        )
+        train_adapter(model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", options=TrainOptions(progress_cb=crash, checkpoint_dir=tmp_path / "b", **kwargs))
     assert not has_lora(model)
     state = load_checkpoint(tmp_path / "b")
     assert state is not None and state.step == 2 and state.round_num == 5 and len(state.losses) == 2
-    resumed = train_adapter(
-        model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu",
-        resume_state=state, checkpoint_dir=tmp_path / "b", **kwargs,
-    )
+    resumed = train_adapter(model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", options=TrainOptions(resume_state=state, checkpoint_dir=tmp_path / "b", **kwargs))
     assert set(resumed.delta) == set(straight.delta)
     assert all(torch.equal(resumed.delta[k], straight.delta[k]) for k in straight.delta)
     assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["steps"] == 4
@@ -59,11 +51,11 @@ def test_resume_after_a_crash_gives_the_same_delta(fp32, rt_dataset, tmp_path):
     assert resumed.metrics["loss_last"] == straight.metrics["loss_last"]
     # A different global adapter, round or params must not silently reuse the checkpoint.
     with pytest.raises(RunStateError, match="different global adapter"):
-        train_adapter(model, tokenizer, rt_dataset, params, random_global_adapter(SUB_MAP, seed=9), SUB_MAP, PREFIX, "cpu", resume_state=state, round_num=5)
+        train_adapter(model, tokenizer, rt_dataset, params, random_global_adapter(SUB_MAP, seed=9), SUB_MAP, PREFIX, "cpu", options=TrainOptions(resume_state=state, round_num=5))
     with pytest.raises(RunStateError, match="round 5, not round 6"):
-        train_adapter(model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", resume_state=state, round_num=6)
+        train_adapter(model, tokenizer, rt_dataset, params, global_adapter, SUB_MAP, PREFIX, "cpu", options=TrainOptions(resume_state=state, round_num=6))
     with pytest.raises(RunStateError, match="other TrainingParams"):
-        train_adapter(model, tokenizer, rt_dataset, make_params(local_steps=5), global_adapter, SUB_MAP, PREFIX, "cpu", resume_state=state, round_num=5)
+        train_adapter(model, tokenizer, rt_dataset, make_params(local_steps=5), global_adapter, SUB_MAP, PREFIX, "cpu", options=TrainOptions(resume_state=state, round_num=5))
 
 
 def test_checkpoint_files_roundtrip_and_reject_corruption(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from coordinator.model.models import load_model
 from edge_client.data import dataset_from_records
-from edge_client.trainer import label_word_loss, train_adapter
+from edge_client.trainer import TrainOptions, label_word_loss, train_adapter
 from shared.errors import DataError
 from tests.edge_client.helpers import PREFIX, SUB_MAP, TARGETS, has_lora, make_params
 
@@ -21,9 +21,7 @@ def test_loss_decreases_on_rotten_tomatoes_and_model_is_restored(fp32, rt_datase
     flags = [p.requires_grad for p in model.parameters()]
     losses = []
     params = make_params(local_steps=8)
-    result = train_adapter(
-        model, tokenizer, rt_dataset, params, None, [0, 1, 2, 3], PREFIX, "cpu", progress_cb=lambda p: losses.append(p.loss)
-    )
+    result = train_adapter(model, tokenizer, rt_dataset, params, None, [0, 1, 2, 3], PREFIX, "cpu", options=TrainOptions(progress_cb=lambda p: losses.append(p.loss)))
     assert len(losses) == 8 and result.metrics["steps"] == 8
     assert result.metrics["loss_first"] == losses[0] and result.metrics["loss_last"] == losses[-1]
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
@@ -100,8 +98,7 @@ def test_label_words_objective_learns_to_separate_the_labels(fp32, rt_dataset):
     model, tokenizer = fp32
     losses = []
     params = make_params(local_steps=8, objective="label_words")
-    result = train_adapter(model, tokenizer, rt_dataset, params, None, [0, 1, 2, 3], PREFIX, "cpu",
-                           progress_cb=lambda p: losses.append(p.loss))
+    result = train_adapter(model, tokenizer, rt_dataset, params, None, [0, 1, 2, 3], PREFIX, "cpu", options=TrainOptions(progress_cb=lambda p: losses.append(p.loss)))
     # A 2-way cross-entropy starts near ln 2 for an untuned model, far below the full-vocabulary loss.
     assert losses[0] < 3.0
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
