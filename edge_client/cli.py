@@ -91,9 +91,22 @@ def join(
     setup_logging(verbose)
 
     def body():
+        from edge_client.runner import ClientOptions
+        from shared.config import cache_dir
+        from shared.console import parse_broker_address
+        from shared.transport_types import TransportConfig
+
         address, cid, user, secret, ca = _login(credentials, broker, client_id, username, password, ca_file, state_dir)
-        return _join(data, address, run_id, cid, profile, state_dir, device,
-                     label_words, user, secret, ca, cert_file, key_file, idle_timeout, keepalive)
+        host, port = parse_broker_address(address)
+        options = ClientOptions(
+            run_id=run_id, client_id=cid, state_dir=state_dir or cache_dir() / "clients" / cid, device=device,
+            idle_timeout=idle_timeout,
+        )
+        transport = TransportConfig(
+            host=host, port=port, client_id=cid, username=user, password=secret,
+            ca_file=ca, cert_file=cert_file, key_file=key_file, keepalive=keepalive,
+        )
+        return _join(data, label_words, profile, options, transport)
 
     outcome = run_command(body)
     if as_json:
@@ -138,33 +151,19 @@ def _parse_label_words(text: str | None):
     return ClassificationTask.from_label_words(pairs)
 
 
-def _join(data, broker, run_id, client_id, profile_name, state_dir, device, label_words, username, password,
-          ca_file, cert_file, key_file, idle_timeout, keepalive):
+def _join(data, label_words, profile_name, options, transport_config):
+    """Load the data, probe the device and run the client with progress bars; return its outcome."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edge_client.data import load_dataset
-    from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
+    from edge_client.runner import ClientEvents, EdgeClient
     from hardware_profiles.detect import detect_profile
-    from shared.config import cache_dir
-    from shared.console import console, parse_broker_address
-    from shared.transport_types import TransportConfig
+    from shared.console import console
 
-    host, port = parse_broker_address(broker)
     dataset = load_dataset(data, task=_parse_label_words(label_words))
     profile = detect_profile(override=profile_name)
     console.print(f"[cyan]>[/] {profile.name}: {profile.device_class}, {profile.accelerator}, "
                   f"{profile.available_memory_bytes / 2**30:.1f} GiB free; {len(dataset)} local examples")
-    options = ClientOptions(
-        run_id=run_id,
-        client_id=client_id,
-        state_dir=state_dir or cache_dir() / "clients" / client_id,
-        device=device,
-        idle_timeout=idle_timeout,
-    )
-    transport_config = TransportConfig(
-        host=host, port=port, client_id=client_id, username=username, password=password,
-        ca_file=ca_file, cert_file=cert_file, key_file=key_file, keepalive=keepalive,
-    )
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bars:
         fetch_bar = train_bar = None
 
