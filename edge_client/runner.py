@@ -200,6 +200,7 @@ class EdgeClient:
         self._loaded: tuple[str, Any, Any, Any] | None = None  # (blob_id, model, tokenizer, PackageMeta)
         self._fetch_stats = [0, 0]
         self._hello_at = 0.0
+        self._hellos_sent = 0
         self._preflight_done = False
 
     # ------------------------------------------------------------------ messages
@@ -365,7 +366,13 @@ class EdgeClient:
         self._hello_at = time.monotonic()
         hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.dataset), software_version=SOFTWARE_VERSION)
         self._publish(topics.hello(self.run_id, self.client_id), MessageType.HELLO, hello)
-        self.events.on_status(f"said hello to run {self.run_id}; waiting for an assignment")
+        # Said once; the repeats (every few seconds while the coordinator prepares its tiers,
+        # which can take minutes) are for the coordinator, not for the person watching.
+        if not self._hellos_sent:
+            self.events.on_status(f"said hello to run {self.run_id}; waiting for an assignment")
+        else:
+            log.debug("said hello to run %s again (%d)", self.run_id, self._hellos_sent + 1)
+        self._hellos_sent += 1
 
     def _check_fits(self) -> None:
         manifest = self.manifests.get(self.assignment.tier)
@@ -375,7 +382,7 @@ class EdgeClient:
         verdict = preflight(manifest, self.assignment.plan, now)
         if not verdict.fits:
             raise InsufficientMemoryError(verdict.reason)
-        self.events.on_status(f"tier {self.assignment.tier} fits: {verdict.reason}")
+        self.events.on_status(verdict.reason)  # "<tier> fits: needs ..., <budget source> gives ..."
         self._preflight_done = True
 
     def _ready_to_train(self, schedule: Schedule) -> bool:

@@ -57,3 +57,31 @@ def test_presence_says_joined_on_the_first_connection_and_reconnected_after_a_dr
     # The broker publishes the Last Will ("connection lost") when the drop cuts the socket.
     assert [r for r in reasons if r != "connection lost"] == ["joined", "reconnected", "left"]
     watcher.close()
+
+
+def test_a_client_waiting_for_its_assignment_says_so_once_while_its_hello_repeats(
+    mosquitto_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path, monkeypatch
+) -> None:
+    import edge_client.runner as runner
+
+    monkeypatch.setattr(runner, "HELLO_RETRY_SECONDS", 0.2)
+    run_id, client_id = unique_id("run"), unique_id("edge")
+    hellos: list[bytes] = []
+    watcher = connect(mosquitto_broker, unique_id("coordinator-stand-in"))
+    watcher.subscribe(topics.hello(run_id, client_id), lambda message: hellos.append(message.payload))
+    statuses: list[str] = []
+    transport_config = TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port, client_id=client_id)
+    dataset = dataset_from_records([{"prompt": "2+2=", "answer": "4"}], source="inline")
+    events = runner.ClientEvents(on_status=statuses.append)
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path), transport_config, profile(), dataset, events)
+    started = time.monotonic()
+
+    def stop() -> bool:
+        drain(watcher)
+        assert time.monotonic() - started < 30.0, f"only {len(hellos)} hellos"
+        return len(hellos) >= 4
+
+    client.run(stop=stop)
+    watcher.close()
+    assert len(hellos) >= 4  # nobody answers: the hello repeats, for a coordinator that starts late
+    assert sum(s.startswith("said hello") for s in statuses) == 1, statuses
