@@ -66,6 +66,7 @@ def serve(
     run_id: Annotated[Optional[str], typer.Option(help="Run id (MQTT topic segment).")] = None,
     method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
     tiers: Annotated[Optional[Path], typer.Option("--tiers", help="Use the tiers a `prune` run wrote in this folder (no SGP, no pre-alignment).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy (fedavg).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
@@ -89,6 +90,7 @@ def serve(
         "run_id": run_id,
         "method": method,
         "pruning.tiers_dir": str(tiers) if tiers else None,
+        "task.preset": task,
         "aggregation.strategy": aggregation,
         "rounds.rounds": rounds,
         "rounds.min_clients": min_clients,
@@ -147,6 +149,10 @@ def simulate(
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")] = 0.5,
     examples_per_client: Annotated[int, typer.Option(help="Training examples per client at most.")] = 200,
     profiles: Annotated[Optional[str], typer.Option(help="Comma-separated device classes to give the clients (cycled).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training rows (JSONL/CSV) in the task's format, dealt to the clients (default: the preset's train split).")] = None,
+    test_data: Annotated[Optional[Path], typer.Option(help="Test rows (JSONL/CSV) in the task's format (default: the preset's test split).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID-TIMESTAMP).")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="The `make demo` preset: bundled SmolLM2, Rotten Tomatoes, 3 clients.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
@@ -161,7 +167,11 @@ def simulate(
 
     setup_logging(verbose)
     overrides: dict[str, Any] = preset("demo") if demo else {}
-    overrides.update({k: v for k, v in {"method": method, "rounds.rounds": rounds}.items() if v is not None})
+    flags = {
+        "method": method, "rounds.rounds": rounds, "model.model": model, "task.preset": task,
+        "evaluation.test_data": str(test_data) if test_data else None,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     if not demo:
         overrides["rounds.min_clients"] = clients
 
@@ -171,6 +181,7 @@ def simulate(
             clients=clients, partition=partition, dirichlet_alpha=dirichlet_alpha,
             examples_per_client=examples_per_client,
             profiles=tuple(p.strip() for p in profiles.split(",")) if profiles else (),
+            data=str(data) if data else "",
         )
         folder = run_dir or Path("runs") / f"{config.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
         from coordinator.simulate import simulate as run_simulation

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from coordinator.model.methods import METHODS, get_method
+from coordinator.model.presets import task_preset
 from shared.errors import ConfigError
 from shared.protocol import TrainingParams
+from shared.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -310,21 +312,101 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
-class EvaluationSettings:
-    """How the full LLM + final adapter is evaluated.
+class TaskSettings:
+    """The task the run fine-tunes for (:class:`shared.tasks.TaskSpec`; README, "Bring your own task").
+
+    Start from a built-in ``preset`` and override what differs, or set ``preset = ""`` and
+    define the task here. Empty values (and 0) mean "the preset's" (or TaskSpec's default).
 
     Attributes:
-        task: ``rotten_tomatoes``, ``imdb``, or ``""`` to skip evaluation.
-        test_samples: Test examples scored (0 = the whole test split).
-        split_seed: Seed of the fixed train/test split.
-        max_length: Tokens per scored test prompt; longer prompts lose tokens on the left
-            (IMDB reviews run to hundreds of tokens; their end carries the verdict).
+        preset: ``rotten_tomatoes``, ``imdb``, ``medmcqa``, ``gsm_symbolic`` (see
+            :mod:`coordinator.model.presets`), or "".
+        kind: ``classification``, ``multiple_choice`` or ``generation``.
+        prompt_template: ``str.format`` template over the row's fields.
+        target_template: The answer the model learns, with ``{answer}``.
+        answer_field: The row's label / right option / answer field.
+        label_words: Classification: label -> word(s).
+        options_field: Multiple choice: the row's list of options.
+        metric: ``accuracy``, ``macro_f1`` (classification); ``exact_match``, ``rougeL`` (generation).
+        normalizer: Generation exact match: ``none``, ``strip``, ``last_number``.
+        max_new_tokens: Generation: the most tokens decoded per answer.
+        chat_template: Generation: wrap prompts in the tokenizer's chat template.
+        name: The task's name in reports ("" = the preset's name).
     """
 
-    task: str = "rotten_tomatoes"
+    preset: str = "rotten_tomatoes"
+    kind: str = ""
+    prompt_template: str = ""
+    target_template: str = ""
+    answer_field: str = ""
+    label_words: dict[str, str] = field(default_factory=dict)
+    options_field: str = ""
+    metric: str = ""
+    normalizer: str = ""
+    max_new_tokens: int = 0
+    chat_template: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.spec()  # every problem of the task is a config error at load, not at the first round
+
+    def spec(self) -> TaskSpec:
+        """The resolved task: the preset's (or the defaults), with this section's values on top.
+
+        Raises:
+            ConfigError: An unknown preset, or a task that does not validate.
+        """
+        base = task_preset(self.preset) if self.preset else TaskSpec.for_kind(self.kind or "classification", name="custom")
+        changes = {
+            name: value
+            for name, value in dataclasses.asdict(self).items()
+            if name != "preset" and value not in ("", 0, {}, False)
+        }
+        if "kind" in changes and changes["kind"] != base.kind and "metric" not in changes:
+            changes["metric"] = ""  # the new kind's default metric, not the preset's
+        return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How the full LLM, each tier and the final adapter are evaluated on the task.
+
+    Attributes:
+        enabled: Evaluate at the end of the run (and every ``every_rounds`` rounds).
+        test_data: A JSONL / CSV file of test rows in the task's format; "" = the task
+            preset's fixed test split.
+        test_samples: Test rows scored (0 = all).
+        split_seed: Seed of the preset's fixed train/test split.
+        max_length: Tokens per scored test prompt; longer prompts lose tokens on the left
+            (IMDB reviews run to hundreds of tokens; their end carries the verdict).
+        batch_size: Prompts per forward pass (or per batch of greedy decoding).
+        tiers: Also evaluate each tier's sub-LLM (its package, as clients load it) with the
+            final adapter.
+        every_rounds: Evaluate the full model with the global adapter every k rounds on the
+            first ``round_samples`` test rows (0 = only at the end): the per-round curve.
+        round_samples: Test rows of each per-round evaluation.
+        confidence: Level of the reported confidence intervals.
+    """
+
+    enabled: bool = True
+    test_data: str = ""
     test_samples: int = 300
     split_seed: int = 0
     max_length: int = 512
+    batch_size: int = 8
+    tiers: bool = True
+    every_rounds: int = 0
+    round_samples: int = 100
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.test_samples < 0 or self.round_samples < 1 or self.every_rounds < 0 or self.batch_size < 1:
+            problems.append("evaluation.test_samples and every_rounds must be >= 0, round_samples and batch_size >= 1")
+        if not 0.5 <= self.confidence < 1.0:
+            problems.append(f"evaluation.confidence must be in [0.5, 1), got {self.confidence}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 def _default_training() -> TrainingParams:
@@ -360,7 +442,8 @@ class RunConfig:
         aggregation: How deltas are combined.
         validation: Update validation bounds.
         broker: MQTT broker.
-        evaluation: Final evaluation.
+        task: The task clients train for and the run is judged on.
+        evaluation: Evaluation on the task's test data.
     """
 
     #: Keys earlier versions had, and where their setting went (shown when a file still uses them).
@@ -368,6 +451,8 @@ class RunConfig:
         "pruning.strategy": "the method is now a top-level key: method = \"fedsoda\" (or fedot, fedpetuning)",
         "pruning.tiers": "tiers are now given by the layers they keep: pruning.depths "
         "(the old tiers = [12] on a 30-layer model is depths = [18])",
+        "evaluation.task": "the task is now its own section: [task] preset = \"rotten_tomatoes\" (or imdb, "
+        "medmcqa, gsm_symbolic, or your own task); evaluation.enabled = false skips evaluation",
     }
 
     run_id: str = "demo"
@@ -381,6 +466,7 @@ class RunConfig:
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """One-machine federated runs: embedded broker, coordinator, and N real client processes.
 
-``simulate`` splits a real dataset across clients (IID or Dirichlet non-IID by label,
-seeded), writes each client's share as a JSONL file, starts ``fedsoda-client join`` once
+``simulate`` splits a dataset across clients: the task preset's fixed train split, or the
+user's own file (``--data``); IID, or Dirichlet non-IID by label for classification and
+multiple-choice tasks (seeded). It writes each client's share as a JSONL file, starts ``fedsoda-client join`` once
 per client as a child process, and serves the run in this process through
 :func:`coordinator.launch.serve_run` — the very code path of ``serve`` and ``join``.
 """
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.launch import serve_run
-from coordinator.model.datasets import movie_reviews, train_test_split
+from coordinator.model.datasets import task_split
 from coordinator.model.pipeline import Progress
 from coordinator.run.server import RunOutcome
 from coordinator.settings import RunConfig
 from shared.errors import ConfigError
+from shared.rows import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class SimulationOptions:
         dirichlet_alpha: Concentration of the Dirichlet split (smaller = more skewed).
         examples_per_client: Training examples each client holds at most.
         profiles: Device class per client (cycled); empty = each client detects its own.
+        data: A JSONL / CSV file of training rows in the task's format, dealt to the clients;
+            "" = the task preset's train split.
     """
 
     clients: int = 3
@@ -49,6 +53,7 @@ class SimulationOptions:
     dirichlet_alpha: float = 0.5
     examples_per_client: int = 200
     profiles: tuple[str, ...] = ()
+    data: str = ""
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -61,21 +66,25 @@ class SimulationOptions:
             raise ConfigError(f"--examples-per-client must be at least 1, got {self.examples_per_client}")
 
 
-def partition_rows(rows: list[dict], clients: int, *, scheme: str, alpha: float, per_client: int, seed: int) -> list[list[dict]]:
-    """Split labelled rows across clients.
+def partition_rows(
+    rows: list[dict], clients: int, *, scheme: str, alpha: float, per_client: int, seed: int, label_of=None
+) -> list[list[dict]]:
+    """Split rows across clients.
 
     Args:
-        rows: Rows with an integer ``label``.
+        rows: The training rows.
         clients: Number of shares.
         scheme: ``iid`` (shuffle and deal) or ``dirichlet`` (each label's rows spread by
             proportions drawn from Dirichlet(alpha), the usual non-IID benchmark split).
         alpha: Dirichlet concentration.
         per_client: Cap on each share.
         seed: Seed; the same seed gives the same split.
+        label_of: A row's label (an int), for ``dirichlet``; default: its ``label`` field.
 
     Returns:
         ``clients`` lists of rows (each non-empty when there are enough rows).
     """
+    label_of = label_of or (lambda row: row["label"])
     rng = random.Random(seed)
     shuffled = list(rows)
     rng.shuffle(shuffled)
@@ -83,8 +92,9 @@ def partition_rows(rows: list[dict], clients: int, *, scheme: str, alpha: float,
         shares = [shuffled[i::clients] for i in range(clients)]
     else:
         shares = [[] for _ in range(clients)]
-        for label in sorted({r["label"] for r in shuffled}):
-            of_label = [r for r in shuffled if r["label"] == label]
+        labels = [label_of(r) for r in shuffled]
+        for label in sorted(set(labels), key=str):
+            of_label = [r for r, y in zip(shuffled, labels) if y == label]
             weights = [rng.gammavariate(alpha, 1.0) for _ in range(clients)]
             total = sum(weights)
             start = 0
@@ -97,18 +107,44 @@ def partition_rows(rows: list[dict], clients: int, *, scheme: str, alpha: float,
     return [share[:per_client] for share in shares]
 
 
-def write_client_data(config: RunConfig, options: SimulationOptions, run_dir: Path) -> list[Path]:
-    """Write each simulated client's training share (from the task's train split) as JSONL.
+def training_rows(config: RunConfig, options: SimulationOptions) -> tuple[list[dict], str]:
+    """The rows the clients share, and where they came from.
 
-    The test split used for the final evaluation is held out before partitioning.
+    ``--data``'s rows are checked against the task here, so a file that does not fit it fails
+    before any process starts (with its line); the preset's train split never overlaps its test split.
+
+    Raises:
+        ConfigError: Neither ``--data`` nor a task preset.
+        DataError: A row that does not fit the task.
+    """
+    task = config.task.spec()
+    if options.data:
+        numbered = read_rows(options.data)
+        task.examples(numbered, options.data)
+        return [row for _, row in numbered], options.data
+    if not config.task.preset:
+        raise ConfigError("simulate needs training data: pass --data FILE, or use a task preset")
+    train, _test = task_split(config.task.preset, seed=config.evaluation.split_seed)
+    return train, f"the {config.task.preset} train split"
+
+
+def write_client_data(config: RunConfig, options: SimulationOptions, run_dir: Path) -> list[Path]:
+    """Write each simulated client's share of the training rows as JSONL.
+
+    Dirichlet splits need labels: classification and multiple-choice tasks have them, a
+    generation task is dealt IID.
 
     Returns:
         One data file per client.
     """
-    train, _test = train_test_split(movie_reviews(config.evaluation.task), seed=config.evaluation.split_seed)
+    task = config.task.spec()
+    rows, _source = training_rows(config, options)
+    scheme = options.partition
+    if scheme == "dirichlet" and task.kind == "generation":
+        raise ConfigError("a Dirichlet split is by label: a generation task has none, use --partition iid")
     shares = partition_rows(
-        train, options.clients, scheme=options.partition, alpha=options.dirichlet_alpha,
-        per_client=options.examples_per_client, seed=config.seed,
+        rows, options.clients, scheme=scheme, alpha=options.dirichlet_alpha,
+        per_client=options.examples_per_client, seed=config.seed, label_of=task.label_of,
     )
     paths = []
     for i, share in enumerate(shares):
@@ -116,7 +152,7 @@ def write_client_data(config: RunConfig, options: SimulationOptions, run_dir: Pa
             raise ConfigError(f"client {i} got no data: use more examples or a larger --dirichlet-alpha")
         path = run_dir / "clients" / client_name(i) / "data.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in share))
+        path.write_text("".join(json.dumps(r) + "\n" for r in share))
         paths.append(path)
     return paths
 
@@ -196,7 +232,11 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
     config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", port=0))
     run_dir = Path(run_dir)
     data = write_client_data(config, options, run_dir)
-    progress(f"wrote {options.partition} shares of {config.evaluation.task} for {options.clients} clients under {run_dir / 'clients'}")
+    task = config.task.spec()
+    progress(
+        f"wrote {options.partition} shares of {options.data or task.name} ({task.kind}) for {options.clients} "
+        f"clients under {run_dir / 'clients'}"
+    )
     fleet = ClientFleet(config, options, data, run_dir)
     try:
         outcome = serve_run(config, run_dir, progress=progress, on_broker=fleet.start)

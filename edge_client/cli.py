@@ -73,7 +73,6 @@ def join(
     profile: Annotated[Optional[str], typer.Option(help="Override the detected device class by catalog name (see `fedsoda-coordinator profiles`).")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="Chunk cache and resume state (default ~/.cache/fedsoda/clients/CLIENT_ID).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    label_words: Annotated[Optional[str], typer.Option(help="Classification label words, LABEL=WORD pairs: '0=negative,1=positive'.")] = None,
     username: Annotated[Optional[str], typer.Option(help="MQTT user name.", envvar="FEDSODA_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(help="MQTT password.", envvar="FEDSODA_PASSWORD")] = None,
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate: enables TLS.")] = None,
@@ -106,7 +105,7 @@ def join(
             host=host, port=port, client_id=cid, username=user, password=secret,
             ca_file=ca, cert_file=cert_file, key_file=key_file, keepalive=keepalive,
         )
-        return _join(data, label_words, profile, options, transport)
+        return _join(data, profile, options, transport)
 
     outcome = run_command(body)
     if as_json:
@@ -136,34 +135,23 @@ def _login(credentials, broker, client_id, username, password, ca_file, state_di
     return broker or creds.broker or "127.0.0.1:1883", creds.client_id, creds.username, creds.password, ca
 
 
-def _parse_label_words(text: str | None):
-    from shared.errors import ConfigError
-    from shared.tasks import ClassificationTask
+def _join(data, profile_name, options, transport_config):
+    """Read the data, probe the device and run the client with progress bars; return its outcome.
 
-    if text is None:
-        return ClassificationTask.from_label_words()
-    pairs = {}
-    for item in text.split(","):
-        label, sep, word = item.partition("=")
-        if not sep or not label.strip() or not word.strip():
-            raise ConfigError(f"--label-words item {item!r} is not LABEL=WORD")
-        pairs[label.strip()] = word.strip()
-    return ClassificationTask.from_label_words(pairs)
-
-
-def _join(data, label_words, profile_name, options, transport_config):
-    """Load the data, probe the device and run the client with progress bars; return its outcome."""
+    The rows are only read here; the task the coordinator publishes formats them (a row that
+    does not fit it stops the client with its file and line).
+    """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edge_client.data import load_dataset
+    from edge_client.data import load_rows
     from edge_client.runner import ClientEvents, EdgeClient
     from hardware_profiles.detect import detect_profile
     from shared.console import console
 
-    dataset = load_dataset(data, task=_parse_label_words(label_words))
+    rows = load_rows(data)
     profile = detect_profile(override=profile_name)
     console.print(f"[cyan]>[/] {profile.name}: {profile.device_class}, {profile.accelerator}, "
-                  f"{profile.available_memory_bytes / 2**30:.1f} GiB free; {len(dataset)} local examples")
+                  f"{profile.available_memory_bytes / 2**30:.1f} GiB free; {len(rows)} local rows in {data}")
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bars:
         fetch_bar = train_bar = None
 
@@ -180,7 +168,7 @@ def _join(data, label_words, profile_name, options, transport_config):
             bars.update(train_bar, completed=p.step, description=f"training (loss {p.loss:.3f})")
 
         events = ClientEvents(on_status=lambda m: console.print(f"[cyan]>[/] {m}"), on_fetch=on_fetch, on_train=on_train)
-        client = EdgeClient(options, transport_config, profile, dataset, events,
+        client = EdgeClient(options, transport_config, profile, rows, events,
                             measure_profile=lambda: detect_profile(override=profile_name))
         outcome = client.run()
     console.print(f"[bold]{outcome.status}[/]: {outcome.reason}; rounds sent {outcome.rounds_sent}, "

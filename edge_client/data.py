@@ -1,23 +1,20 @@
-"""Local datasets on the edge client: reading, validation, tokenization and batching.
+"""Local datasets on the edge client: reading, formatting with the run's task, batching.
 
-A client's private data is a JSONL or CSV file in one of two formats, told apart by its
-columns (extra columns are ignored):
+A client's private data is a JSONL or CSV file (:mod:`shared.rows`). The client reads it
+when it starts (:func:`load_rows`: a missing or unreadable file, or a line that is not a row,
+fails at once), says in its hello how many rows it holds, and formats them with the task the
+coordinator publishes in its schedule (:func:`build_dataset`, :class:`shared.tasks.TaskSpec`):
+a row that does not fit the task (a missing field, an unknown label) is refused with its file
+and line before any training. Classification rows such as ``{"text": "a gripping film",
+"label": 1}`` train the model to say ``" positive"`` after ``"Review: a gripping film\nSentiment:"``.
 
-* **classification**: ``text`` and ``label`` (an int, or a string such as ``"1"`` or the label
-  word itself). A :class:`shared.tasks.ClassificationTask` supplies the label words and the
-  prompt template, e.g. ``{"text": "a gripping film", "label": 1}`` trains the model to say
-  ``" positive"`` after ``"Review: a gripping film\\nSentiment:"``.
-* **generation**: ``prompt`` and ``answer``, used verbatim; an EOS token follows the answer.
-
-Every problem is a :class:`shared.errors.DataError` naming the file and, for a bad row, its
-line. Batches hold ``input_ids``, ``attention_mask`` and ``labels`` where ``labels`` is -100
+Batches hold ``input_ids``, ``attention_mask`` and ``labels`` where ``labels`` is -100
 everywhere except on the answer tokens, so the causal-LM loss covers only the answer.
 Shuffling is a pure function of (seed, step): training resumes mid-round with the same batches.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import logging
 import random
@@ -27,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import DataError
-from shared.tasks import ClassificationTask, Example, TaskFormat, detect_format, encode_pair, read_jsonl_rows
+from shared.rows import Row, read_rows
+from shared.scoring import encode_pair
+from shared.tasks import Example, TaskSpec
 
 if TYPE_CHECKING:
     import torch
@@ -36,160 +35,92 @@ log = logging.getLogger(__name__)
 
 #: Label value for tokens that carry no loss (PyTorch's cross-entropy ignore_index).
 IGNORE_INDEX = -100
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-CSV_SUFFIXES = (".csv",)
+
+
+@dataclass(frozen=True)
+class LocalRows:
+    """A client's data file as read at start, before the run's task formats it.
+
+    Attributes:
+        rows: ``(line, row)`` pairs in file order.
+        source: Where they came from (the path, or a description for in-memory rows).
+    """
+
+    rows: tuple[Row, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclass(frozen=True)
 class LocalDataset:
-    """A validated local dataset.
+    """A local dataset formatted with the run's task.
 
     Attributes:
-        format: Classification or generation.
+        task: The task that formatted it.
         examples: The examples, in file order.
-        source: Where they came from (a path, or a description for in-memory records).
-        task: The classification task used to build the examples (``None`` for generation).
+        source: Where they came from.
+        choices: The candidate answers every example shares (classification; multiple choice
+            when every question has as many options), else None: what the ``label_words``
+            training objective chooses among.
     """
 
-    format: TaskFormat
+    task: TaskSpec
     examples: tuple[Example, ...]
     source: str
-    task: ClassificationTask | None = None
+    choices: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
-def load_dataset(
-    path: str | Path, *, task: ClassificationTask | None = None, limit: int | None = None
-) -> LocalDataset:
-    """Read and validate a local JSONL or CSV dataset.
+def load_rows(path: str | Path) -> LocalRows:
+    """Read a local JSONL or CSV data file (see :func:`shared.rows.read_rows`).
+
+    Raises:
+        DataError: The file is missing, unreadable, not UTF-8, of an unsupported type, empty,
+            or has a line that is not a row (named by its line).
+    """
+    return LocalRows(tuple(read_rows(path)), str(path))
+
+
+def rows_from_records(records: Iterable[Mapping[str, Any]], source: str = "records") -> LocalRows:
+    """In-memory rows (record ``i`` is reported as line ``i + 1`` in errors)."""
+    return LocalRows(tuple((i + 1, dict(r)) for i, r in enumerate(records)), source)
+
+
+def build_dataset(rows: LocalRows, task: TaskSpec, *, limit: int | None = None) -> LocalDataset:
+    """Format every row with the run's task.
 
     Args:
-        path: A ``.jsonl``/``.ndjson`` file (one JSON object per line, blank lines skipped) or
-            a ``.csv`` file with a header row.
-        task: Label words and prompt template for classification data (default: the
-            negative/positive review task). Ignored for generation data.
-        limit: Keep only the first ``limit`` examples.
+        rows: What :func:`load_rows` read.
+        task: The task of the coordinator's schedule.
+        limit: Keep only the first ``limit`` rows.
 
     Returns:
         The dataset.
 
     Raises:
-        DataError: The file is missing, unreadable, not UTF-8, of an unsupported type, empty,
-            lacks the columns of either format, or has a bad row (the message names its line).
+        DataError: No rows, or a row that does not fit the task (the message names its file
+            and line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file {path} does not exist (pass a .jsonl or .csv file)")
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        rows = read_jsonl_rows(path)
-    elif suffix in CSV_SUFFIXES:
-        rows = _read_csv(path)
-    else:
-        raise DataError(f"dataset file {path} has an unsupported type {suffix!r}: use .jsonl or .csv")
-    return _build(rows, task=task, source=str(path), limit=limit)
+    chosen = rows.rows if limit is None else rows.rows[:limit]
+    examples = tuple(task.examples(chosen, rows.source))
+    shared = {e.choices for e in examples}
+    choices = next(iter(shared)) if len(shared) == 1 and examples[0].choices else None
+    return LocalDataset(task=task, examples=examples, source=rows.source, choices=choices)
 
 
 def dataset_from_records(
-    records: Iterable[Mapping[str, Any]],
-    *,
-    task: ClassificationTask | None = None,
-    source: str = "records",
-    limit: int | None = None,
+    records: Iterable[Mapping[str, Any]], task: TaskSpec, *, source: str = "records", limit: int | None = None
 ) -> LocalDataset:
-    """Build a dataset from in-memory rows (same formats and checks as :func:`load_dataset`).
-
-    Args:
-        records: Dicts with ``text``/``label`` or ``prompt``/``answer``.
-        task: Classification task (default: negative/positive reviews).
-        source: Name used in error messages.
-        limit: Keep only the first ``limit`` examples.
-
-    Returns:
-        The dataset; row ``i`` is reported as line ``i + 1`` in errors.
+    """Build a dataset from in-memory rows (the same checks as a file's).
 
     Raises:
-        DataError: No rows, missing columns or a bad row.
+        DataError: No rows, or a row that does not fit the task.
     """
-    return _build(((i + 1, dict(r)) for i, r in enumerate(records)), task=task, source=source, limit=limit)
-
-
-def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, restkey="\0extra", restval=None)
-            if reader.fieldnames is None:
-                raise DataError(f"{path}: the file is empty (a CSV dataset needs a header row and data rows)")
-            width = len(reader.fieldnames)
-            line = 1
-            for row in reader:
-                # A quoted field may span lines, so the row starts after the previous one ended.
-                start, line = line + 1, reader.line_num
-                if "\0extra" in row or any(v is None for v in row.values()):
-                    got = width + len(row.get("\0extra", [])) - sum(v is None for v in row.values())
-                    raise DataError(f"{path}:{start}: row has {got} fields but the header has {width}")
-                if not any((v or "").strip() for v in row.values()):
-                    continue
-                rows.append((start, row))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
-    return rows
-
-
-def _build(
-    rows: Iterable[tuple[int, dict[str, Any]]],
-    *,
-    task: ClassificationTask | None,
-    source: str,
-    limit: int | None,
-) -> LocalDataset:
-    rows = list(rows)
-    if not rows:
-        raise DataError(f"{source}: holds no examples")
-    fmt = detect_format(rows[0][1].keys(), source=f"{source}:{rows[0][0]}")
-    task = task or ClassificationTask.from_label_words()
-    examples = []
-    for number, row in rows if limit is None else rows[:limit]:
-        where = f"{source}:{number}"
-        if fmt is TaskFormat.CLASSIFICATION:
-            text = _text_field(row, "text", where)
-            try:
-                examples.append(task.example(text, _present(row, "label", where)))
-            except DataError as exc:
-                raise DataError(f"{where}: {exc}") from exc
-        else:
-            prompt = _text_field(row, "prompt", where)
-            answer = _text_field(row, "answer", where)
-            examples.append(Example(prompt=prompt, answer=answer))
-    return LocalDataset(
-        format=fmt,
-        examples=tuple(examples),
-        source=source,
-        task=task if fmt is TaskFormat.CLASSIFICATION else None,
-    )
-
-
-def _present(row: Mapping[str, Any], field: str, where: str) -> Any:
-    if field not in row or row[field] is None:
-        raise DataError(f"{where}: missing field {field!r}")
-    value = row[field]
-    if isinstance(value, str) and not value.strip():
-        raise DataError(f"{where}: field {field!r} is empty")
-    return value
-
-
-def _text_field(row: Mapping[str, Any], field: str, where: str) -> str:
-    value = _present(row, field, where)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    return value
+    return build_dataset(rows_from_records(records, source), task, limit=limit)
 
 
 @dataclass(frozen=True)
@@ -300,7 +231,8 @@ def make_batch(
     Returns:
         A batch as in :func:`collate`.
     """
-    add_eos = dataset.format is TaskFormat.GENERATION
+    # A generated answer must learn where to stop; a label word or letter is scored, not decoded.
+    add_eos = dataset.task.kind == "generation"
     examples = [tokenize_example(tokenizer, dataset.examples[i], seq_len, add_eos=add_eos) for i in indices]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return collate(examples, pad if pad is not None else 0)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from edge_client.data import LocalDataset
+from edge_client.data import LocalDataset, LocalRows, build_dataset
 from edge_client.inbound import (
     check_adapter,
     check_addressed_to,
@@ -54,6 +54,7 @@ from shared.errors import (
     FedSodaError,
     InsufficientMemoryError,
     ProtocolError,
+    RunStateError,
     TopicError,
 )
 from shared.manifests import check_chunk
@@ -163,7 +164,7 @@ class EdgeClient:
         options: Who and where.
         transport_config: Broker connection (its client_id must equal ``options.client_id``).
         profile: The detected (or overridden) hardware profile.
-        dataset: The local training data.
+        rows: The local training data as read at start; the schedule's task formats it.
         events: Progress callbacks.
         measure_profile: Re-measures the device just before the download (preflight);
             None reuses ``profile``.
@@ -174,14 +175,15 @@ class EdgeClient:
         options: ClientOptions,
         transport_config: TransportConfig,
         profile: DeviceProfile,
-        dataset: LocalDataset,
+        rows: LocalRows,
         events: ClientEvents | None = None,
         measure_profile: Callable[[], DeviceProfile] | None = None,
     ) -> None:
         self.options = options
         self.measure_profile = measure_profile
         self.profile = profile
-        self.dataset = dataset
+        self.rows = rows
+        self.dataset: LocalDataset | None = None  # the rows formatted with the schedule's task
         self.events = events or ClientEvents()
         self.run_id = topics.check_id(options.run_id, "run id")
         self.client_id = topics.check_id(options.client_id, "client id")
@@ -337,6 +339,7 @@ class EdgeClient:
             schedule = self.schedule
             if schedule is not self._schedule_seen:
                 self._schedule_seen = schedule
+                self._format_rows(schedule)
                 if self.outbox.resend_if_still_awaited(schedule):
                     self.events.on_status(f"round {schedule.round}: the broker lost its state; sending our update again")
             if schedule is not None and schedule.status in ("finished", "failed"):
@@ -359,12 +362,32 @@ class EdgeClient:
                 return self._outcome("stopped", f"nothing to do for {self.options.idle_timeout:g} s")
         return self._outcome("stopped", "stopped on request")
 
+    def _format_rows(self, schedule: Schedule) -> None:
+        """Format the local rows with the schedule's task, once per task.
+
+        Raises:
+            RunStateError: The coordinator sends no task (it speaks protocol 1.0).
+            DataError: A local row does not fit the task (named by file and line): this data
+                cannot take part, so the client stops before any download or training.
+        """
+        if schedule.task is None:
+            raise RunStateError(
+                "the coordinator's schedule carries no task: it speaks protocol 1.0, and this client "
+                f"({SOFTWARE_VERSION}) formats its data with the task the coordinator sends: upgrade the coordinator"
+            )
+        if self.dataset is None or self.dataset.task != schedule.task:
+            self.dataset = build_dataset(self.rows, schedule.task)
+            task = schedule.task
+            self.events.on_status(
+                f"{len(self.dataset)} local rows formatted for the task {task.name or task.kind} ({task.kind}, {task.metric})"
+            )
+
     def _say_hello(self) -> None:
         # A hello sent before the coordinator subscribed is lost (it is not retained): repeat it.
         if time.monotonic() - self._hello_at < HELLO_RETRY_SECONDS:
             return
         self._hello_at = time.monotonic()
-        hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.dataset), software_version=SOFTWARE_VERSION)
+        hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.rows), software_version=SOFTWARE_VERSION)
         self._publish(topics.hello(self.run_id, self.client_id), MessageType.HELLO, hello)
         # Said once; the repeats (every few seconds while the coordinator prepares its tiers,
         # which can take minutes) are for the coordinator, not for the person watching.
@@ -428,6 +451,7 @@ class EdgeClient:
         resume = load_checkpoint(checkpoint_dir)
         if resume is not None and resume.round_num != round_num:
             resume = None  # a checkpoint of an earlier round is of no use now
+        assert self.dataset is not None  # formatted when the schedule arrived
         self.events.on_status(f"round {round_num}: training {schedule.training.local_steps} steps on {len(self.dataset)} examples")
         with ResourceTracker(device_class=self.profile.device_class) as tracker:
             result = train_adapter(

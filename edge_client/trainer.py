@@ -7,8 +7,8 @@ starts it from the global adapter, takes ``local_steps`` AdamW steps on
 
 (theta: the LoRA parameters), and returns ``delta = theta_local - theta_global`` keyed by
 FULL-LLM layer index (:mod:`shared.adapters`), in float32 on the CPU. With the
-``label_words`` objective the task loss is the cross-entropy over the label words instead
-(:func:`label_word_loss`).
+``label_words`` objective the task loss is the cross-entropy over the candidate answers (the
+label words, or the option letters) at the answer position instead (:func:`label_word_loss`).
 
 The base model is left as it was found: LoRA is injected for the call and removed afterwards
 (``unload``), so the caller can evaluate the bare model or train the next round on it.
@@ -112,6 +112,27 @@ def proximal_term(adapter: Mapping[str, torch.Tensor], global_adapter: Mapping[s
     for key, p in adapter.items():
         total = total + (p.float() - global_adapter[key]).pow(2).sum()
     return total
+
+
+def first_answer_tokens(tokenizer: Any, choices: Sequence[str]) -> list[int]:
+    """The first token id of each candidate answer, in order (the ``label_words`` objective).
+
+    Raises:
+        DataError: An answer tokenizes to nothing, or two answers start with the same token
+            (then only the ``answer`` objective can tell them apart).
+    """
+    ids = []
+    for choice in choices:
+        tokens = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise DataError(f"answer {choice!r} tokenizes to no tokens")
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        raise DataError(
+            f"the answers {list(choices)} do not start with distinct tokens ({ids}); "
+            "use training objective 'answer' or label words that differ in their first token"
+        )
+    return ids
 
 
 def label_word_loss(logits: torch.Tensor, labels: torch.Tensor, choices: torch.Tensor, label_word_ids: torch.Tensor) -> torch.Tensor:
@@ -257,10 +278,11 @@ def train_adapter(
     resume_state, round_num = options.resume_state, options.round_num
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: no examples to train on")
-    if params.objective == "label_words" and dataset.task is None:
+    if params.objective == "label_words" and dataset.choices is None:
         raise DataError(
-            f"{dataset.source}: the run trains with objective 'label_words', which needs classification "
-            "data (text,label); this dataset is generation data (prompt,answer)"
+            f"{dataset.source}: the run trains with objective 'label_words', which needs examples that share their "
+            f"candidate answers (a classification task, or multiple choice with as many options in every row); "
+            f"this is a {dataset.task.kind} dataset without them"
         )
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -329,7 +351,8 @@ def _train_loop(round_: _Round, settings: _LoopSettings, resume_state: TrainChec
     prox_value = 0.0
     label_word_ids = None
     if params.objective == "label_words":
-        label_word_ids = torch.tensor(dataset.task.first_answer_tokens(round_.tokenizer), device=device)
+        assert dataset.choices is not None  # checked before LoRA went on
+        label_word_ids = torch.tensor(first_answer_tokens(round_.tokenizer, dataset.choices), device=device)
     round_.peft_model.train()
     total_steps = int(params.local_steps)
     for step in range(start_step, total_steps):

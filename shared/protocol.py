@@ -17,16 +17,19 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from shared.errors import TensorError
+from shared.tasks import TaskSpec
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
+"""``major.minor``: a peer refuses a newer major; a newer minor only adds optional fields.
+1.1: the schedule carries the run's task (:class:`shared.tasks.TaskSpec`); the coordinator
+refuses the hello of a 1.0 client, which would format its data without it."""
+
+PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
+"""The major version, which topics carry as ``v{major}``."""
 
 COORDINATOR_ID = "coordinator"
 """The coordinator's identity on the wire: the ``sender`` of everything it publishes, its MQTT
 client id, and its broker user name (a mosquitto started by ``serve`` forces client id = user)."""
-"""``major.minor``: a peer refuses a newer major; a newer minor only adds optional fields."""
-
-PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
-"""The major version, which topics carry as ``v{major}``."""
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024 - 1
 """MQTT's hard cap on one packet (the remaining-length field tops out just under 256 MiB)."""
@@ -181,6 +184,8 @@ class Schedule:
         training: Hyper-parameters for this round.
         manifests: tier -> blob_id of the sub-LLM package clients must hold.
         adapter_round: Round of the global adapter clients must start from.
+        task: How clients turn their rows into examples (protocol 1.1); None only from a
+            coordinator older than 1.1.
     """
 
     round: int
@@ -191,6 +196,7 @@ class Schedule:
     training: TrainingParams
     manifests: dict[str, str]
     adapter_round: int
+    task: TaskSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -1,440 +1,322 @@
-"""Task formats shared by the edge client (training) and the coordinator (evaluation).
+"""The task a run fine-tunes for: one definition, sent by the coordinator, used by both roles.
 
-Two kinds of local example exist:
+A :class:`TaskSpec` says how a data row becomes a prompt and the answer the model learns,
+and how answers are judged. The coordinator reads it from its run config (``[task]``, or a
+preset), publishes it in every schedule, evaluates with it; each client formats its private
+rows with it, so the two never disagree on a template or a label word. Three kinds:
 
-* **classification** rows carry ``text`` and ``label``. A :class:`ClassificationTask` turns
-  them into a prompt (``"Review: {text}\\nSentiment:"`` by default) and a short answer, the
-  label's word with a leading space (``" positive"``). Training is causal-LM loss on that
-  answer; evaluation asks which label word the model finds most likely after the prompt
-  (:func:`score_label_words`), so no generation or parsing is involved.
-* **generation** rows carry ``prompt`` and ``answer`` verbatim.
+* ``classification``: ``prompt_template`` over the row's fields (``"Review: {text}\\nSentiment:"``),
+  the answer is the label's word(s) from ``label_words`` (``{"0": "negative", "1": "positive"}``;
+  a row's label may be the key or the word itself; multi-token words are fine). Judged by which
+  label's answer the model finds most likely: ``accuracy`` or ``macro_f1``.
+* ``multiple_choice``: the row has a question and a list of options (``options_field``); the
+  template's ``{options}`` renders them as ``A) ...`` lines and the answer is the right letter
+  (the row's answer may be a letter, ``"c) Mite"``, a 0-based index or the option's text).
+  Judged like classification, over the question's letters: ``accuracy``.
+* ``generation``: the answer is the row's ``answer_field`` as written. Judged by greedy decoding
+  up to ``max_new_tokens``: ``exact_match`` after a ``normalizer`` (``last_number`` for GSM-style
+  answers) or ``rougeL``.
 
-Both sides tokenize a (prompt, answer) pair with :func:`encode_pair`, so the token boundary the
-client trains on is exactly the one the coordinator scores. This module must not import
-``coordinator`` or ``edge_client``; torch is imported lazily so it stays cheap to import.
+Nothing here imports the coordinator, the client or torch.
 """
 
 from __future__ import annotations
 
-import enum
-import json
-import logging
+import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from shared.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
-    import torch
-
-log = logging.getLogger(__name__)
-
-DEFAULT_PROMPT_TEMPLATE = "Review: {text}\nSentiment:"
-DEFAULT_TARGET_TEMPLATE = " {label_word}"
-DEFAULT_LABEL_WORDS: Mapping[int, str] = {0: "negative", 1: "positive"}
-
-#: Columns that identify each format (extra columns are allowed and ignored).
-CLASSIFICATION_COLUMNS = ("text", "label")
-GENERATION_COLUMNS = ("prompt", "answer")
-
-
-class TaskFormat(str, enum.Enum):
-    """The two local dataset formats."""
-
-    CLASSIFICATION = "classification"
-    GENERATION = "generation"
-
-
-def detect_format(columns: Iterable[str], *, source: str = "dataset") -> TaskFormat:
-    """Decide a dataset's format from its column names.
-
-    Args:
-        columns: Column (CSV header) or field (JSONL keys) names.
-        source: Where the columns came from, for the error message.
-
-    Returns:
-        :attr:`TaskFormat.GENERATION` when ``prompt`` and ``answer`` are present,
-        :attr:`TaskFormat.CLASSIFICATION` when ``text`` and ``label`` are.
-
-    Raises:
-        DataError: Neither or both column sets are present.
-    """
-    names = set(columns)
-    is_gen = all(c in names for c in GENERATION_COLUMNS)
-    is_cls = all(c in names for c in CLASSIFICATION_COLUMNS)
-    if is_gen and is_cls:
-        raise DataError(
-            f"{source}: has both 'prompt'/'answer' and 'text'/'label' columns, so its format is "
-            "ambiguous; keep only the pair you mean"
-        )
-    if is_gen:
-        return TaskFormat.GENERATION
-    if is_cls:
-        return TaskFormat.CLASSIFICATION
-    found = ", ".join(sorted(names)) or "none"
-    raise DataError(
-        f"{source}: missing columns: a classification dataset needs 'text' and 'label', a "
-        f"generation dataset needs 'prompt' and 'answer' (found: {found})"
-    )
+KINDS = ("classification", "multiple_choice", "generation")
+#: The metrics each kind may report; the first is its default.
+METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1"),
+    "multiple_choice": ("accuracy",),
+    "generation": ("exact_match", "rougeL"),
+}
+NORMALIZERS = ("none", "strip", "last_number")
+#: Letters that name multiple-choice options, in order.
+OPTION_LETTERS = string.ascii_uppercase
+MAX_NEW_TOKENS = 1024
+MAX_TEMPLATE_CHARS = 4096
+MAX_LABELS = 256
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training or evaluation example, already in prompt/answer form.
+    """One row of a task as the model sees it.
 
     Attributes:
         prompt: Text the model conditions on.
-        answer: Text the model learns to produce after the prompt (loss is on these tokens).
-        label: For classification, the index of the label in the task's label list;
-            ``None`` for generation examples.
+        answer: Text the model learns to produce after the prompt (the loss is on it).
+        label: Classification: the label's index in :attr:`TaskSpec.labels`; multiple choice:
+            the right option's index; None for generation.
+        choices: The candidate answers, in label/option order (classification and multiple
+            choice; empty for generation): what evaluation compares.
+        reference: The row's answer as written (generation: what a prediction is matched to).
     """
 
     prompt: str
     answer: str
     label: int | None = None
+    choices: tuple[str, ...] = ()
+    reference: str = ""
 
 
 @dataclass(frozen=True)
-class ClassificationTask:
-    """How classification rows become prompts and answers.
-
-    Build one with :meth:`from_label_words`. Labels are matched by their string form, so the
-    CSV value ``"1"`` and the JSON value ``1`` both mean label ``1``; a row may also give the
-    label word itself (``"positive"``).
+class TaskSpec:
+    """How rows become prompts and answers, and how answers are judged (see the module docstring).
 
     Attributes:
-        labels: Label keys as strings, in a fixed order (the order of predictions).
-        words: The label word for each key (same order as ``labels``).
-        prompt_template: ``str.format`` template with a ``{text}`` field.
-        target_template: ``str.format`` template with a ``{label_word}`` field.
+        kind: ``classification``, ``multiple_choice`` or ``generation``.
+        prompt_template: ``str.format`` template over the row's fields; a multiple-choice
+            template has ``{options}`` (rendered ``A) ...`` lines) besides the question's field.
+        target_template: Template of the answer the model learns, with ``{answer}``: the label
+            word(s), the option letter, or the row's answer.
+        answer_field: The row's field holding the label (classification), the right option
+            (multiple choice) or the answer (generation).
+        label_words: Classification: label -> its word(s), in prediction order.
+        options_field: Multiple choice: the row's field holding the list of options.
+        metric: What evaluation reports (:data:`METRICS` of the kind; "" = its default).
+        normalizer: Generation with ``exact_match``: ``none``, ``strip`` or ``last_number``.
+        max_new_tokens: Generation: the most tokens decoded per answer.
+        chat_template: Generation: wrap each prompt in the tokenizer's chat template.
+        name: What to call the task in reports (a preset's name, or the user's).
     """
 
-    labels: tuple[str, ...]
-    words: tuple[str, ...]
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    target_template: str = DEFAULT_TARGET_TEMPLATE
+    kind: str = "classification"
+    prompt_template: str = "Review: {text}\nSentiment:"
+    target_template: str = " {answer}"
+    answer_field: str = "label"
+    label_words: dict[str, str] = field(default_factory=lambda: {"0": "negative", "1": "positive"})
+    options_field: str = "options"
+    metric: str = ""
+    normalizer: str = "none"
+    max_new_tokens: int = 32
+    chat_template: bool = False
+    name: str = ""
 
     def __post_init__(self) -> None:
-        if not self.labels or len(self.labels) != len(self.words):
-            raise ConfigError("a classification task needs one word per label and at least one label")
-        if len(set(self.labels)) != len(self.labels) or len(set(self.words)) != len(self.words):
-            raise ConfigError(f"label keys and label words must be unique, got {dict(zip(self.labels, self.words))}")
-        if any(not w.strip() for w in self.words):
-            raise ConfigError("label words must be non-empty")
-        _check_template(self.prompt_template, "text", "prompt template")
-        _check_template(self.target_template, "label_word", "target template")
+        problems: list[str] = []
+        if self.kind not in KINDS:
+            raise ConfigError(f"task.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "label_words", {str(k): str(v) for k, v in self.label_words.items()})
+        if not self.metric:
+            object.__setattr__(self, "metric", METRICS[self.kind][0])
+        if self.metric not in METRICS[self.kind]:
+            problems.append(f"task.metric {self.metric!r} does not judge a {self.kind} task: use {', '.join(METRICS[self.kind])}")
+        if self.normalizer not in NORMALIZERS:
+            problems.append(f"task.normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            problems.append(f"task.max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        problems += _template_problems(self.prompt_template, "task.prompt_template")
+        problems += _template_problems(self.target_template, "task.target_template", only={"answer"}, required={"answer"})
+        if not self.answer_field:
+            problems.append("task.answer_field must name the row's answer or label field")
+        if len(self.label_words) > MAX_LABELS or any(len(k) > 256 or len(v) > 256 for k, v in self.label_words.items()):
+            problems.append(f"task.label_words may hold at most {MAX_LABELS} labels of at most 256 characters")
+        if self.kind == "classification":
+            words = list(self.label_words.values())
+            if len(words) < 2:
+                problems.append("a classification task needs at least two label_words")
+            if len(set(words)) != len(words) or any(not w.strip() for w in words):
+                problems.append(f"label words must be distinct and non-empty, got {self.label_words}")
+        if self.kind == "multiple_choice" and "options" not in self.prompt_fields():
+            problems.append("a multiple_choice prompt_template needs {options} (where the lettered options go)")
+        if problems:
+            raise ConfigError("invalid task: " + "; ".join(problems))
 
     @classmethod
-    def from_label_words(
-        cls,
-        label_words: Mapping[Any, str] | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-        target_template: str = DEFAULT_TARGET_TEMPLATE,
-    ) -> ClassificationTask:
-        """Build a task from a ``{label: word}`` mapping.
+    def for_kind(cls, kind: str, **changes: Any) -> TaskSpec:
+        """A task of ``kind`` with that kind's usual fields (:data:`KIND_DEFAULTS`), then ``changes``."""
+        if kind not in KIND_DEFAULTS:
+            raise ConfigError(f"task.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        return cls(**{**KIND_DEFAULTS[kind], **changes})
 
-        Args:
-            label_words: Label value (int or str) to word; default ``{0: "negative", 1: "positive"}``.
-            prompt_template: Template with ``{text}``.
-            target_template: Template with ``{label_word}``.
+    # ------------------------------------------------------------------ reading it
 
-        Returns:
-            The task.
+    def prompt_fields(self) -> tuple[str, ...]:
+        """The fields the prompt template uses, in order (``{options}`` included)."""
+        return tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name))
 
-        Raises:
-            ConfigError: Empty or duplicate labels/words, or a template without its field.
-        """
-        mapping = dict(DEFAULT_LABEL_WORDS if label_words is None else label_words)
-        return cls(
-            labels=tuple(str(k) for k in mapping),
-            words=tuple(str(v) for v in mapping.values()),
-            prompt_template=prompt_template,
-            target_template=target_template,
-        )
+    def row_fields(self) -> tuple[str, ...]:
+        """The fields a row of this task must have."""
+        fields = [f for f in self.prompt_fields() if not (self.kind == "multiple_choice" and f == "options")]
+        if self.kind == "multiple_choice":
+            fields.append(self.options_field)
+        return (*fields, self.answer_field)
 
-    def prompt(self, text: str) -> str:
-        """Return the prompt for one input text."""
-        return self.prompt_template.format(text=text)
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Classification: the label keys, in prediction order."""
+        return tuple(self.label_words)
 
-    def targets(self) -> list[str]:
-        """Return the answer string of every label, in label order (``[" negative", " positive"]``)."""
-        return [self.target_template.format(label_word=w) for w in self.words]
-
-    def label_index(self, label: Any) -> int:
-        """Return the position of a label value in :attr:`labels`.
-
-        Args:
-            label: A label key (``1``, ``"1"``) or a label word (``"positive"``).
-
-        Returns:
-            Index into :attr:`labels` / :attr:`words`.
+    def label_index(self, value: Any) -> int:
+        """The index of a classification row's label: its key (``1``, ``"1"``) or its word.
 
         Raises:
-            DataError: The value is neither a known key nor a label word (bools and floats are refused).
+            DataError: Neither a key nor a word of the task (bools and floats are refused).
         """
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f"label {label!r} must be an int or a string")
-        key = str(label).strip()
-        if key in self.labels:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise DataError(f"label {value!r} must be an int or a string")
+        key = str(value).strip()
+        if key in self.label_words:
             return self.labels.index(key)
-        if key in self.words:
-            return self.words.index(key)
-        known = ", ".join(f"{k} ({w})" for k, w in zip(self.labels, self.words))
-        raise DataError(f"label {label!r} is not one of the task's labels: {known}")
+        words = list(self.label_words.values())
+        if key in words:
+            return words.index(key)
+        known = ", ".join(f"{k} ({w})" for k, w in self.label_words.items())
+        raise DataError(f"label {value!r} is not one of the task's labels: {known}")
 
-    def first_answer_tokens(self, tokenizer: Any) -> list[int]:
-        """The first token id of each label's answer, in label order (the ``label_words`` objective).
+    def classification_choices(self) -> tuple[str, ...]:
+        """Classification: every label's answer text, in label order (``(" negative", " positive")``)."""
+        return tuple(self.target_template.format(answer=w) for w in self.label_words.values())
+
+    # ------------------------------------------------------------------ rows -> examples
+
+    def example(self, row: Mapping[str, Any], where: str = "row") -> Example:
+        """Turn one data row into an :class:`Example`.
+
+        Args:
+            row: The row (a JSON object or a CSV row).
+            where: ``file:line`` for error messages.
 
         Raises:
-            DataError: An answer tokenizes to nothing, or two answers start with the same token
-                (then only the ``answer`` objective can tell them apart).
+            DataError: A field the task needs is missing or empty, a label is unknown, or a
+                multiple-choice answer names no option; the message starts with ``where``.
         """
-        ids = []
-        for target in self.targets():
-            tokens = tokenizer(target, add_special_tokens=False)["input_ids"]
-            if not tokens:
-                raise DataError(f"answer {target!r} tokenizes to no tokens")
-            ids.append(int(tokens[0]))
-        if len(set(ids)) != len(ids):
-            raise DataError(
-                f"the answers {self.targets()} do not start with distinct tokens ({ids}); "
-                "use training objective 'answer' or label words that differ in their first token"
+        try:
+            return self._example(row)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+
+    def _example(self, row: Mapping[str, Any]) -> Example:
+        values = {name: _text(row, name) for name in self.prompt_fields() if not self._is_options(name)}
+        raw_answer = _present(row, self.answer_field)
+        if self.kind == "classification":
+            label = self.label_index(raw_answer)
+            choices = self.classification_choices()
+            return Example(self.prompt_template.format(**values), choices[label], label, choices, str(raw_answer))
+        if self.kind == "multiple_choice":
+            options = _options(row, self.options_field)
+            values["options"] = "\n".join(f"{OPTION_LETTERS[i]}) {o}" for i, o in enumerate(options))
+            label = _option_index(raw_answer, options)
+            choices = tuple(self.target_template.format(answer=OPTION_LETTERS[i]) for i in range(len(options)))
+            return Example(self.prompt_template.format(**values), choices[label], label, choices, OPTION_LETTERS[label])
+        reference = _text(row, self.answer_field)
+        return Example(self.prompt_template.format(**values), self.target_template.format(answer=reference), reference=reference)
+
+    def _is_options(self, name: str) -> bool:
+        return self.kind == "multiple_choice" and name == "options"
+
+    def examples(self, rows: Iterable[tuple[int, Mapping[str, Any]]], source: str) -> list[Example]:
+        """Every row as an :class:`Example`; the first bad row fails, named ``source:line``.
+
+        Raises:
+            DataError: No rows, or a row that does not fit the task.
+        """
+        out = [self.example(row, f"{source}:{number}") for number, row in rows]
+        if not out:
+            raise DataError(f"{source}: holds no examples")
+        return out
+
+    def label_of(self, row: Mapping[str, Any]) -> int | None:
+        """A row's label index (classification) or right option (multiple choice), for
+        splitting data by label; None for generation or a row whose label does not parse."""
+        try:
+            example = self._example(row)
+        except DataError:
+            return None
+        return example.label
+
+    def fill_prompt(self, text: str) -> str:
+        """The prompt for a piece of plain text put in the template's one field (calibration text).
+
+        Raises:
+            ConfigError: The template has more than one field (or only ``{options}``).
+        """
+        fields = [f for f in self.prompt_fields() if not self._is_options(f)]
+        if len(fields) != 1 or len(self.prompt_fields()) != 1:
+            raise ConfigError(
+                f"plain text can fill a prompt template of one field only; {self.prompt_template!r} has "
+                f"{', '.join(self.prompt_fields()) or 'none'}"
             )
-        return ids
-
-    def example(self, text: str, label: Any) -> Example:
-        """Turn one classification row into an :class:`Example`.
-
-        Raises:
-            DataError: Unknown label.
-        """
-        index = self.label_index(label)
-        return Example(prompt=self.prompt(text), answer=self.targets()[index], label=index)
+        return self.prompt_template.format(**{fields[0]: text})
 
 
-def _check_template(template: str, field: str, what: str) -> None:
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"kind": "classification", "prompt_template": "Review: {text}\nSentiment:", "answer_field": "label"},
+    "multiple_choice": {"kind": "multiple_choice", "prompt_template": "Question: {question}\n{options}\nAnswer:",
+                        "answer_field": "answer", "label_words": {}},
+    "generation": {"kind": "generation", "prompt_template": "{prompt}", "answer_field": "answer", "label_words": {}},
+}
+"""Each kind's usual row fields: ``text``/``label``, ``question``/``options``/``answer``, ``prompt``/``answer``."""
+
+
+def _template_problems(template: str, what: str, *, only: set[str] | None = None, required: set[str] | None = None) -> list[str]:
+    if len(template) > MAX_TEMPLATE_CHARS:
+        return [f"{what} is longer than {MAX_TEMPLATE_CHARS} characters"]
     try:
-        template.format(**{field: "x"})
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"{what} {template!r} may only use the field {{{field}}}: {exc!r}") from exc
-    if "{" + field + "}" not in template:
-        raise ConfigError(f"{what} {template!r} must contain {{{field}}}")
+        parts = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return [f"{what} {template!r} is not a valid template ({exc})"]
+    names = {name for name, _, _ in parts}
+    problems = []
+    # Plain names only: an attribute or index ("{text.__class__}") would reach into Python
+    # objects, and a format spec ("{text:>999999999}") could make a string of any size; the
+    # task arrives over the network, so neither may pass.
+    if any(not n.isidentifier() or spec or conv for n, spec, conv in parts):
+        problems.append(f"{what} {template!r} may only use plain {{field}} names (no attributes, indexes or format specs)")
+    if only is not None and names - only:
+        problems.append(f"{what} {template!r} may only use {', '.join('{' + n + '}' for n in sorted(only))}")
+    if required is not None and required - names:
+        problems.append(f"{what} {template!r} must contain {', '.join('{' + n + '}' for n in sorted(required))}")
+    return problems
 
 
-def encode_pair(
-    tokenizer: Any, prompt: str, answer: str, max_length: int, *, add_eos: bool = False
-) -> tuple[list[int], int]:
-    """Tokenize a prompt and its answer for causal-LM training or scoring.
-
-    The prompt is tokenized with the tokenizer's special tokens (a BOS where the model uses
-    one), the answer without, and the two are concatenated, so the answer tokens are the same
-    whatever the prompt. When the pair is longer than ``max_length`` the prompt loses tokens
-    from its left (keeping a leading BOS), so the answer and the text nearest to it survive;
-    an answer that alone does not fit is cut on its right, keeping one prompt token.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-        prompt: Conditioning text.
-        answer: Target text.
-        max_length: Longest sequence to return (>= 2).
-        add_eos: Append the tokenizer's EOS token to the answer (generation tasks, so the
-            model learns to stop).
-
-    Returns:
-        ``(ids, n_answer)``: the token ids (length <= ``max_length``) and how many of the last
-        ids belong to the answer (>= 1).
-
-    Raises:
-        DataError: The answer tokenizes to nothing, or ``max_length`` < 2.
-    """
-    if max_length < 2:
-        raise DataError(f"sequence length must be at least 2 tokens, got {max_length}")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        answer_ids.append(int(tokenizer.eos_token_id))
-    if not answer_ids:
-        raise DataError(f"answer {answer!r} tokenizes to no tokens")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    keep_bos = bool(prompt_ids) and bos is not None and prompt_ids[0] == bos
-    if len(answer_ids) > max_length - 1:
-        answer_ids = answer_ids[: max_length - 1]
-    room = max_length - len(answer_ids)
-    if len(prompt_ids) > room:
-        if keep_bos and room >= 2:
-            prompt_ids = [prompt_ids[0]] + prompt_ids[len(prompt_ids) - room + 1 :]
-        else:
-            prompt_ids = prompt_ids[len(prompt_ids) - room :]
-    if not prompt_ids:
-        # Without a context token there is no position whose prediction is the first answer
-        # token; an empty prompt on a tokenizer without BOS would otherwise train on nothing.
-        raise DataError(f"prompt {prompt!r} tokenizes to no tokens and the tokenizer adds no BOS")
-    return prompt_ids + answer_ids, len(answer_ids)
+def _present(row: Mapping[str, Any], name: str) -> Any:
+    if name not in row or row[name] is None:
+        raise DataError(f"missing field {name!r}")
+    value = row[name]
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"field {name!r} is empty")
+    return value
 
 
-def _model_device(model: Any) -> torch.device:
-    import torch
-
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-def label_word_logprobs(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    label_words: Sequence[str],
-    *,
-    target_template: str = DEFAULT_TARGET_TEMPLATE,
-    batch_size: int = 8,
-    max_length: int = 512,
-) -> torch.Tensor:
-    """Log-likelihood of each label word's answer after each prompt.
-
-    The answer for a word is ``target_template.format(label_word=word)`` (``" positive"``),
-    tokenized as in :func:`encode_pair`. For a one-token answer the score is the next-token
-    log-probability; for longer answers it is the sum over the answer's tokens. When every
-    answer is one token a single forward pass per batch scores all labels.
-
-    On CPU with bitsandbytes 4-bit weights, call this only on a model loaded with the
-    AVX512_BF16 workaround (see ``shared.subllm``): a no-grad pass otherwise repacks the
-    weights into a layout that breaks later training.
-
-    Args:
-        model: A causal LM (plain, 4-bit, or PEFT-wrapped); it is put in eval mode for the call
-            and restored afterwards.
-        tokenizer: Its tokenizer.
-        prompts: N prompt strings.
-        label_words: K label words.
-        target_template: Template with ``{label_word}``.
-        batch_size: Sequences per forward pass.
-        max_length: Longest sequence; longer prompts lose tokens on the left.
-
-    Returns:
-        Float32 CPU tensor of shape ``[N, K]``.
-
-    Raises:
-        DataError: No label words, or an answer that tokenizes to nothing.
-    """
-    import torch
-
-    if not label_words:
-        raise DataError("scoring needs at least one label word")
-    targets = [target_template.format(label_word=w) for w in label_words]
-    if not prompts:
-        return torch.empty(0, len(targets), dtype=torch.float32)
-    encoded = [[encode_pair(tokenizer, p, t, max_length) for t in targets] for p in prompts]
-    device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    single = all(n == 1 for row in encoded for _, n in row)
-    out = torch.empty(len(prompts), len(targets), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if single:
-                # encode_pair tokenizes answers alone, so their ids are the same after every prompt.
-                answer_ids = torch.tensor([ids[-1] for ids, _ in encoded[0]])
-                # Batch prompts of similar length together: padding is wasted compute.
-                order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0][0]))
-                for start in range(0, len(order), batch_size):
-                    index = order[start : start + batch_size]
-                    rows = [encoded[i][0][0][:-1] for i in index]
-                    logits = _forward(model, rows, pad_id, device)
-                    last = torch.tensor([len(r) - 1 for r in rows])
-                    logp = torch.log_softmax(logits[torch.arange(len(rows)), last].float(), dim=-1).cpu()
-                    out[index] = logp[:, answer_ids]
-            else:
-                pairs = [(i, k) for i in range(len(prompts)) for k in range(len(targets))]
-                for start in range(0, len(pairs), batch_size):
-                    chunk = pairs[start : start + batch_size]
-                    rows = [encoded[i][k][0] for i, k in chunk]
-                    logits = _forward(model, rows, pad_id, device)
-                    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-                    for b, (i, k) in enumerate(chunk):
-                        ids, n_answer = encoded[i][k]
-                        positions = torch.arange(len(ids) - n_answer - 1, len(ids) - 1)
-                        tokens = torch.tensor(ids[len(ids) - n_answer :])
-                        out[i, k] = logp[b, positions, tokens].sum()
-    finally:
-        model.train(was_training)
-    return out
+def _text(row: Mapping[str, Any], name: str) -> str:
+    value = _present(row, name)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"field {name!r} must be text, got {type(value).__name__}")
+    return str(value)
 
 
-def _forward(model: Any, rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Run right-padded rows through the model; returns logits ``[B, T, V]``."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : len(row)] = 1
-    return model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-
-
-def score_label_words(
-    model: Any, tokenizer: Any, prompts: Sequence[str], label_words: Sequence[str], **options: Any
-) -> list[int]:
-    """Predict a label for each prompt: the label word with the highest log-likelihood.
-
-    Args:
-        model: A causal LM (see :func:`label_word_logprobs`).
-        tokenizer: Its tokenizer.
-        prompts: N prompt strings (e.g. ``ClassificationTask.prompt(text)``).
-        label_words: K label words (e.g. ``ClassificationTask.words``).
-        **options: ``target_template``, ``batch_size``, ``max_length`` of
-            :func:`label_word_logprobs`.
-
-    Returns:
-        N indices into ``label_words`` (ties go to the lower index).
-    """
-    scores = label_word_logprobs(model, tokenizer, prompts, label_words, **options)
-    return [int(i) for i in scores.argmax(dim=1)]
+def _options(row: Mapping[str, Any], name: str) -> list[str]:
+    value = _present(row, name)
+    if isinstance(value, str):  # a CSV cell: options separated by " | "
+        value = [part.strip() for part in value.split("|")]
+    if not isinstance(value, Sequence) or not 2 <= len(value) <= len(OPTION_LETTERS):
+        raise DataError(f"field {name!r} must be a list of 2 to {len(OPTION_LETTERS)} options")
+    options = [str(o).strip() for o in value]
+    if any(not o for o in options):
+        raise DataError(f"field {name!r} has an empty option")
+    return options
 
 
-def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    """Fraction of predictions equal to their label.
-
-    Raises:
-        DataError: The sequences differ in length or are empty.
-    """
-    if len(predictions) != len(labels) or not labels:
-        raise DataError(f"accuracy needs equally long, non-empty lists (got {len(predictions)} and {len(labels)})")
-    return sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
-
-
-def read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Read a JSONL file: one JSON object per line, blank lines skipped.
-
-    Args:
-        path: The file.
-
-    Returns:
-        ``(line number, object)`` pairs in file order.
-
-    Raises:
-        DataError: Unreadable, not UTF-8, or a line that is not a JSON object (named by line).
-    """
-    rows = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
-    return rows
+def _option_index(answer: Any, options: Sequence[str]) -> int:
+    """The option an answer names: a letter, ``"c) text"``, a 0-based index, or the option's text."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(options):
+            return answer
+    elif isinstance(answer, str):
+        text = answer.strip()
+        head = text[:1].upper()
+        if len(text) == 1 or text[1:2] in (")", ".", ":"):
+            if head in OPTION_LETTERS[: len(options)]:
+                return OPTION_LETTERS.index(head)
+        lowered = [o.lower() for o in options]
+        if text.lower() in lowered:
+            return lowered.index(text.lower())
+    letters = ", ".join(OPTION_LETTERS[: len(options)])
+    raise DataError(f"answer {answer!r} names none of the {len(options)} options (use a letter {letters}, an index or the option's text)")

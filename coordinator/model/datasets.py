@@ -19,7 +19,8 @@ from typing import Any
 
 from shared.config import cache_dir
 from shared.errors import DataError
-from shared.tasks import ClassificationTask, read_jsonl_rows
+from shared.rows import read_jsonl_rows
+from shared.tasks import TaskSpec
 
 EVALS_WHEEL_GLOB = "evals-3.0.1.post1-*.whl"
 _PUBLIC_MEMBERS = {
@@ -128,7 +129,7 @@ def train_test_split(rows: list[dict], test_fraction: float = 0.2, seed: int = 0
     return shuffled[n_test:], shuffled[:n_test]
 
 
-def task_prompts(source: str, task: ClassificationTask, tokenizer: Any, n: int, max_tokens: int) -> list[str]:
+def task_prompts(source: str, task: TaskSpec, tokenizer: Any, n: int, max_tokens: int) -> list[str]:
     """Unlabelled public text in a classification task's prompt template (calibration text).
 
     Args:
@@ -144,10 +145,10 @@ def task_prompts(source: str, task: ClassificationTask, tokenizer: Any, n: int, 
         ``n`` prompts (fewer if the source is shorter).
     """
     texts = [r["text"] for r in movie_reviews(source)] if source in MOVIE_REVIEW_SOURCES else public_text(source)
-    frame = len(tokenizer(task.prompt(""), add_special_tokens=True)["input_ids"])
+    frame = len(tokenizer(task.fill_prompt(""), add_special_tokens=True)["input_ids"])
     room = max(1, max_tokens - frame - 1)
     prompts = []
     for text in texts[-n:]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompts.append(task.prompt(tokenizer.decode(ids[-room:]).strip()))
+        prompts.append(task.fill_prompt(tokenizer.decode(ids[-room:]).strip()))
     return prompts

@@ -20,16 +20,12 @@ from typing import Any
 import torch
 
 from coordinator.model import evaluation, surgery
-from coordinator.model.datasets import (
-    movie_reviews,
-    public_text,
-    task_prompts,
-    train_test_split,
-)
+from coordinator.model.datasets import public_text, task_prompts, task_split
 from coordinator.model.export import export_adapter
 from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model
-from coordinator.model.oda import ODAConfig
+from coordinator.model.oda import ODAConfig, plugged_adapter
+from coordinator.model.task_eval import EvalSettings, compare, score_task
 from coordinator.model.progress import ProgressSink
 from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers
 from coordinator.model.tierset import (
@@ -43,7 +39,11 @@ from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.assignment import assign_tier
 from shared.adapters import LoraSettings
 from shared.protocol import Assignment, DeviceProfile
-from shared.tasks import ClassificationTask, accuracy, score_label_words
+from shared.adapters import to_sub_keys
+from shared.errors import ConfigError, ModelError
+from shared.rows import read_rows
+from shared.subllm import load_package
+from shared.tasks import Example
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class ModelPipeline:
         self.layers_prefix, layers = surgery.find_decoder_layers(self.full_model)
         self.num_layers = len(layers)
         self.lora = LoraSettings.from_training(config.training)
+        self.task = config.task.spec()
+        self._test: list[Example] | None = None
         self.tierset: TierSet | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
@@ -175,7 +177,7 @@ class ModelPipeline:
             texts = public_text(settings.public_data, n=settings.calibration_samples)
             if settings.task_calibration:
                 texts += task_prompts(
-                    settings.task_calibration, ClassificationTask.from_label_words(), self.tokenizer,
+                    settings.task_calibration, self.task, self.tokenizer,
                     settings.task_calibration_samples, settings.calibration_seq_len,
                 )
                 # Mix the two kinds so every distillation batch sees both.
@@ -267,46 +269,110 @@ class ModelPipeline:
     # ------------------------------------------------------------------ the end
 
     def finish(self, global_state: dict[str, torch.Tensor], run_dir: Path) -> dict[str, Any]:
-        """Export the global adapter for the full model and evaluate it.
+        """Export the global adapter for the full model and evaluate it on the task.
 
         Args:
             global_state: Final global adapter (canonical keys).
-            run_dir: Where ``adapter/`` and the evaluation go.
+            run_dir: Where ``adapter/`` and ``evaluation.json`` go.
 
         Returns:
-            ``adapter_dir`` and, when a task is configured, ``accuracy_before`` (full LLM
-            alone) and ``accuracy_after`` (full LLM + adapter) on the test split.
+            ``adapter_dir`` and, unless evaluation is off, ``evaluation``: the task, the metric
+            of the full LLM before and after loading the adapter (each with its confidence
+            interval), their paired difference, and each tier's sub-LLM with the adapter.
         """
         adapter_dir = Path(run_dir) / "adapter"
         self.progress(f"exporting the global adapter for the full model to {adapter_dir}")
         export_adapter(global_state, self.full_model, adapter_dir, self.lora)
         results: dict[str, Any] = {"adapter_dir": str(adapter_dir)}
-        if self.config.evaluation.task:
-            results.update(self.evaluate(adapter_dir))
+        if self.config.evaluation.enabled:
+            results["evaluation"] = self.evaluate(adapter_dir, global_state)
         (Path(run_dir) / "evaluation.json").write_text(json.dumps(results, indent=2))
         return results
 
-    def evaluate(self, adapter_dir: Path) -> dict[str, Any]:
-        """Accuracy of the full LLM before and after loading the adapter with PEFT.
+    def test_examples(self) -> list[Example]:
+        """The task's test examples: ``evaluation.test_data`` or the preset's fixed test split
+        (the first ``test_samples`` of them), built once.
+
+        Raises:
+            ConfigError: No test data given and the task has no preset to take it from.
+            DataError: A test row that does not fit the task (named by file and line).
+        """
+        if self._test is None:
+            settings = self.config.evaluation
+            if settings.test_data:
+                rows, source = read_rows(settings.test_data), settings.test_data
+            elif self.config.task.preset:
+                _, test = task_split(self.config.task.preset, seed=settings.split_seed)
+                rows, source = list(enumerate(test, start=1)), f"the {self.config.task.preset} test split"
+            else:
+                raise ConfigError("evaluation needs test data: set evaluation.test_data to a file, or use a task preset")
+            if settings.test_samples:
+                rows = rows[: settings.test_samples]
+            self._test = self.task.examples(rows, source)
+        return self._test
+
+    def _eval_settings(self) -> EvalSettings:
+        e = self.config.evaluation
+        return EvalSettings(max_length=e.max_length, batch_size=e.batch_size, confidence=e.confidence)
+
+    def evaluate(self, adapter_dir: Path, global_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The full LLM before and after loading the exported adapter with PEFT, and each
+        tier's sub-LLM (its package, as clients load it) with the adapter, on the test examples.
 
         Args:
-            adapter_dir: A PEFT adapter folder for the full model.
+            adapter_dir: The exported PEFT adapter folder for the full model.
+            global_state: The same adapter in canonical keys (for the tiers).
 
         Returns:
-            ``task``, ``test_examples``, ``accuracy_before``, ``accuracy_after``.
+            Plain types: ``task``, ``kind``, ``metric``, ``test_examples``, ``before``,
+            ``after``, ``difference`` (after - before, paired), ``tiers``.
         """
         from peft import PeftModel
 
-        settings = self.config.evaluation
-        _, test = train_test_split(movie_reviews(settings.task), seed=settings.split_seed)
-        if settings.test_samples:
-            test = test[: settings.test_samples]
-        task = ClassificationTask.from_label_words()
-        prompts = [task.prompt(row["text"]) for row in test]
-        labels = [task.label_index(row["label"]) for row in test]
-        self.progress(f"evaluating the full model on {len(test)} {settings.task} test examples")
-        before = accuracy(score_label_words(self.full_model, self.tokenizer, prompts, task.words, max_length=settings.max_length), labels)
+        examples, settings = self.test_examples(), self._eval_settings()
+        self.progress(f"evaluating the full model on {len(examples)} {self.task.name} test examples ({self.task.metric})")
+        before = score_task(self.full_model, self.tokenizer, self.task, examples, settings)
         # PEFT wraps the model it is given in place: hand it a copy so the base model stays clean.
         adapted = PeftModel.from_pretrained(surgery.build_submodel(self.full_model, list(range(self.num_layers))), str(adapter_dir))
-        after = accuracy(score_label_words(adapted, self.tokenizer, prompts, task.words, max_length=settings.max_length), labels)
-        return {"task": settings.task, "test_examples": len(test), "accuracy_before": before, "accuracy_after": after}
+        after = score_task(adapted, self.tokenizer, self.task, examples, settings)
+        out: dict[str, Any] = {
+            "task": self.task.name, "kind": self.task.kind, "metric": self.task.metric, "test_examples": len(examples),
+            "before": before.to_dict(), "after": after.to_dict(),
+            "difference": compare(after, before, settings.confidence).to_dict(), "tiers": {},
+        }
+        if self.config.evaluation.tiers:
+            for name, tier in self.tiers.items():
+                self.progress(f"evaluating tier {name} (its package) with the adapter")
+                model, tokenizer = self._adapted_tier(tier, global_state)
+                out["tiers"][name] = score_task(model, tokenizer, self.task, examples, settings).to_dict()
+        return out
+
+    def _adapted_tier(self, tier: PreparedTier, global_state: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """A tier's package with the adapter on every layer, as a client holds it after a round."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        model, tokenizer, _ = load_package(tier.folder)
+        peft_model = get_peft_model(model, self.lora.peft_config())
+        sub = to_sub_keys(global_state, tier.kept, self.layers_prefix)
+        unexpected = set_peft_model_state_dict(peft_model, sub).unexpected_keys
+        if unexpected:
+            raise ModelError(f"tier {tier.name}: the adapter has keys its sub-LLM lacks: {sorted(unexpected)[:3]}")
+        return peft_model.eval(), tokenizer
+
+    def evaluate_round(self, global_state: dict[str, torch.Tensor], round_: int) -> dict[str, Any]:
+        """The full LLM with the round's global adapter on the first ``round_samples`` test
+        examples (the per-round curve). The adapter's dense update is added to the weights for
+        the call and taken out bit-exactly afterwards.
+
+        Args:
+            global_state: The global adapter after ``round_``.
+            round_: The round.
+
+        Returns:
+            ``round`` and the metric with its confidence interval.
+        """
+        examples = self.test_examples()[: self.config.evaluation.round_samples]
+        self.progress(f"round {round_}: evaluating the global adapter on {len(examples)} test examples")
+        with plugged_adapter(self.full_model, global_state, self.lora):
+            score = score_task(self.full_model, self.tokenizer, self.task, examples, self._eval_settings())
+        return {"round": round_, **score.to_dict()}

@@ -6,6 +6,7 @@ Layout of a run directory::
     updates/round_0003/<client>.safetensors  an accepted update's delta
     updates/round_0003/<client>.json         its metadata (client, round, n, metrics, ...)
     global/round_0000.safetensors            the initial global adapter; one file per round
+    round_evaluations.json                   the global adapter's metric every few rounds
 
 Every file is written to a temporary name in the same folder, fsynced, and moved into
 place with ``os.replace``, so a reader sees the old file or the new one, never half of
@@ -324,6 +325,27 @@ class RunDir:
         path = self.global_path(round_)
         atomic_write_bytes(path, _tensors_bytes(tensors, {"round": str(round_)}))
         return path
+
+    @property
+    def round_evaluations_path(self) -> Path:
+        """File of the per-round evaluations."""
+        return self.path / "round_evaluations.json"
+
+    def round_evaluations(self) -> list[dict[str, Any]]:
+        """Every per-round evaluation saved so far, in round order (empty when none)."""
+        path = self.round_evaluations_path
+        if not path.is_file():
+            return []
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunStateError(f"{path} is not valid JSON ({exc.msg})") from exc
+
+    def save_round_evaluation(self, record: Mapping[str, Any]) -> None:
+        """Add (or, for a round evaluated again after a resume, replace) one round's evaluation."""
+        kept = [r for r in self.round_evaluations() if r.get("round") != record["round"]]
+        records = sorted([*kept, dict(record)], key=lambda r: r["round"])
+        atomic_write_bytes(self.round_evaluations_path, json.dumps(records, indent=2).encode())
 
     def load_global(self, round_: int) -> dict[str, torch.Tensor]:
         """Read the global adapter of ``round_``.

@@ -263,6 +263,27 @@ def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) ->
         raise FieldTypeError(f"hello software_version is longer than {_MAX_NAME_CHARS} characters")
 
 
+#: The oldest protocol a client may speak: 1.1 clients format their rows with the schedule's task.
+MIN_CLIENT_PROTOCOL = (1, 1)
+
+
+def client_too_old(envelope_version: str) -> str | None:
+    """Why a client speaking ``envelope_version`` cannot take part (None if it can).
+
+    A 1.0 client ignores the task in the schedule and would train on its rows with its own
+    label words and template, silently, so it is refused at hello with the reason (it prints
+    it and exits) rather than admitted.
+    """
+    major, minor = (int(x) for x in envelope_version.split("."))  # the codec checked the form
+    if (major, minor) >= MIN_CLIENT_PROTOCOL:
+        return None
+    wanted = ".".join(map(str, MIN_CLIENT_PROTOCOL))
+    return (
+        f"this client speaks protocol {envelope_version}; this run sends its task (prompt template, label words, "
+        f"metric) in the schedule, which needs protocol {wanted} or newer: upgrade fedsoda on the client"
+    )
+
+
 # --------------------------------------------------------------------------- chunk requests
 
 

@@ -57,3 +57,7 @@ class ModelSide(Protocol):
     def finish(self, global_state: dict[str, torch.Tensor], run_dir: Path) -> dict[str, Any]:
         """Export and evaluate the final adapter; return the results."""
         ...
+
+    def evaluate_round(self, global_state: dict[str, torch.Tensor], round_: int) -> dict[str, Any]:
+        """The global adapter's metric after ``round_`` (the per-round curve)."""
+        ...

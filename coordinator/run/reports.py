@@ -64,6 +64,7 @@ def write_report(
     *,
     method: str,
     aggregation: str,
+    task: Mapping[str, Any],
     assignments: Mapping[str, Any],
     tiers: Mapping[str, Any],
     totals: ServingTotals,
@@ -76,6 +77,7 @@ def write_report(
         state: The round machine's state at the end.
         method: The run's method.
         aggregation: The aggregation strategy's name.
+        task: The run's task (:class:`shared.tasks.TaskSpec` as plain types).
         assignments: Client id -> its assignment (accepted, tier, reason, plan).
         tiers: Tier name -> its description (layers, version, package bytes).
         totals: What the server counted.
@@ -90,6 +92,7 @@ def write_report(
         "fail_reason": state.fail_reason,
         "method": method,
         "aggregation": aggregation,
+        "task": dict(task),
         "rounds": [round_record_dict(rec) for rec in state.records],
         "assignments": dict(assignments),
         "clients": {c.client_id: {"tier": c.tier, "accepted": c.accepted, "examples": c.num_examples} for c in state.clients},
@@ -106,6 +109,7 @@ def write_report(
         "coordinator_bytes_sent": totals.bytes_sent,
         "coordinator_bytes_received": totals.bytes_received,
         "results": dict(results),
+        "round_evaluations": run_dir.round_evaluations(),
     }
     path = run_dir.path / REPORT_FILE
     path.write_text(json.dumps(report, indent=2, default=str))
@@ -244,11 +248,34 @@ def render_summary(data: dict[str, Any]) -> None:
     results = data.get("results") or {}
     if results:
         table = Table(title="results", show_header=False, box=box.SIMPLE)
-        for key, value in results.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row("adapter", str(results.get("adapter_dir", "-")))
+        evaluation = results.get("evaluation")
+        if evaluation:
+            table.add_row("task", f"{evaluation['task']} ({evaluation['kind']}), {evaluation['test_examples']} test examples")
+            for label, key in (("full LLM before", "before"), ("full LLM + adapter", "after")):
+                table.add_row(label, metric_text(evaluation[key]))
+            table.add_row("after - before (paired)", metric_text(evaluation["difference"], signed=True))
+            for name, score in evaluation.get("tiers", {}).items():
+                table.add_row(f"tier {name} + adapter", metric_text(score))
         for name, tier in data.get("tiers", {}).items():
             table.add_row(f"tier {name}", f"{tier['layers']} layers, package {tier['package_bytes'] / MIB:.1f} MiB, v{tier['version']}")
         console.print(table)
+    curve = data.get("round_evaluations") or []
+    if curve:
+        table = Table(title="global adapter on the test set, by round (full LLM)", box=box.SIMPLE_HEAD)
+        for col in ("round", "metric", "examples"):
+            table.add_column(col, justify="right")
+        for row in curve:
+            table.add_row(str(row["round"]), metric_text(row), str(row["n"]))
+        console.print(table)
+
+
+def metric_text(value: Mapping[str, Any], *, signed: bool = False) -> str:
+    """``accuracy 0.765 [0.702, 0.819]`` from a metric with its interval (``+0.005 [...]`` if signed)."""
+    def number(v: float) -> str:
+        return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+    return f"{value['name']} {number(value['value'])} [{number(value['low'])}, {number(value['high'])}]"
 
 
 CSV_FIELDS = ("round", "client_id", "examples", "loss_first", "loss_last", "peak_rss_bytes", "peak_gpu_bytes",
@@ -299,16 +326,24 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     ax.plot(rounds, mean_loss, marker="o", label="mean client loss (end of round)")
     ax.set_xlabel("round")
     ax.set_ylabel("training loss")
-    results = data.get("results") or {}
-    if "accuracy_after" in results:
-        acc = ax.twinx()
-        acc.axhline(results["accuracy_before"], color="grey", linestyle="--", label="full LLM before")
-        acc.axhline(results["accuracy_after"], color="green", label="full LLM + adapter")
-        acc.set_ylabel("test accuracy")
-        acc.set_ylim(0, 1)
-        acc.legend(loc="lower right")
+    evaluation = (data.get("results") or {}).get("evaluation")
+    curve = data.get("round_evaluations") or []
+    if evaluation or curve:
+        metric = ax.twinx()
+        if curve:
+            # The per-round curve, with its confidence band: the global adapter on the full LLM.
+            xs = [r["round"] for r in curve]
+            metric.plot(xs, [r["value"] for r in curve], color="green", marker="s", label="full LLM + global adapter")
+            metric.fill_between(xs, [r["low"] for r in curve], [r["high"] for r in curve], color="green", alpha=0.15)
+        if evaluation:
+            metric.axhline(evaluation["before"]["value"], color="grey", linestyle="--", label="full LLM before")
+            metric.axhline(evaluation["after"]["value"], color="green", linestyle=":", label="full LLM + final adapter")
+        name = evaluation["metric"] if evaluation else curve[0]["name"]
+        metric.set_ylabel(f"test {name}")
+        metric.set_ylim(0, 1)
+        metric.legend(loc="lower right")
     ax.legend(loc="upper right")
-    ax.set_title("loss per round, final accuracy")
+    ax.set_title("loss and test metric per round")
     written.append(_save(fig, folder / "loss_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))

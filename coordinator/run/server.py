@@ -47,6 +47,7 @@ from coordinator.run.inbound import (
     UpdateValidationError,
     check_chunk_request,
     check_hello,
+    client_too_old,
     validate_update,
 )
 from coordinator.run.reports import ServingTotals, write_report
@@ -79,6 +80,7 @@ from shared.errors import (
 )
 from shared.protocol import (
     COORDINATOR_ID,
+    Assignment,
     GlobalAdapter,
     Hello,
     MessageType,
@@ -173,6 +175,7 @@ class CoordinatorServer:
         self.run_id = config.run_id
         self.counters = ServerCounters()
         self.strategy = get_strategy(config.aggregation.strategy)
+        self.task = config.task.spec()
         self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID, refused=self.counters.refused)
         self._events: deque = deque()
         self._outcome: RunOutcome | None = None
@@ -333,6 +336,7 @@ class CoordinatorServer:
             training=self.config.training,
             manifests={name: tier.manifest.blob_id for name, tier in self.pipeline.tiers.items()},
             adapter_round=action.adapter_round,
+            task=self.task,
         )
         self._publish(topics.schedule(self.run_id), MessageType.SCHEDULE, schedule, round_=action.round, retain=True)
         if action.status == "running":
@@ -365,7 +369,14 @@ class CoordinatorServer:
         # Publish the adapter before AggregationDone lets the next round's schedule out, so a
         # client never waits on a schedule whose adapter has not been sent.
         self._publish_adapter(round_)
+        self._evaluate_round(round_)
         self._events.append(AggregationDone(round_))
+
+    def _evaluate_round(self, round_: int) -> None:
+        """The per-round curve: the global adapter's metric every ``evaluation.every_rounds`` rounds."""
+        settings = self.config.evaluation
+        if settings.enabled and settings.every_rounds and round_ % settings.every_rounds == 0:
+            self.run_dir.save_round_evaluation(self.pipeline.evaluate_round(self.global_state, round_))
 
     def _realign(self, round_: int) -> None:
         version = self.state.model_version + 1
@@ -390,7 +401,7 @@ class CoordinatorServer:
         )
         tiers = {name: tier.describe() for name, tier in self.pipeline.tiers.items()}
         write_report(
-            self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name,
+            self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name, task=dataclasses.asdict(self.task),
             assignments=self.assignments, tiers=tiers, totals=totals, results=results or {},
         )
 
@@ -400,7 +411,11 @@ class CoordinatorServer:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         hello: Hello = envelope.body
         check_hello(hello, info.client, max_examples=self.config.validation.max_examples)
-        assignment = self.pipeline.assign(hello.client_id, hello.profile)
+        too_old = client_too_old(envelope.version)
+        if too_old is not None:
+            assignment = Assignment(client_id=hello.client_id, accepted=False, tier="", reason=too_old, plan={})
+        else:
+            assignment = self.pipeline.assign(hello.client_id, hello.profile)
         self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
         (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
         log.info(
