@@ -199,7 +199,7 @@ def light_settings(run_id: str, model_dir: Path, port: int, **sections: Mapping[
             "local_steps": 1, "batch_size": 2, "seq_len": 16, "lora_rank": 2, "lora_alpha": 4.0,
             "learning_rate": 0.002, "target_modules": ["q_proj", "v_proj"],
         },
-        "evaluation": {"task": ""},
+        "evaluation": {"enabled": False},
         "broker": {"host": "127.0.0.1", "port": port},
     }
     for name, body in sections.items():

@@ -110,12 +110,15 @@ def worker(spec: dict) -> None:
 
 def _full_length_dataset(path: str, tokenizer, seq_len: int, n: int = 48):
     """Examples whose tokenized length is ``seq_len - (i % 4)``: batches are padded yet full."""
+    from coordinator.model.presets import task_preset
     from edge_client.data import dataset_from_records, tokenize_example
+
+    reviews_task = task_preset("rotten_tomatoes")
 
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()[:n]]
 
     def length(text: str, label: int) -> int:
-        example = dataset_from_records([{"text": text, "label": label}]).examples[0]
+        example = dataset_from_records([{"text": text, "label": label}], reviews_task).examples[0]
         return len(tokenize_example(tokenizer, example, 4 * seq_len, add_eos=False).input_ids)
 
     records = []
@@ -130,7 +133,7 @@ def _full_length_dataset(path: str, tokenizer, seq_len: int, n: int = 48):
             else:
                 hi = mid - 1
         records.append({"text": tokenizer.decode(ids[:lo]), "label": row["label"]})
-    return dataset_from_records(records, source="benchmark reviews")
+    return dataset_from_records(records, reviews_task, source="benchmark reviews")
 
 
 # --------------------------------------------------------------------------- parent

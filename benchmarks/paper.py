@@ -55,8 +55,8 @@ METHOD_NAMES = ("fedsoda", "fedot", "fedpetuning")
 #: evaluation scores the last 96 tokens of each (the end of a review carries its verdict). The
 #: task-format calibration text always comes from the other corpus, never the clients'.
 TASK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "rotten_tomatoes": {"evaluation.task": "rotten_tomatoes"},
-    "imdb": {"evaluation.task": "imdb", "training.seq_len": 96, "evaluation.max_length": 96,
+    "rotten_tomatoes": {"task.preset": "rotten_tomatoes"},
+    "imdb": {"task.preset": "imdb", "training.seq_len": 96, "evaluation.max_length": 96,
              "model.task_calibration": "rotten_tomatoes"},
 }
 
@@ -124,16 +124,16 @@ def read_run(run_dir: Path, overrides: dict[str, Any], wall: float | None) -> di
         for c in data["client_outcomes"]
     ]
     rounds = [r for r in data["rounds"] if r.get("outcome") == "aggregated"]
-    results = data["results"]
+    evaluation = data["results"]["evaluation"]
     return {
         "overrides": overrides,
         "clients": per_client,
         "bytes_per_client": statistics.mean(c["bytes_down"] + c["bytes_up"] for c in per_client),
         "storage_bytes": statistics.mean(c["storage_bytes"] for c in per_client),
         "layers": [t["layers"] for t in data["tiers"].values()],
-        "accuracy_before": results["accuracy_before"],
-        "accuracy_after": results["accuracy_after"],
-        "test_examples": results["test_examples"],
+        "accuracy_before": evaluation["before"]["value"],
+        "accuracy_after": evaluation["after"]["value"],
+        "test_examples": evaluation["test_examples"],
         "round_seconds": statistics.mean(r["closed_at"] - r["started_at"] for r in rounds),
         "run_seconds": wall,
         "loss_first": data["per_client_round"][0]["loss_first"] if data["per_client_round"] else None,

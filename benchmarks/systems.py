@@ -457,11 +457,12 @@ def client_overhead(steps: int, warmup: int, precisions: list[str], workdir: Pat
     """
     from coordinator.model.datasets import movie_reviews
     from coordinator.model.models import bundled_model_path, cut_model_copy, load_model
+    from coordinator.model.presets import task_preset
     from edge_client.data import dataset_from_records
     from shared.config import cache_dir
 
     cut = cut_model_copy(bundled_model_path(), cache_dir() / "test-models" / f"smollm2-cut{CUT_LAYERS}", CUT_LAYERS)
-    dataset = dataset_from_records(movie_reviews("rotten_tomatoes")[:256], source="rotten_tomatoes")
+    dataset = dataset_from_records(movie_reviews("rotten_tomatoes")[:256], task_preset("rotten_tomatoes"), source="rotten_tomatoes")
     out: dict = {"model": f"SmolLM2-135M cut to {CUT_LAYERS} layers", "steps": steps, "warmup": warmup,
                  "params": dataclasses.asdict(_bench_params(warmup + steps))}
     for precision in precisions:

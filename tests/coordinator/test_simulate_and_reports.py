@@ -11,6 +11,7 @@ import pytest
 from coordinator.run.reports import (
     load_report,
     per_client_rounds,
+    render_summary,
     write_csv,
     write_plots,
 )
@@ -45,6 +46,10 @@ def test_partition_caps_each_share():
     assert [len(s) for s in shares] == [7, 7]
 
 
+def _metric(name: str, value: float) -> dict:
+    return {"name": name, "value": value, "low": value - 0.05, "high": value + 0.05, "n": 200, "method": "wilson"}
+
+
 def _report(tmp_path) -> None:
     def update(client, round_, sent, received, loss):
         return {
@@ -66,7 +71,12 @@ def _report(tmp_path) -> None:
         "assignments": {"a": {"budget_bytes": 2**30}, "b": {"budget_bytes": 2**30}},
         "updates": [update("a", 1, 1000, 50_000, 2.0), update("b", 1, 1100, 50_000, 2.5), update("a", 2, 2500, 60_000, 1.5)],
         "tiers": {"L4": {"layers": 4, "package_bytes": 10 * 2**20, "version": 2}},
-        "results": {"accuracy_before": 0.6, "accuracy_after": 0.7},
+        "results": {"adapter_dir": "adapter", "evaluation": {
+            "task": "rotten_tomatoes", "kind": "classification", "metric": "accuracy", "test_examples": 200,
+            "before": _metric("accuracy", 0.6), "after": _metric("accuracy", 0.7), "difference": _metric("difference", 0.1),
+            "tiers": {"L4": _metric("accuracy", 0.65)},
+        }},
+        "round_evaluations": [{"round": 1, **_metric("accuracy", 0.62)}, {"round": 2, **_metric("accuracy", 0.68)}],
     }
     (tmp_path / "report.json").write_text(json.dumps(report))
 
@@ -96,3 +106,14 @@ def test_a_run_without_a_report_is_a_clear_error(tmp_path):
     (tmp_path / "report.json").write_text("{not json")
     with pytest.raises(RunStateError, match="not valid JSON"):
         load_report(tmp_path)
+
+
+def test_the_summary_shows_the_task_metric_with_its_interval_and_the_curve(tmp_path, capsys):
+    _report(tmp_path)
+    render_summary(load_report(tmp_path))
+    shown = capsys.readouterr().err
+    assert "rotten_tomatoes (classification), 200 test examples" in shown
+    assert "full LLM + adapter" in shown and "accuracy 0.700 [0.650, 0.750]" in shown
+    assert "difference +0.100 [+0.050, +0.150]" in shown
+    assert "tier L4 + adapter" in shown
+    assert "global adapter on the test set, by round" in shown and "accuracy 0.680 [0.630, 0.730]" in shown

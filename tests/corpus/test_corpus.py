@@ -12,6 +12,7 @@ fetched from the coordinator instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from coordinator.model.pipeline import ModelPipeline
 from coordinator.run.checkpoint import RunDir
 from coordinator.run.server import CoordinatorServer
 from coordinator.settings import RunConfig
-from edge_client.data import load_dataset
+from edge_client.data import load_rows
 from edge_client.runner import ClientEvents, ClientOptions, EdgeClient
 from hardware_profiles.detect import detect_profile
 from shared import codec, topics
@@ -53,6 +54,9 @@ from tests.corpus.make_corpus import (
     RUN,
     TIER,
 )
+
+OLD_CLIENT = "old-probe"
+"""A client that speaks protocol 1.0 (it says hello, and is refused)."""
 
 LIVE_TIMEOUT = 240.0
 """Upper bound of every wait in the live test (it takes well under 90 s on 2 loaded cores)."""
@@ -152,7 +156,7 @@ mu = 0.01
 seed = 0
 
 [evaluation]
-task = ""
+enabled = false
 
 [broker]
 host = "127.0.0.1"
@@ -193,6 +197,10 @@ class Tester:
         self.chunk_requests: list[list[str]] = []
         for topic in (topics.schedule(RUN), topics.adapter(RUN), topics.manifest(RUN, TIER), topics.assign(RUN, PROBE)):
             self.transport.subscribe(topic, self._keep)
+        self.transport.subscribe(topics.assign(RUN, OLD_CLIENT), self._keep_old)
+
+    def _keep_old(self, message: InboundMessage) -> None:
+        self.latest["old_assignment"] = codec.decode_message(message.topic, message.payload, run=RUN)[1].body
         self.transport.subscribe(topics.chunkreq(RUN, CLIENT), self._on_chunk_request)
 
     def _keep(self, message: InboundMessage) -> None:
@@ -274,7 +282,7 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
         ClientOptions(run_id=RUN, client_id=CLIENT, state_dir=tmp_path / "client"),
         TransportConfig(host="127.0.0.1", port=broker.port, client_id=CLIENT),
         profile,
-        load_dataset(data),
+        load_rows(data),
         ClientEvents(on_status=statuses.append),
     )
     coordinator_thread = Worker("coordinator", serve)
@@ -287,9 +295,21 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
         client_thread.start()
         workers.append(client_thread)
         tester.send_as_probe(MessageType.HELLO, Hello(PROBE, profile, 8, "corpus-probe"), topics.hello(RUN, PROBE))
+        # A client of protocol 1.0 would format its rows without the run's task: refused at hello, with why.
+        old = dataclasses.replace(
+            codec.decode(codec.encode(MessageType.HELLO, Hello(OLD_CLIENT, profile, 8, "fedsoda 0.0.9"), run=RUN, round=-1, sender=OLD_CLIENT)),
+            version="1.0",
+        )
+        tester.send(topics.hello(RUN, OLD_CLIENT), codec.encode_envelope(old))
         running = lambda: (s := tester.latest.get("schedule")) is not None and s.status == "running" and s.round == ROUND  # noqa: E731
         _wait(running, "round 1 to start", tester, workers)
         assert set(tester.latest["schedule"].participants) == {CLIENT, PROBE}
+        # The task travels in the schedule; the client formatted its rows with it (it has no label words of its own).
+        assert tester.latest["schedule"].task == config.task.spec()
+        _wait(lambda: "old_assignment" in tester.latest, "the 1.0 client's answer", tester, workers)
+        refusal = tester.latest["old_assignment"]
+        assert not refusal.accepted and "speaks protocol 1.0" in refusal.reason and "upgrade fedsoda on the client" in refusal.reason
+        assert any("local rows formatted for the task rotten_tomatoes" in s for s in statuses)
 
         # A forged copy of the last chunk the client will need, slipped in as its download starts:
         # refused on arrival, never stored; the real chunk comes from the coordinator.

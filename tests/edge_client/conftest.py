@@ -6,6 +6,7 @@ import pytest
 
 from coordinator.model.datasets import movie_reviews, train_test_split
 from coordinator.model.models import load_model
+from coordinator.model.presets import task_preset
 from edge_client.data import LocalDataset, dataset_from_records
 
 
@@ -19,4 +20,4 @@ def fp32(tiny_model_dir):
 def rt_dataset() -> LocalDataset:
     """64 Rotten Tomatoes training sentences as a classification dataset."""
     train, _ = train_test_split(movie_reviews("rotten_tomatoes"), test_fraction=0.2, seed=0)
-    return dataset_from_records(train[:64], source="rotten_tomatoes")
+    return dataset_from_records(train[:64], task_preset("rotten_tomatoes"), source="rotten_tomatoes")

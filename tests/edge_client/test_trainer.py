@@ -11,8 +11,9 @@ import torch
 
 from coordinator.model.models import load_model
 from edge_client.data import dataset_from_records
-from edge_client.trainer import TrainOptions, label_word_loss, train_adapter
+from edge_client.trainer import TrainOptions, first_answer_tokens, label_word_loss, train_adapter
 from shared.errors import DataError
+from shared.tasks import TaskSpec
 from tests.edge_client.helpers import PREFIX, SUB_MAP, TARGETS, has_lora, make_params
 
 
@@ -109,16 +110,38 @@ def test_label_words_objective_learns_to_separate_the_labels(fp32, rt_dataset):
 
 def test_label_words_objective_refuses_generation_data(fp32):
     model, tokenizer = fp32
-    data = dataset_from_records([{"prompt": "2+2=", "answer": "4"}], source="gsm")
+    data = dataset_from_records([{"prompt": "2+2=", "answer": "4"}], TaskSpec.for_kind("generation"), source="gsm")
     with pytest.raises(DataError, match="label_words"):
         train_adapter(model, tokenizer, data, make_params(objective="label_words"), None, [0, 1, 2, 3], PREFIX, "cpu")
 
 
 def test_label_words_need_distinct_first_tokens(fp32):
-    from shared.tasks import ClassificationTask
-
     _, tokenizer = fp32
-    task = ClassificationTask.from_label_words({0: "not good", 1: "not bad"})
+    task = TaskSpec(label_words={"0": "not good", "1": "not bad"})
     with pytest.raises(DataError, match="distinct tokens"):
-        task.first_answer_tokens(tokenizer)
-    assert len(set(ClassificationTask.from_label_words().first_answer_tokens(tokenizer))) == 2
+        first_answer_tokens(tokenizer, task.classification_choices())
+    assert len(set(first_answer_tokens(tokenizer, TaskSpec().classification_choices()))) == 2
+
+
+def test_label_words_objective_trains_multiple_choice_over_the_option_letters(fp32):
+    model, tokenizer = fp32
+    task = TaskSpec.for_kind("multiple_choice")
+    rows = [{"question": f"Which is number {i}?", "options": ["one", "two", "three"], "answer": i % 3} for i in range(6)]
+    data = dataset_from_records(rows, task, source="mcq")
+    assert data.choices == (" A", " B", " C")
+    result = train_adapter(model, tokenizer, data, make_params(objective="label_words", local_steps=2), None, [0, 1, 2, 3], PREFIX, "cpu")
+    assert result.metrics["steps"] == 2
+
+
+@pytest.mark.parametrize("preset", ["medmcqa", "gsm_symbolic"])
+def test_loss_decreases_on_multiple_choice_and_generation_tasks(fp32, preset):
+    from coordinator.model.datasets import gsm_symbolic_rows, medmcqa_rows
+    from coordinator.model.presets import task_preset
+
+    model, tokenizer = fp32
+    rows = medmcqa_rows()[:8] if preset == "medmcqa" else gsm_symbolic_rows(8, seed=0)
+    data = dataset_from_records(rows, task_preset(preset), source=preset)
+    losses = []
+    params = make_params(local_steps=10, seq_len=128)
+    train_adapter(model, tokenizer, data, params, None, [0, 1, 2, 3], PREFIX, "cpu", options=TrainOptions(progress_cb=lambda p: losses.append(p.loss)))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses

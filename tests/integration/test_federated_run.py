@@ -68,9 +68,13 @@ target_modules = ["q_proj", "v_proj"]
 mu = 0.01
 seed = 0
 
+[task]
+preset = "rotten_tomatoes"
+
 [evaluation]
-task = "rotten_tomatoes"
 test_samples = 8
+every_rounds = 2
+round_samples = 4
 
 [broker]
 host = "127.0.0.1"
@@ -158,4 +162,11 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
     assert set(loaded) == set(final)
     for key, value in final.items():
         assert torch.allclose(loaded[key].float(), value), key
-    assert report["results"]["test_examples"] == 8
+    evaluation = report["results"]["evaluation"]
+    assert evaluation["test_examples"] == 8 and evaluation["task"] == "rotten_tomatoes" and evaluation["metric"] == "accuracy"
+    for key in ("before", "after"):
+        assert evaluation[key]["n"] == 8 and evaluation[key]["low"] <= evaluation[key]["value"] <= evaluation[key]["high"]
+    assert set(evaluation["tiers"]) == {"L4"} and evaluation["difference"]["n"] == 8
+    # The per-round curve: the global adapter every 2 rounds on the first 4 test rows (round 2
+    # was evaluated before the crash and stays in the resumed run's report).
+    assert [(r["round"], r["n"]) for r in report["round_evaluations"]] == [(2, 4)]

@@ -64,7 +64,7 @@ quorum = 1
 round_timeout_s = 120.0
 
 [evaluation]
-task = ""
+enabled = false
 
 [broker]
 mode = "mosquitto"

@@ -1,8 +1,9 @@
-"""Write tests/shared/golden/<type>.msgpack once; the files are committed and must keep decoding.
+"""Write the golden samples that do not exist yet; the files are committed and must keep decoding.
 
-Run from the repository root: ``.venv/bin/python -m tests.shared.make_golden``. Do not
-re-run it to "fix" a failing golden test: a golden file that stops decoding means the
-change broke compatibility with peers of the same major version.
+Run from the repository root: ``.venv/bin/python -m tests.shared.make_golden``. It never
+rewrites a file: each was written by the protocol version of its day (``<type>.msgpack`` by
+1.0, ``<type>-1.1.msgpack`` by 1.1), and one that stops decoding means a change broke
+compatibility with peers of the same major version; fix the change, not the file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tests.shared.samples import (
     GOLDEN_TIMESTAMP,
     RUN,
     SENDER,
+    newer_samples,
     samples,
 )
 
@@ -23,9 +25,13 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 def main() -> None:
-    """Encode every sample with a fixed header and write it."""
+    """Encode every sample that has no golden file yet, with a fixed header, and write it."""
     GOLDEN_DIR.mkdir(exist_ok=True)
-    for msg_type, body in samples().items():
+    wanted = {msg_type.value: (msg_type, body) for msg_type, body in samples().items()} | newer_samples()
+    for stem, (msg_type, body) in wanted.items():
+        target = GOLDEN_DIR / f"{stem}.msgpack"
+        if target.exists():
+            continue
         data = codec.encode(
             msg_type,
             body,
@@ -35,7 +41,6 @@ def main() -> None:
             message_id=GOLDEN_MESSAGE_ID,
             timestamp=GOLDEN_TIMESTAMP,
         )
-        target = GOLDEN_DIR / f"{msg_type.value}.msgpack"
         target.write_bytes(data)
         print(f"wrote {target} ({len(data)} bytes)")
 

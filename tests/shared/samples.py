@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from shared.protocol import (
@@ -21,6 +23,7 @@ from shared.protocol import (
     TrainingParams,
     Update,
 )
+from shared.tasks import TaskSpec
 from shared.tensors import to_payload
 
 RUN = "golden-run"
@@ -142,3 +145,16 @@ def samples() -> dict[MessageType, object]:
 GOLDEN_MESSAGE_ID = "0123456789abcdef0123456789abcdef"
 GOLDEN_TIMESTAMP = 1_750_000_000.25
 GOLDEN_ROUND = 3
+
+
+def newer_samples() -> dict[str, tuple[MessageType, object]]:
+    """Golden file stem -> a body that uses a field a later minor version added.
+
+    The original ``<type>.msgpack`` files were written by protocol 1.0 and must keep decoding
+    (a 1.0 schedule has no task); each file here pins the newer form.
+    """
+    schedule = samples()[MessageType.SCHEDULE]
+    task = TaskSpec.for_kind(
+        "multiple_choice", prompt_template="Subject: {subject}\nQuestion: {question}\n{options}\nAnswer:", name="medmcqa"
+    )
+    return {"schedule-1.1": (MessageType.SCHEDULE, dataclasses.replace(schedule, task=task))}

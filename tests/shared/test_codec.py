@@ -30,6 +30,7 @@ from tests.shared.samples import (
     GOLDEN_TIMESTAMP,
     RUN,
     SENDER,
+    newer_samples,
     samples,
 )
 
@@ -65,7 +66,19 @@ def test_golden_samples_keep_decoding(msg_type: MessageType) -> None:
 
 
 def test_golden_files_cover_every_message_type() -> None:
-    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {t.value for t in MessageType}
+    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {t.value for t in MessageType} | set(newer_samples())
+
+
+@pytest.mark.parametrize("stem", sorted(newer_samples()))
+def test_newer_golden_samples_keep_decoding(stem: str) -> None:
+    msg_type, body = newer_samples()[stem]
+    env = codec.decode((GOLDEN_DIR / f"{stem}.msgpack").read_bytes())
+    assert env.type is msg_type and env.body == body and env.version == "1.1"
+
+
+def test_a_schedule_of_a_1_0_coordinator_decodes_without_a_task() -> None:
+    env = codec.decode((GOLDEN_DIR / "schedule.msgpack").read_bytes())
+    assert env.version == "1.0" and env.body.task is None
 
 
 def test_encode_refuses_a_body_of_another_type() -> None:

@@ -32,7 +32,7 @@ from coordinator.model.pipeline import ModelPipeline
 from coordinator.settings import RunConfig
 from shared.config import cache_dir
 from shared.errors import ConfigError, DataError
-from shared.tasks import ClassificationTask
+from coordinator.model.presets import task_preset
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def tokenizer(tiny_model_dir):
 
 
 def test_task_prompts_wrap_public_reviews_in_the_template_and_keep_its_end(tokenizer):
-    task = ClassificationTask.from_label_words()
+    task = task_preset("rotten_tomatoes")
     prompts = task_prompts("imdb", task, tokenizer, 5, max_tokens=40)
     assert len(prompts) == 5
     for prompt, row in zip(prompts, movie_reviews("imdb")[-5:]):
@@ -53,7 +53,7 @@ def test_task_prompts_wrap_public_reviews_in_the_template_and_keep_its_end(token
 
 def test_task_prompts_from_an_unknown_source_is_a_data_error(tokenizer, tmp_path):
     with pytest.raises(DataError, match="neither a file"):
-        task_prompts(str(tmp_path / "missing.jsonl"), ClassificationTask.from_label_words(), tokenizer, 3, 40)
+        task_prompts(str(tmp_path / "missing.jsonl"), task_preset("imdb"), tokenizer, 3, 40)
 
 
 def test_calibration_mixes_task_prompts_into_public_text(tiny_model_dir, tmp_path):
@@ -232,3 +232,8 @@ def test_gsm_symbolic_split_never_puts_a_test_question_in_train():
 def test_unknown_task_data_is_a_config_error_listing_the_names():
     with pytest.raises(ConfigError, match=", ".join(TASK_DATA_NAMES)):
         task_split("squad")
+
+
+def test_task_prompts_need_a_template_plain_text_can_fill(tokenizer):
+    with pytest.raises(ConfigError, match="one field only"):
+        task_prompts("imdb", task_preset("medmcqa"), tokenizer, 3, 40)
