@@ -98,6 +98,7 @@ def encode(
     sender: str,
     message_id: str | None = None,
     timestamp: float | None = None,
+    version: str = PROTOCOL_VERSION,
 ) -> bytes:
     """Build one envelope and pack it.
 
@@ -109,6 +110,8 @@ def encode(
         sender: Sender id (client id or coordinator id).
         message_id: uuid hex; a fresh uuid4 when omitted (fix it only for golden samples).
         timestamp: Unix time; now when omitted.
+        version: The protocol version in the header: ours, except to re-pack a received
+            envelope as it was (:func:`encode_envelope`) or to play an older peer in tests.
 
     Returns:
         The msgpack bytes.
@@ -124,7 +127,7 @@ def encode(
             f"a {msg_type.value} message carries a {expected.__name__} body, got {type(body).__name__}"
         )
     envelope = {
-        "version": PROTOCOL_VERSION,
+        "version": version,
         "type": msg_type.value,
         "run": run,
         "round": int(round),
@@ -158,6 +161,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
         sender=envelope.sender,
         message_id=envelope.message_id,
         timestamp=envelope.timestamp,
+        version=envelope.version,
     )
 
 

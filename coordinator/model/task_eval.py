@@ -13,12 +13,21 @@ Every evaluation keeps its per-example scores, so two evaluations of the same ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.model.generate import greedy_generate
-from coordinator.model.metrics import MetricValue, accuracy_scores, exact_match, macro_f1, paired_difference, rouge_l_scores, summarize
+from coordinator.model.metrics import (
+    MetricValue,
+    accuracy_scores,
+    bootstrap_interval,
+    exact_match,
+    macro_f1,
+    paired_difference,
+    rouge_l_scores,
+    summarize,
+)
 from shared.errors import DataError
 from shared.scoring import pick_choices
 from shared.tasks import Example, TaskSpec
@@ -50,12 +59,15 @@ class TaskScore:
         predictions: What the model answered: the chosen label / option index as text, or the
             generated text.
         extra: Other metrics of the same predictions (classification: accuracy beside macro-F1).
+        statistic: For a metric that is not a mean over examples (macro-F1): the metric on a
+            subset of example indices, which paired comparisons resample.
     """
 
     value: MetricValue
     per_example: list[float]
     predictions: list[str]
     extra: dict[str, MetricValue]
+    statistic: Callable[[Sequence[int]], float] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for the reports (the per-example scores are left out)."""
@@ -86,29 +98,18 @@ def score_task(model: Any, tokenizer: Any, task: TaskSpec, examples: Sequence[Ex
     gold = [int(e.label) for e in examples]  # type: ignore[arg-type]  # classification and MC rows have one
     correct = accuracy_scores(predicted, gold)
     accuracy = summarize("accuracy", correct, binary=True, confidence=settings.confidence)
-    extra: dict[str, MetricValue] = {}
     if task.kind == "classification":
-        f1 = macro_f1_value(predicted, gold, len(task.label_words), settings.confidence)
+        classes = len(task.label_words)
+
+        def f1_of(indices: Sequence[int]) -> float:
+            return macro_f1([predicted[i] for i in indices], [gold[i] for i in indices], classes)
+
+        low, high = bootstrap_interval(correct, f1_of, confidence=settings.confidence)
+        f1 = MetricValue("macro_f1", f1_of(range(len(gold))), low, high, len(gold), "bootstrap")
         if task.metric == "macro_f1":
-            value, extra = f1, {"accuracy": accuracy}
-        else:
-            value, extra = accuracy, {"macro_f1": f1}
-    else:
-        value = accuracy
-    return TaskScore(value, correct, [str(p) for p in predicted], extra)
-
-
-def macro_f1_value(predicted: Sequence[int], gold: Sequence[int], num_classes: int, confidence: float) -> MetricValue:
-    """Macro-F1 with a bootstrap interval over examples."""
-    from coordinator.model.metrics import bootstrap_interval
-
-    value = macro_f1(predicted, gold, num_classes)
-    low, high = bootstrap_interval(
-        [float(p == g) for p, g in zip(predicted, gold)],
-        lambda idx: macro_f1([predicted[i] for i in idx], [gold[i] for i in idx], num_classes),
-        confidence=confidence,
-    )
-    return MetricValue("macro_f1", value, low, high, len(gold), "bootstrap")
+            return TaskScore(f1, correct, [str(p) for p in predicted], {"accuracy": accuracy}, f1_of)
+        return TaskScore(accuracy, correct, [str(p) for p in predicted], {"macro_f1": f1})
+    return TaskScore(accuracy, correct, [str(p) for p in predicted], {})
 
 
 def _pick(model: Any, tokenizer: Any, examples: Sequence[Example], settings: EvalSettings) -> list[int]:
@@ -144,5 +145,10 @@ def _score_generation(model: Any, tokenizer: Any, task: TaskSpec, examples: Sequ
 
 
 def compare(after: TaskScore, before: TaskScore, confidence: float = 0.95) -> MetricValue:
-    """``after - before`` on the same examples, with a paired bootstrap interval."""
-    return paired_difference(after.per_example, before.per_example, confidence=confidence)
+    """``after - before`` on the same examples, with a paired bootstrap interval (the same
+    resampled examples for both; for macro-F1, the difference of the two F1s per resample)."""
+    if after.statistic is None or before.statistic is None:
+        return paired_difference(after.per_example, before.per_example, confidence=confidence)
+    a, b = after.statistic, before.statistic
+    low, high = bootstrap_interval(after.per_example, lambda idx: a(idx) - b(idx), confidence=confidence)
+    return MetricValue("difference", after.value.value - before.value.value, low, high, after.value.n, "paired_bootstrap")

@@ -314,6 +314,7 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -342,6 +343,7 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
         metric.set_ylabel(f"test {name}")
         metric.set_ylim(0, 1)
         metric.legend(loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.legend(loc="upper right")
     ax.set_title("loss and test metric per round")
     written.append(_save(fig, folder / "loss_accuracy.png"))

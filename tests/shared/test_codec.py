@@ -281,3 +281,9 @@ def test_generic_converter_collects_all_problems() -> None:
     assert ("type", "inner.pair") in found
     assert ("type", "color") in found
     assert ("type", "mode") in found  # True is not the literal 1
+
+
+def test_a_received_envelope_repacks_with_its_own_header_version_included() -> None:
+    older = codec.encode(MessageType.PRESENCE, Presence("c", True, "x"), run=RUN, round=0, sender="c", version="1.0")
+    env = codec.decode(older)
+    assert env.version == "1.0" and codec.decode(codec.encode_envelope(env)) == env

@@ -111,3 +111,20 @@ def test_realignment_publishes_the_next_version_from_the_aligned_weights(tiny_mo
         changed = {p for p in new if old.get(p) != new[p]}
         layer_files = {p for p in changed if p.startswith("model-layer-")}
         assert 0 < len(layer_files) < len(tier.kept)
+
+
+def test_a_tier_is_evaluated_as_its_package_with_the_global_adapter_loaded(prepared):
+    from peft import get_peft_model_state_dict
+
+    from shared.adapters import to_sub_keys
+
+    pipeline, _, _ = prepared
+    torch.manual_seed(1)
+    adapter = {k: torch.randn_like(v) * 0.01 for k, v in pipeline.initial_adapter().items()}
+    tier = pipeline.tiers["L2"]
+    model, _ = pipeline._adapted_tier(tier, adapter)
+    loaded = get_peft_model_state_dict(model)
+    expected = to_sub_keys(adapter, tier.kept, pipeline.layers_prefix)
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key].float(), value)
