@@ -98,7 +98,7 @@ def test_client_killed_mid_training_resumes_the_round(client_faults):
     assert round1["reported"] == ["b"]
     (update,) = [u for u in report["updates"] if (u["round"], u["client_id"]) == (1, "b")]
     assert update["metrics"]["resumed_from_step"] == 5  # from the checkpoint, not step 0
-    assert fed.procs.log("b").count("local examples") == 2  # two incarnations
+    assert fed.procs.log("b").count("local rows in") == 2  # two incarnations
     assert fed.outcome("b")["rounds_sent"] == [1, 2]
     assert client_faults.ledger.accepted == {(1, "b"), (2, "a"), (2, "b"), (2, "c")}
 
