@@ -23,6 +23,11 @@ from shared.errors import ConfigError
 from shared.protocol import TrainingParams
 from shared.tasks import TaskSpec
 
+#: ``model.device`` / ``--device`` values (resolved by :mod:`coordinator.model.placement`).
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
+#: ``model.dtype`` / ``--dtype`` values.
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+
 log = logging.getLogger(__name__)
 
 
@@ -149,6 +154,10 @@ class ModelSettings:
             corpora, labels dropped), a JSONL / text file, or ``""`` for none. Pick a corpus
             other than the clients' (the demo aligns on IMDB reviews for a Rotten Tomatoes task).
         task_calibration_samples: How many task-format prompts to add.
+        device: Where the full model, SGP, ODA and evaluation run: ``auto`` (CUDA when a
+            GPU is visible), ``cuda`` or ``cpu``.
+        dtype: The full model's weight dtype: ``auto`` (bf16 on a GPU that has it, else fp16;
+            fp32 on the CPU), ``bf16``, ``fp16`` or ``fp32``.
     """
 
     model: str = "bundled"
@@ -157,6 +166,14 @@ class ModelSettings:
     calibration_seq_len: int = 128
     task_calibration: str = ""
     task_calibration_samples: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICE_CHOICES:
+            raise ConfigError(f"model.device must be one of {', '.join(DEVICE_CHOICES)}; got {self.device!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

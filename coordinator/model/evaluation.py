@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from coordinator.model.lm_head import TokenLogits, chunked_nll, final_hidden
 from shared.errors import DataError
 
 Batch = dict[str, torch.Tensor]
@@ -82,17 +83,18 @@ def batches_nll(
     was_training = model.training
     model.eval()
     device = model_device(model)
+    head = TokenLogits(model)
     total, count = 0.0, 0
     try:
         for batch in batches:
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            # The head runs on a chunk of tokens at a time: no [B, T, V] logits tensor.
+            hidden = final_hidden(model, ids, mask)[:, :-1]
             targets = ids[:, 1:]
             # A target counts only when both it and the token predicting it are real.
             valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            nll = torch.nn.functional.cross_entropy(logits[valid], targets[valid], reduction="sum")
-            total += float(nll)
+            total += float(chunked_nll(hidden[valid], targets[valid], head))
             count += int(valid.sum())
             if progress is not None:
                 progress(1)

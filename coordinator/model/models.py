@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from coordinator.model.placement import Placement, needs_device_map
 from coordinator.model.surgery import text_config
 from shared.config import cache_dir
 from shared.errors import ModelError
@@ -89,12 +90,16 @@ def resolve_model(spec: str | Path) -> Path | str:
     return path if path.exists() else str(spec)
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer (pad token set) on CPU.
+def load_model(spec: str | Path, placement: Placement | None = None):
+    """Load a causal LM and its tokenizer (pad token set) where the placement says.
+
+    On CUDA the model goes to the current GPU, or is spread over the visible GPUs (and the CPU
+    for the rest) by accelerate's ``device_map="auto"`` when its weights exceed
+    :data:`coordinator.model.placement.GPU_WEIGHT_SHARE` of the GPU's free memory.
 
     Args:
         spec: Anything :func:`resolve_model` accepts.
-        dtype: Weight dtype.
+        placement: Device and weight dtype (default: CPU, fp32).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -104,10 +109,19 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement or Placement("cpu", "fp32")
     source = resolve_model(spec)
+    kwargs: dict = {"dtype": placement.torch_dtype}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if placement.device == "cuda":
+            from transformers import AutoConfig
+
+            from hardware_profiles.shape import model_shape
+
+            weight_bytes = model_shape(AutoConfig.from_pretrained(source)).total_params() * placement.torch_dtype.itemsize
+            kwargs["device_map"] = "auto" if needs_device_map(weight_bytes, placement) else {"": torch.cuda.current_device()}
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal LM from {source!s}: {exc}") from exc
     if tokenizer.pad_token is None:

@@ -30,6 +30,12 @@ import torch
 from torch import nn
 
 from coordinator.model.evaluation import Batch, model_device
+from coordinator.model.lm_head import (
+    DEFAULT_CHUNK_TOKENS,
+    TokenLogits,
+    chunked_kl,
+    final_hidden,
+)
 from coordinator.model.surgery import capture_layer_io, find_decoder_layers
 from shared.adapters import LoraSettings, lora_deltas, to_sub_keys
 from shared.errors import ConfigError, ModelError
@@ -52,6 +58,9 @@ class ODAConfig:
         align_layers: ``"bridge"`` (train only bridge layers) or ``"all"`` (every decoder layer).
         max_grad_norm: Gradient clipping norm (0 disables).
         seed: Seed of the dropout RNG during distillation.
+        kl_chunk_tokens: Tokens whose logits exist at once in the KL term (memory, not results).
+        gradient_checkpointing: Recompute each student layer's activations in backward
+            instead of keeping them (memory for about a third more compute).
     """
 
     steps: int = 24
@@ -63,8 +72,12 @@ class ODAConfig:
     align_layers: Literal["bridge", "all"] = "bridge"
     max_grad_norm: float = 1.0
     seed: int = 0
+    kl_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
+        if self.kl_chunk_tokens < 1:
+            raise ConfigError(f"kl_chunk_tokens must be >= 1, got {self.kl_chunk_tokens}")
         if self.steps < 0:
             raise ConfigError(f"ODA steps must be >= 0, got {self.steps}")
         if self.temperature <= 0:
@@ -115,8 +128,10 @@ class ODAStats:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_final: torch.Tensor,
+    teacher_final: torch.Tensor,
+    student_logits: Callable[[torch.Tensor], torch.Tensor],
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
@@ -124,18 +139,23 @@ def distillation_loss(
     temperature: float = 2.0,
     alpha: float = 1.0,
     beta: float = 1.0,
+    kl_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ODA loss over the non-padding tokens, in float32.
+    """ODA loss over the non-padding tokens, in float32, the logits a chunk of tokens at a time.
 
     Args:
-        student_logits: Tensor[B, T, V].
-        teacher_logits: Tensor[B, T, V] (no gradient needed).
+        student_final: Tensor[B, T, H], the student decoder's last hidden states.
+        teacher_final: Tensor[B, T, H], the teacher's (no gradient needed).
+        student_logits: The student's head, ``[N, H] -> [N, V]`` float32
+            (:class:`~coordinator.model.lm_head.TokenLogits`).
+        teacher_logits: The teacher's head.
         student_hidden: Per aligned layer, Tensor[B, T, H] (student layer outputs).
         teacher_hidden: The mapped teacher layer outputs, same shapes and order.
         attention_mask: Tensor[B, T], 1 on real tokens.
         temperature: Softmax temperature tau.
         alpha: Weight of the KL term.
         beta: Weight of the hidden-state term.
+        kl_chunk_tokens: Tokens whose logits exist at once (see :mod:`coordinator.model.lm_head`).
 
     Returns:
         ``(total, kl, hidden)``: scalar tensors; ``kl`` already includes ``tau^2``; ``total =
@@ -150,12 +170,11 @@ def distillation_loss(
     n_tokens = int(valid.sum())
     if n_tokens == 0:
         raise ModelError("the distillation batch has no non-padding token")
-    zs = student_logits[valid].float() / temperature  # [N, V]
-    zt = teacher_logits[valid].float() / temperature
-    log_ps = torch.log_softmax(zs, dim=-1)
-    log_pt = torch.log_softmax(zt, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
-    hidden = zs.new_zeros(())
+    kl = chunked_kl(
+        student_final[valid], teacher_final[valid.to(teacher_final.device)], student_logits, teacher_logits,
+        temperature=temperature, chunk=kl_chunk_tokens,
+    )
+    hidden = kl.new_zeros(())
     if student_hidden:
         terms = []
         for hs, ht in zip(student_hidden, teacher_hidden):
@@ -302,6 +321,56 @@ def distill(
         return _run_distillation(teacher, student, kept, batches, config, train_idx, progress)
 
 
+class _MasterWeights:
+    """The trainable parameters as the optimiser sees them: fp32, whatever the model's dtype.
+
+    An fp32 parameter is its own master. A bf16 / fp16 one gets an fp32 copy that the
+    optimiser updates and that is rounded back into the model after each step, so small
+    updates accumulate instead of vanishing in a 7- or 10-bit mantissa.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()) for p in params]
+
+    def take_grads(self) -> None:
+        """Move each low-precision parameter's gradient onto its master, in fp32."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Round the updated masters back into the model's parameters."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+
+def _pair_loss(
+    teacher: nn.Module,
+    student: nn.Module,
+    batch: Batch,
+    kept: list[int],
+    t_out: dict,
+    s_out: dict,
+    heads: tuple[TokenLogits, TokenLogits],
+    config: ODAConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher forward (no grad), student forward, and the ODA loss of one batch."""
+    t_device, s_device = model_device(teacher), model_device(student)
+    with torch.no_grad():
+        t_final = final_hidden(teacher, batch["input_ids"].to(t_device), batch["attention_mask"].to(t_device))
+        t_hidden = [t_out[k].to(s_device) for k in kept]
+    mask = batch["attention_mask"].to(s_device)
+    s_final = final_hidden(student, batch["input_ids"].to(s_device), mask)
+    return distillation_loss(
+        s_final, t_final.to(s_device), heads[1], heads[0], [s_out[i] for i in range(len(kept))], t_hidden, mask,
+        temperature=config.temperature, alpha=config.alpha, beta=config.beta, kl_chunk_tokens=config.kl_chunk_tokens,
+    )
+
+
 def _run_distillation(
     teacher: nn.Module,
     student: nn.Module,
@@ -325,10 +394,15 @@ def _run_distillation(
         for name, p in student.named_parameters():
             p.requires_grad_(previous_flags[name])
         return ODAStats(steps=0, trainable_layers=())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    t_device = model_device(teacher)
-    s_device = model_device(student)
+    masters = _MasterWeights(params)
+    optimizer = torch.optim.AdamW(masters.masters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    heads = (TokenLogits(teacher), TokenLogits(student))
     teacher_was_training, student_was_training = teacher.training, student.training
+    checkpointing = config.gradient_checkpointing and getattr(student, "supports_gradient_checkpointing", False)
+    was_checkpointing = getattr(student, "is_activation_checkpointing", False)
+    if checkpointing and not was_checkpointing:
+        # Non-reentrant: frozen layers before the first trained one need no input gradient.
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     teacher.eval()
     student.train()
     losses: list[float] = []
@@ -343,35 +417,16 @@ def _run_distillation(
         ):
             torch.manual_seed(config.seed)
             for step, batch in zip(range(config.steps), itertools.cycle(batches)):
-                with torch.no_grad():
-                    t_logits = teacher(
-                        input_ids=batch["input_ids"].to(t_device),
-                        attention_mask=batch["attention_mask"].to(t_device),
-                        use_cache=False,
-                    ).logits
-                    t_hidden = [t_out[k].to(s_device) for k in kept]
-                mask = batch["attention_mask"].to(s_device)
-                s_logits = student(
-                    input_ids=batch["input_ids"].to(s_device), attention_mask=mask, use_cache=False
-                ).logits
-                s_hidden = [s_out[i] for i in range(len(kept))]
-                total, kl, hidden = distillation_loss(
-                    s_logits,
-                    t_logits.to(s_device),
-                    s_hidden,
-                    t_hidden,
-                    mask,
-                    temperature=config.temperature,
-                    alpha=config.alpha,
-                    beta=config.beta,
-                )
+                total, kl, hidden = _pair_loss(teacher, student, batch, kept, t_out, s_out, heads, config)
                 if not torch.isfinite(total):
                     raise ModelError(f"ODA loss became {float(total)} at step {step}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                masters.take_grads()
                 if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(masters.masters, config.max_grad_norm)
                 optimizer.step()
+                masters.write_back()
                 losses.append(float(total.detach()))
                 kls.append(float(kl.detach()))
                 hiddens.append(float(hidden.detach()))
@@ -380,6 +435,8 @@ def _run_distillation(
                 if progress is not None:
                     progress(1)
     finally:
+        if checkpointing and not was_checkpointing:
+            student.activation_checkpointing_disable()
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         for name, p in student.named_parameters():
@@ -411,7 +468,7 @@ def evaluate_distillation_loss(
         The loss averaged over batches.
     """
     kept = [int(k) for k in layer_map]
-    t_device, s_device = model_device(teacher), model_device(student)
+    heads = (TokenLogits(teacher), TokenLogits(student))
     modes = teacher.training, student.training
     teacher.eval()
     student.eval()
@@ -419,23 +476,7 @@ def evaluate_distillation_loss(
     try:
         with capture_layer_io(teacher, kept) as t_out, capture_layer_io(student) as s_out:
             for batch in batches:
-                t_logits = teacher(
-                    input_ids=batch["input_ids"].to(t_device),
-                    attention_mask=batch["attention_mask"].to(t_device),
-                    use_cache=False,
-                ).logits
-                mask = batch["attention_mask"].to(s_device)
-                s_logits = student(input_ids=batch["input_ids"].to(s_device), attention_mask=mask, use_cache=False).logits
-                total, _, _ = distillation_loss(
-                    s_logits,
-                    t_logits.to(s_device),
-                    [s_out[i] for i in range(len(kept))],
-                    [t_out[k].to(s_device) for k in kept],
-                    mask,
-                    temperature=config.temperature,
-                    alpha=config.alpha,
-                    beta=config.beta,
-                )
+                total, _, _ = _pair_loss(teacher, student, batch, kept, t_out, s_out, heads, config)
                 values.append(float(total))
     finally:
         teacher.train(modes[0])

@@ -25,8 +25,9 @@ from coordinator.model.export import export_adapter
 from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model
 from coordinator.model.oda import ODAConfig, plugged_adapter
-from coordinator.model.task_eval import EvalSettings, compare, score_task
+from coordinator.model.placement import resolve_placement
 from coordinator.model.progress import ProgressSink
+from coordinator.model.task_eval import EvalSettings, compare, score_task
 from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers
 from coordinator.model.tierset import (
     PreparedTier,
@@ -37,10 +38,9 @@ from coordinator.model.tierset import (
 )
 from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.assignment import assign_tier
-from shared.adapters import LoraSettings
-from shared.protocol import Assignment, DeviceProfile
-from shared.adapters import to_sub_keys
+from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError, ModelError
+from shared.protocol import Assignment, DeviceProfile
 from shared.rows import read_rows
 from shared.subllm import load_package
 from shared.tasks import Example
@@ -112,7 +112,8 @@ class ModelPipeline:
         self.method: Method = get_method(config.method)
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.full_model, self.tokenizer = load_model(config.model.model)
+        self.placement = resolve_placement(config.model.device, config.model.dtype)
+        self.full_model, self.tokenizer = load_model(config.model.model, self.placement)
         self.layers_prefix, layers = surgery.find_decoder_layers(self.full_model)
         self.num_layers = len(layers)
         self.lora = LoraSettings.from_training(config.training)
@@ -208,8 +209,10 @@ class ModelPipeline:
         shell = surgery.build_submodel(self.full_model, list(range(self.num_layers)))
         peft_model = get_peft_model(shell, self.lora.peft_config(layers=layers, layers_prefix=self.layers_prefix))
         state = get_peft_model_state_dict(peft_model)
-        # Built once: it deep-copies the whole model, and expected_shapes needs it too.
-        self._initial = {k: v.detach().float().clone() for k, v in state.items()}
+        # Built once: it deep-copies the whole model, and expected_shapes needs it too. Adapters
+        # live on the CPU in fp32 whatever the model's device and dtype (they travel and are averaged there).
+        self._initial = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+        del peft_model, shell
         return {k: v.clone() for k, v in self._initial.items()}
 
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -332,9 +335,14 @@ class ModelPipeline:
         examples, settings = self.test_examples(), self._eval_settings()
         self.progress(f"evaluating the full model on {len(examples)} {self.task.name} test examples ({self.task.metric})")
         before = score_task(self.full_model, self.tokenizer, self.task, examples, settings)
-        # PEFT wraps the model it is given in place: hand it a copy so the base model stays clean.
-        adapted = PeftModel.from_pretrained(surgery.build_submodel(self.full_model, list(range(self.num_layers))), str(adapter_dir))
-        after = score_task(adapted, self.tokenizer, self.task, examples, settings)
+        # PEFT wraps the model it is given in place; unload() takes the LoRA modules out again
+        # (without merging), so the full model is evaluated with the exported files and no
+        # second copy of its weights is ever made.
+        adapted = PeftModel.from_pretrained(self.full_model, str(adapter_dir))
+        try:
+            after = score_task(adapted, self.tokenizer, self.task, examples, settings)
+        finally:
+            self.full_model = adapted.unload()
         out: dict[str, Any] = {
             "task": self.task.name, "kind": self.task.kind, "metric": self.task.metric, "test_examples": len(examples),
             "before": before.to_dict(), "after": after.to_dict(),

@@ -107,7 +107,7 @@ def _set_submodule(root: nn.Module, dotted: str, value: nn.Module) -> None:
 def build_submodel(full_model: nn.Module, kept: Sequence[int]) -> nn.Module:
     """Build a sub-LLM that keeps only the given decoder layers of a full LLM.
 
-    The full model is deep-copied first and stays intact. In the copy, the decoder layer
+    The full model is deep-copied, all but the dropped layers, and stays intact. In the copy, the decoder layer
     list holds only ``kept`` (in order), every per-layer index attribute
     (:data:`LAYER_INDEX_ATTRIBUTES`, e.g. attention ``layer_idx`` that picks the KV-cache slot)
     is renumbered to the sub-LLM position, and the config's ``num_hidden_layers`` and any
@@ -135,8 +135,14 @@ def build_submodel(full_model: nn.Module, kept: Sequence[int]) -> nn.Module:
     # Validate the config before copying weights (cheap failure first).
     subset_layer_config(copy.deepcopy(text_config(full_model)), kept, old_layers)
 
-    sub = copy.deepcopy(full_model)
-    _, sub_layers = find_decoder_layers(sub)
+    # Copy everything except the layers being dropped: deepcopy takes what the memo already
+    # holds as copied, so they become one empty placeholder and the peak stays at the full
+    # model plus the sub-LLM, not twice the full model.
+    placeholder = nn.Module()
+    kept_set = set(kept)
+    memo = {id(layer): placeholder for i, layer in enumerate(layers) if i not in kept_set}
+    sub = copy.deepcopy(full_model, memo)
+    sub_layers = sub.get_submodule(prefix)  # still holds the placeholders: not a list of identical blocks
     new_layers = nn.ModuleList([sub_layers[k] for k in kept])
     _set_submodule(sub, prefix, new_layers)
     for new_index, layer in enumerate(new_layers):

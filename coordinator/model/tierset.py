@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from coordinator.model.surgery import build_submodel, find_decoder_layers, text_config
-
 from shared.errors import ConfigError, RunStateError
 from shared.manifests import build_manifest
 from shared.protocol import Manifest

@@ -69,32 +69,46 @@ def peft_with(model, adapter: dict[str, torch.Tensor], layers: list[int]):
     return peft_model.eval()
 
 
-def test_loss_is_fp32_masked_and_zero_on_identity():
+def reference_loss(logits_s, logits_t, hidden_s, hidden_t, mask, *, temperature=2.0, alpha=1.0, beta=1.0):
+    """The ODA loss from whole [B, T, V] logits, with torch's own kl_div (the definition)."""
+    valid = mask.bool()
+    n = int(valid.sum())
+    zs, zt = logits_s[valid].float() / temperature, logits_t[valid].float() / temperature
+    kl = torch.nn.functional.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True, reduction="sum") / n * temperature**2
+    terms = [((hs[valid].float() - ht[valid].float()).pow(2).sum(-1) / ht[valid].float().pow(2).sum(-1)).mean() for hs, ht in zip(hidden_s, hidden_t)]
+    hidden = torch.stack(terms).mean()
+    return alpha * kl + beta * hidden, kl, hidden
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_loss_is_fp32_masked_chunked_and_zero_on_identity(chunk):
     torch.manual_seed(0)
-    logits_t = torch.randn(2, 5, 11, dtype=torch.bfloat16)
-    logits_s = torch.randn(2, 5, 11, dtype=torch.bfloat16)
+    head_s, head_t = torch.nn.Linear(4, 11, bias=False), torch.nn.Linear(4, 11, bias=False)
+    final_s = torch.randn(2, 5, 4, dtype=torch.bfloat16, requires_grad=True)
+    final_t = torch.randn(2, 5, 4, dtype=torch.bfloat16)
     hidden_t = [torch.randn(2, 5, 4, dtype=torch.bfloat16)]
     hidden_s = [torch.randn(2, 5, 4, dtype=torch.bfloat16)]
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    total, kl, hidden = distillation_loss(logits_s, logits_t, hidden_s, hidden_t, mask, temperature=2.0, alpha=0.5, beta=3.0)
+    s_logits, t_logits = (lambda h: head_s(h.float())), (lambda h: head_t(h.float()))
+    kwargs = dict(temperature=2.0, alpha=0.5, beta=3.0)
+    total, kl, hidden = distillation_loss(final_s, final_t, s_logits, t_logits, hidden_s, hidden_t, mask, kl_chunk_tokens=chunk, **kwargs)
     assert total.dtype == kl.dtype == hidden.dtype == torch.float32
-    # Reference: per-token KL with torch's kl_div, averaged over the 7 real tokens.
-    valid = mask.bool()
-    zs, zt = logits_s[valid].float() / 2, logits_t[valid].float() / 2
-    ref_kl = torch.nn.functional.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True, reduction="sum") / 7 * 4
-    hs, ht = hidden_s[0][valid].float(), hidden_t[0][valid].float()
-    ref_hidden = ((hs - ht).pow(2).sum(-1) / ht.pow(2).sum(-1)).mean()
+    ref_total, ref_kl, ref_hidden = reference_loss(head_s(final_s.float()), head_t(final_t.float()), hidden_s, hidden_t, mask, **kwargs)
     torch.testing.assert_close(kl, ref_kl)
     torch.testing.assert_close(hidden, ref_hidden)
-    torch.testing.assert_close(total, 0.5 * ref_kl + 3.0 * ref_hidden)
+    torch.testing.assert_close(total, ref_total)
+    # The gradient through the chunks (each recomputed in backward) equals the whole-logits one.
+    (grad,) = torch.autograd.grad(total, final_s)
+    (ref_grad,) = torch.autograd.grad(ref_total, final_s)
+    torch.testing.assert_close(grad, ref_grad)
     # Whatever sits at padded positions does not matter.
-    noisy_s = logits_s.clone()
+    noisy_s = final_s.detach().clone()
     noisy_s[1, 2:] = 100
     noisy_h = [hidden_s[0].clone()]
     noisy_h[0][1, 2:] = -50
-    total2, _, _ = distillation_loss(noisy_s, logits_t, noisy_h, hidden_t, mask, temperature=2.0, alpha=0.5, beta=3.0)
-    torch.testing.assert_close(total, total2)
-    zero, _, _ = distillation_loss(logits_t, logits_t, hidden_t, hidden_t, mask)
+    total2, _, _ = distillation_loss(noisy_s, final_t, s_logits, t_logits, noisy_h, hidden_t, mask, kl_chunk_tokens=chunk, **kwargs)
+    torch.testing.assert_close(total.detach(), total2)
+    zero, _, _ = distillation_loss(final_t, final_t, t_logits, t_logits, hidden_t, hidden_t, mask, kl_chunk_tokens=chunk)
     assert float(zero) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -185,7 +199,7 @@ def test_realignment_plugs_the_adapter_into_teacher_and_student(smol, batches):
     with torch.no_grad(), capture_layer_io(peft_teacher, KEPT) as t_out, capture_layer_io(peft_student) as s_out:
         t_logits = peft_teacher(**batch).logits
         s_logits = peft_student(**batch).logits
-        want, _, _ = distillation_loss(
+        want, _, _ = reference_loss(
             s_logits, t_logits, [s_out[i] for i in range(3)], [t_out[k] for k in KEPT], batch["attention_mask"],
             temperature=config.temperature,
         )
@@ -214,3 +228,61 @@ def test_config_validation(smol, batches):
         distill(teacher, student, KEPT, batches, ODAConfig(steps=1), global_adapter={})
     with pytest.raises(ConfigError):
         distill(teacher, student, KEPT, [], ODAConfig(steps=1))
+
+
+def test_gradient_checkpointing_changes_memory_not_results(smol, batches):
+    teacher, _ = smol
+    runs = {}
+    for checkpointing in (False, True):
+        student = build_submodel(teacher, KEPT)
+        config = ODAConfig(steps=2, learning_rate=1e-3, gradient_checkpointing=checkpointing, kl_chunk_tokens=16)
+        runs[checkpointing] = (distill(teacher, student, KEPT, batches[:1], config).loss, layer_states(student))
+        assert not student.is_activation_checkpointing  # switched off again afterwards
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_bf16_student_learns_through_fp32_master_weights(smol, batches):
+    """A bf16 model (a GPU coordinator's default) is trained in fp32 and rounded back: steps
+    too small for bf16's 8-bit mantissa still accumulate, and the parameters stay bf16."""
+    teacher, _ = smol
+    teacher16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    student = build_submodel(teacher16, KEPT)
+    before = layer_states(student)
+    config = ODAConfig(steps=3, learning_rate=1e-3)
+    one = batches[:1]
+    loss_before = evaluate_distillation_loss(teacher16, student, KEPT, one, config)
+    stats = distill(teacher16, student, KEPT, one, config)
+    loss_after = evaluate_distillation_loss(teacher16, student, KEPT, one, config)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert loss_after < loss_before and stats.steps == 3
+    after = layer_states(student)
+    assert same(before[0], after[0]) and not same(before[1], after[1])
+    # Steps of lr 1e-4 are below bf16's resolution for most weights: without masters nothing moves.
+    tiny = build_submodel(teacher16, KEPT)
+    bridge_before = layer_states(tiny)[1]
+    distill(teacher16, tiny, KEPT, one, ODAConfig(steps=4, learning_rate=2e-5, max_grad_norm=0))
+    bridge_after = layer_states(tiny)[1]
+    moved = sum(int((bridge_before[k] != bridge_after[k]).sum()) for k in bridge_before)
+    total = sum(v.numel() for v in bridge_before.values())
+    assert moved > 0.05 * total, f"only {moved} of {total} bf16 weights moved"
+
+
+def test_build_submodel_never_copies_a_dropped_layer(smol):
+    teacher, _ = smol
+    _, layers = find_decoder_layers(teacher)
+
+    class Refuse:
+        def __deepcopy__(self, memo):
+            raise AssertionError("a dropped layer was deep-copied")
+
+    layers[1].refuse = Refuse()  # layer 1 is dropped by KEPT
+    try:
+        sub = build_submodel(teacher, KEPT)
+        with pytest.raises(AssertionError, match="dropped layer"):
+            build_submodel(teacher, [0, 1, 3])
+    finally:
+        del layers[1].refuse
+    assert len(find_decoder_layers(sub)[1]) == 3
