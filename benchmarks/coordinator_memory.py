@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ RESULT_NAME = "coordinator_memory"
 TARGET_RATIO = 2.5  # peak above the framework baseline / full model weight bytes in its dtype
 TARGET_ESTIMATE = 0.15  # |estimate - measured| / measured
 GIB = 1 << 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per weight of the model dtype the ratio uses
 MIB = 1 << 20
 POLL_SECONDS = 0.25  # RSS sampling of a running child: fine enough to stop it near the cap
 
@@ -299,12 +301,14 @@ def run_measured(
     }
 
 
-def prune_argv(python: str, model: Path | str, out: Path, depth: int, settings: Mapping[str, Any] = PRUNE_SETTINGS) -> list[str]:
-    """The ``prune`` command line of one measurement."""
+def prune_argv(
+    python: str, model: Path | str, out: Path, depth: int, settings: Mapping[str, Any] = PRUNE_SETTINGS, extra: Sequence[str] = ()
+) -> list[str]:
+    """The ``prune`` command line of one measurement (``extra``: options only some trees have)."""
     argv = [python, "-c", "from coordinator.cli import app; app()", "prune", "--model", str(model), "--out", str(out), "--depths", str(depth), "--json"]
     for key, value in settings.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
+    return argv + list(extra)
 
 
 def git_commit(tree: Path) -> str:
@@ -357,13 +361,14 @@ def measure_row(name: str, label: str, tree: Path, python: str, baseline: int, a
     folder = model_dir(name)
     params = model_shape(folder).total_params()
     with tempfile.TemporaryDirectory(prefix="fedsoda-prune-bench-") as tmp:
-        argv = prune_argv(python, "bundled" if MODELS[name] is None else folder, Path(tmp) / "out", DEPTHS[name])
+        extra = shlex.split(args.prune_args)
+        argv = prune_argv(python, "bundled" if MODELS[name] is None else folder, Path(tmp) / "out", DEPTHS[name], extra=extra)
         print(f"[{label}] {name}: {' '.join(argv[3:])}", flush=True)
         run = run_measured(argv, tree, Path(tmp) / "prune.log", int(args.cap_gib * GIB), int(args.min_free_gib * GIB), args.timeout_s)
         report = _report_from_log(Path(run["log_path"]))
         tail = Path(run["log_path"]).read_text(errors="replace")[-3000:]
     ok = run["exit"] == 0 and run["stopped"] is None and bool(report)
-    weight_bytes = params * 4
+    weight_bytes = params * DTYPE_BYTES[args.dtype]
     above = max(run["peak_rss"] - baseline, 0)
     status = "ok" if ok else ("stopped" if run["stopped"] else f"failed (exit {run['exit']})")
     row = {
@@ -373,7 +378,10 @@ def measure_row(name: str, label: str, tree: Path, python: str, baseline: int, a
         "stopped": run["stopped"],
         "params": params,
         "num_layers": model_shape(folder).num_layers,
-        "weight_bytes_fp32": weight_bytes,
+        "weight_bytes_fp32": params * 4,
+        "dtype": args.dtype,
+        "weight_bytes": weight_bytes,
+        "prune_args": extra,
         "peak_rss": run["peak_rss"],
         "baseline_rss": baseline,
         "above_baseline": above,
@@ -395,7 +403,7 @@ def measure_row(name: str, label: str, tree: Path, python: str, baseline: int, a
         row["log_tail"] = tail[-1500:]  # why it failed, kept with the row
     print(
         f"[{label}] {name}: {status}, peak {row['peak_rss'] / GIB:.2f} GiB, above baseline {above / GIB:.2f} GiB = "
-        f"{row['ratio']:.2f}x the fp32 weights ({weight_bytes / GIB:.2f} GiB), {run['wall_s']:.0f} s; "
+        f"{row['ratio']:.2f}x the {args.dtype} weights ({weight_bytes / GIB:.2f} GiB), {run['wall_s']:.0f} s; "
         f"peak during: {run['peak_during']!r}",
         flush=True,
     )
@@ -422,7 +430,7 @@ def workload_for(row: Mapping[str, Any]):
     n = int(row["num_layers"])
     depth = int(row["depth"])
     return CoordinatorWorkload(
-        dtype="fp32",
+        dtype=row.get("dtype", "fp32"),
         device="cpu",
         calibration_batch_size=int(row.get("sgp_batch_size", SGP_BATCH_SIZE)),
         oda_batch_size=int(s["oda_batch_size"]),
@@ -483,10 +491,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "Qwen2-0.5B and Llama-3.2-1B, saved in fp32 with the SmolLM2 tokenizer.",
         "",
         f"Target (issue #13): peak above the baseline <= {TARGET_RATIO}x the full model's weight bytes in its dtype "
-        f"(fp32 here); the estimate within {TARGET_ESTIMATE:.0%} of the measured peak. A run whose RSS passed the cap "
+        f"(fp32 unless the row says otherwise); the estimate within {TARGET_ESTIMATE:.0%} of the measured peak. A run whose RSS passed the cap "
         "was killed and is shown as stopped (its peak is a lower bound).",
         "",
-        "| model | params | layers -> tier | weights fp32 GiB | label | commit | peak RSS GiB | baseline GiB | peak - baseline GiB | ratio | target | wall s | estimate GiB | est. error | est. phase |",
+        "| model | params | layers -> tier | weights GiB (dtype) | label | commit | peak RSS GiB | baseline GiB | peak - baseline GiB | ratio | target | wall s | estimate GiB | est. error | est. phase |",
         "|---|---:|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -497,7 +505,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         verdict = ("**no**" if r["ratio"] > TARGET_RATIO else "yes") if not stopped or r["ratio"] > TARGET_RATIO else "?"
         error = est.get("error")
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['num_layers']} -> {r['depth']} | {_gib(r['weight_bytes_fp32'])} | "
+            f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['num_layers']} -> {r['depth']} | {_gib(r.get('weight_bytes', r['weight_bytes_fp32']))} {r.get('dtype', 'fp32')} | "
             f"{r['label']} | `{r['commit']}` | {peak} | {_gib(r['baseline_rss'])} | {'>= ' if stopped else ''}{_gib(r['above_baseline'])} | "
             f"{ratio} | {verdict} | {r['wall_s']:.0f} | {_gib(est.get('total'))} | "
             f"{'-' if error is None else f'{error:+.0%}'} | {est.get('peak_phase', '-')} |"
@@ -563,7 +571,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
             ax.annotate(f"{'>=' if stopped else ''}{r['ratio']:.1f}x", (x, r["ratio"]), ha="center", va="bottom", fontsize=7)
     ax.axhline(TARGET_RATIO, color="black", ls="--", lw=1, label=f"target {TARGET_RATIO}x")
     ax.set_xticks(range(len(models)), models)
-    ax.set_ylabel("(peak RSS - baseline) / fp32 weight bytes")
+    ax.set_ylabel("(peak RSS - baseline) / weight bytes in its dtype")
     ax.set_title("prune (SGP + ODA + packaging) peak memory on CPU")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
@@ -607,6 +615,8 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter of the children (default: this one)")
     parser.add_argument("--cap-gib", type=float, default=20.0, help="stop a child whose RSS passes this (default 20)")
     parser.add_argument("--min-free-gib", type=float, default=1.0, help="stop a child when the machine has less available (default 1)")
+    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32", help="dtype the measured tree holds the model in (the ratio's and the estimate's; default fp32)")
+    parser.add_argument("--prune-args", default="", help="extra prune options for a tree that has them, e.g. '--dtype bf16'")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="stop a child after this many seconds")
     parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
