@@ -517,6 +517,10 @@ def _alternatives(workload: CoordinatorWorkload) -> list[tuple[str, str, Coordin
     while seq > 16:
         seq //= 2
         out.append(("seq", f"sequence length {seq}", replace(w, seq_len=seq, eval_seq_len=min(w.resolved_eval_seq_len, seq))))
+    chunk = w.kl_chunk_tokens
+    while chunk > 128:
+        chunk //= 2
+        out.append(("chunk", f"KL / NLL chunks of {chunk} tokens", replace(w, kl_chunk_tokens=chunk)))
     if w.align_layers == "all":
         out.append(("align", "bridge-only alignment (--align-layers bridge)", replace(w, align_layers="bridge")))
     if not w.gradient_checkpointing:
@@ -550,7 +554,8 @@ def check_fits(estimate: CoordinatorEstimate, available_bytes: int, what: str = 
         # The first setting of a kind that fits is the least degrading one: keep only it.
         if alt.total <= available_bytes and kind not in kinds:
             kinds[kind] = f"{label} would need {describe_bytes(alt.total)}"
-    elsewhere = "a GPU with that much free memory" if w.device == "cpu" else (
+    on_gpu = estimate_coordinator_memory(shape, replace(w, device="cuda", dtype="bf16" if w.dtype == "fp32" else w.dtype))
+    elsewhere = f"a GPU with about {describe_bytes(on_gpu.total)} free ({on_gpu.workload.dtype})" if w.device == "cpu" else (
         f"CPU offload (run on the CPU: about {describe_bytes(estimate_coordinator_memory(shape, replace(w, device='cpu')).total)} of RAM)"
     )
     message = (

@@ -217,7 +217,15 @@ def test_check_fits_names_the_shortfall_and_a_smaller_batch_that_fits():
     assert "of RAM is available" in message and "short by" in message
     assert "calibration batch size 2 would need" in message
     assert "calibration batch size 4" not in message  # it does not fit
-    assert "a GPU" in message
+    assert "a GPU with about" in message and "free (bf16)" in message
+
+
+def test_check_fits_suggests_smaller_kl_chunks_when_the_vocabulary_dominates():
+    est = estimate_coordinator_memory(QWEN2_05B, CoordinatorWorkload(depths=(18,), block_size=2, calibration_batch_size=4, seq_len=512))
+    smaller = estimate_coordinator_memory(QWEN2_05B, replace(est.workload, kl_chunk_tokens=512))
+    assert smaller.total < est.total
+    with pytest.raises(InsufficientMemoryError, match="KL / NLL chunks of 512 tokens would need"):
+        check_fits(est, smaller.total)
 
 
 def test_check_fits_on_cuda_offers_cpu_offload():
