@@ -13,6 +13,9 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, help="fedsoda coordinator: prune, align, package and serve federated rounds.")
 
+_DEVICE_HELP = "Where the full model, SGP, ODA and evaluation run: auto (CUDA when a GPU is visible), cuda or cpu."
+_DTYPE_HELP = "Full model weights: auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), bf16, fp16 or fp32."
+
 
 @app.callback()
 def main() -> None:
@@ -68,6 +71,8 @@ def serve(
     tiers: Annotated[Optional[Path], typer.Option("--tiers", help="Use the tiers a `prune` run wrote in this folder (no SGP, no pre-alignment).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy (fedavg).")] = None,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_DTYPE_HELP)] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     min_clients: Annotated[Optional[int], typer.Option(help="Clients needed before a round starts.")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default from the config).", envvar="FEDSODA_BROKER")] = None,
@@ -92,6 +97,8 @@ def serve(
         "pruning.tiers_dir": str(tiers) if tiers else None,
         "task.preset": task,
         "aggregation.strategy": aggregation,
+        "model.device": device,
+        "model.dtype": dtype,
         "rounds.rounds": rounds,
         "rounds.min_clients": min_clients,
         "broker.host": host,
@@ -151,6 +158,8 @@ def simulate(
     profiles: Annotated[Optional[str], typer.Option(help="Comma-separated device classes to give the clients (cycled).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_DTYPE_HELP)] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training rows (JSONL/CSV) in the task's format, dealt to the clients (default: the preset's train split).")] = None,
     test_data: Annotated[Optional[Path], typer.Option(help="Test rows (JSONL/CSV) in the task's format (default: the preset's test split).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID-TIMESTAMP).")] = None,
@@ -169,6 +178,7 @@ def simulate(
     overrides: dict[str, Any] = preset("demo") if demo else {}
     flags = {
         "method": method, "rounds.rounds": rounds, "model.model": model, "task.preset": task,
+        "model.device": device, "model.dtype": dtype,
         "evaluation.test_data": str(test_data) if test_data else None,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
@@ -275,6 +285,8 @@ def prune(
     oda_batch_size: Annotated[int, typer.Option(help="Sequences per ODA step.")] = 4,
     align_layers: Annotated[str, typer.Option(help="ODA trains the 'bridge' layers or 'all' layers.")] = "bridge",
     precision: Annotated[str, typer.Option(help="Package precision: nf4, bf16 or fp32.")] = "nf4",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -308,9 +320,18 @@ def prune(
             oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
             oda_batch_size=oda_batch_size, precision=precision,
         )
+        from coordinator.model.footprint import preflight
+        from coordinator.model.models import resolve_model
+        from coordinator.model.placement import resolve_placement
+        from hardware_profiles.shape import model_shape
+
+        placement = resolve_placement(device, dtype)
+        source = resolve_model(model)
+        say = lambda line: console.print(f"[cyan]>[/] {line}", soft_wrap=True)  # noqa: E731
+        preflight(source, config.workload(model_shape(source).num_layers, placement.device, placement.dtype), say)
         texts = public_text(public_data)
-        console.print(f"[cyan]>[/] loading {model}")
-        full, tokenizer = load_model(model)
+        say(f"loading {model} ({placement.describe()})")
+        full, tokenizer = load_model(source, placement)
         with contextlib.ExitStack() as stack:
             if console.is_terminal:
                 bars = stack.enter_context(Progress(

@@ -576,6 +576,28 @@ def check_fits(estimate: CoordinatorEstimate, available_bytes: int, what: str = 
     raise InsufficientMemoryError(message)
 
 
+def preflight(config_or_path: Any, workload: CoordinatorWorkload, say: Any = None) -> CoordinatorEstimate:
+    """Estimate a workload, tell the user, and refuse it before any weight is loaded if it cannot fit.
+
+    Args:
+        config_or_path: The full model's config, config.json or folder.
+        workload: What the coordinator will run.
+        say: Receives the one-line estimate (``prune`` / ``serve`` print it).
+
+    Returns:
+        The estimate.
+
+    Raises:
+        InsufficientMemoryError: See :func:`check_fits`; measured against :func:`available_memory`.
+    """
+    estimate = estimate_coordinator_memory(config_or_path, workload)
+    available = available_memory(workload.device)
+    if say is not None:
+        say(f"{estimate.describe()}; {describe_bytes(available)} available")
+    check_fits(estimate, available, "GPU memory" if workload.device == "cuda" else "RAM")
+    return estimate
+
+
 __all__ = [
     "COORDINATOR_CPU_FRAMEWORK_BYTES",
     "CoordinatorEstimate",
@@ -586,5 +608,6 @@ __all__ = [
     "PACKAGE_STAGING_FACTOR",
     "available_memory",
     "check_fits",
+    "preflight",
     "estimate_coordinator_memory",
 ]

@@ -22,10 +22,11 @@ import torch
 from coordinator.model import evaluation, surgery
 from coordinator.model.datasets import public_text, task_prompts, task_split
 from coordinator.model.export import export_adapter
+from coordinator.model.footprint import CoordinatorWorkload, preflight
 from coordinator.model.methods import Method, get_method
-from coordinator.model.models import load_model
+from coordinator.model.models import load_model, resolve_model
 from coordinator.model.oda import ODAConfig, plugged_adapter
-from coordinator.model.placement import resolve_placement
+from coordinator.model.placement import Placement, resolve_placement
 from coordinator.model.progress import ProgressSink
 from coordinator.model.task_eval import EvalSettings, compare, score_task
 from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers
@@ -38,6 +39,7 @@ from coordinator.model.tierset import (
 )
 from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.assignment import assign_tier
+from hardware_profiles.shape import model_shape
 from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError, ModelError
 from shared.protocol import Assignment, DeviceProfile
@@ -100,6 +102,19 @@ def tier_spec(config: RunConfig) -> TierSpec:
     )
 
 
+def run_workload(config: RunConfig, num_layers: int, placement: Placement) -> CoordinatorWorkload:
+    """What a run asks of the coordinator's memory: its tiers, alignment and calibration batches."""
+    alignment, pruning = config.alignment, config.pruning
+    return CoordinatorWorkload(
+        dtype=placement.dtype, device=placement.device,  # type: ignore[arg-type]
+        calibration_batch_size=alignment.batch_size, seq_len=config.model.calibration_seq_len,
+        depths=tier_spec(config).resolved_depths(num_layers), block_size=pruning.block_size,
+        align_layers="all" if "all" in (alignment.align_layers, alignment.realign_layers) else "bridge",
+        oda_steps=max(alignment.pre_align_steps, alignment.realign_steps), precision=pruning.precision,  # type: ignore[arg-type]
+        num_layers=num_layers, evaluate=False,
+    )
+
+
 class ModelPipeline:
     """Full LLM + sub-LLM tiers of one run (see the module docstring).
 
@@ -113,7 +128,9 @@ class ModelPipeline:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.placement = resolve_placement(config.model.device, config.model.dtype)
-        self.full_model, self.tokenizer = load_model(config.model.model, self.placement)
+        source = resolve_model(config.model.model)
+        preflight(source, run_workload(config, model_shape(source).num_layers, self.placement), progress)
+        self.full_model, self.tokenizer = load_model(source, self.placement)
         self.layers_prefix, layers = surgery.find_decoder_layers(self.full_model)
         self.num_layers = len(layers)
         self.lora = LoraSettings.from_training(config.training)

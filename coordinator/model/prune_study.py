@@ -29,6 +29,8 @@ from torch import nn
 
 from coordinator.model import sgp
 from coordinator.model.evaluation import batches_nll, tokenize_texts
+from coordinator.model.footprint import CoordinatorWorkload
+from coordinator.model.lm_head import DEFAULT_CHUNK_TOKENS
 from coordinator.model.methods import FEDSODA
 from coordinator.model.oda import ODAConfig, distill
 from coordinator.model.progress import LogSink, ProgressSink
@@ -83,6 +85,19 @@ class PruneConfig:
     baseline_oda: bool = True
     precision: str = "nf4"
     seed: int = 0
+
+    def workload(self, num_layers: int, device: str, dtype: str) -> CoordinatorWorkload:
+        """What this study asks of the coordinator's memory (for :func:`coordinator.model.footprint.preflight`)."""
+        oda = self.oda
+        return CoordinatorWorkload(
+            dtype=dtype, device=device, calibration_batch_size=self.batch_size, seq_len=self.seq_len,  # type: ignore[arg-type]
+            depths=self.tier_spec("").resolved_depths(num_layers), align_layers=oda.align_layers if oda else "bridge",
+            block_size=self.block_size, oda_steps=oda.steps if oda else 0, precision=self.precision,  # type: ignore[arg-type]
+            kl_chunk_tokens=oda.kl_chunk_tokens if oda else DEFAULT_CHUNK_TOKENS,
+            gradient_checkpointing=oda.gradient_checkpointing if oda else True,
+            oda_batch_size=self.oda_batch_size, eval_batch_size=self.batch_size, eval_seq_len=self.eval_seq_len,
+            num_layers=num_layers, baseline_student=bool(oda) and self.baseline_oda,
+        )
 
     def tier_spec(self, model_name: str) -> TierSpec:
         """The FedSODA tiers this study builds."""

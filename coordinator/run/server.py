@@ -36,11 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from coordinator.run import rounds
 from coordinator.run.aggregation import get_strategy
 from coordinator.run.checkpoint import RunDir, load_run
-from coordinator.run.model_side import ModelSide, TierLike
 from coordinator.run.inbound import (
     RoundContext,
     UpdateLimits,
@@ -50,6 +48,7 @@ from coordinator.run.inbound import (
     client_too_old,
     validate_update,
 )
+from coordinator.run.model_side import ModelSide, TierLike
 from coordinator.run.reports import ServingTotals, write_report
 from coordinator.run.round_events import (
     AggregationDone,

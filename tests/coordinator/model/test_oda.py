@@ -24,6 +24,7 @@ from coordinator.model.surgery import (
 )
 from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError
+from tests.coordinator.arch_models import VOCAB, tiny_model
 
 KEPT = [0, 2, 3]  # of the 4-layer cut copy: layer 1 pruned, sub-LLM layer 1 is the bridge
 LORA = LoraSettings(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -230,13 +231,28 @@ def test_config_validation(smol, batches):
         distill(teacher, student, KEPT, [], ODAConfig(steps=1))
 
 
-def test_gradient_checkpointing_changes_memory_not_results(smol, batches):
-    teacher, _ = smol
+def random_batches(n: int = 2, vocab: int = VOCAB) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (4, 24), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, 20:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+TINY_KEPT = [0, 2, 3, 5]  # of the 6-layer tiny model: bridges at sub-LLM layers 1 and 3
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    teacher = tiny_model("llama")
+    batches = random_batches()
     runs = {}
     for checkpointing in (False, True):
-        student = build_submodel(teacher, KEPT)
-        config = ODAConfig(steps=2, learning_rate=1e-3, gradient_checkpointing=checkpointing, kl_chunk_tokens=16)
-        runs[checkpointing] = (distill(teacher, student, KEPT, batches[:1], config).loss, layer_states(student))
+        student = build_submodel(teacher, TINY_KEPT)
+        config = ODAConfig(steps=3, learning_rate=1e-3, gradient_checkpointing=checkpointing, kl_chunk_tokens=16)
+        runs[checkpointing] = (distill(teacher, student, TINY_KEPT, batches, config).loss, layer_states(student))
         assert not student.is_activation_checkpointing  # switched off again afterwards
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     for a, b in zip(runs[True][1], runs[False][1]):
@@ -244,30 +260,30 @@ def test_gradient_checkpointing_changes_memory_not_results(smol, batches):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
-def test_a_bf16_student_learns_through_fp32_master_weights(smol, batches):
+def test_a_bf16_student_learns_through_fp32_master_weights():
     """A bf16 model (a GPU coordinator's default) is trained in fp32 and rounded back: steps
     too small for bf16's 8-bit mantissa still accumulate, and the parameters stay bf16."""
-    teacher, _ = smol
-    teacher16 = copy.deepcopy(teacher).to(torch.bfloat16)
-    student = build_submodel(teacher16, KEPT)
+    teacher16 = tiny_model("llama").to(torch.bfloat16)
+    batches = random_batches()
+    student = build_submodel(teacher16, TINY_KEPT)
     before = layer_states(student)
-    config = ODAConfig(steps=3, learning_rate=1e-3)
-    one = batches[:1]
-    loss_before = evaluate_distillation_loss(teacher16, student, KEPT, one, config)
-    stats = distill(teacher16, student, KEPT, one, config)
-    loss_after = evaluate_distillation_loss(teacher16, student, KEPT, one, config)
+    config = ODAConfig(steps=8, learning_rate=3e-3)
+    loss_before = evaluate_distillation_loss(teacher16, student, TINY_KEPT, batches, config)
+    stats = distill(teacher16, student, TINY_KEPT, batches, config)
+    loss_after = evaluate_distillation_loss(teacher16, student, TINY_KEPT, batches, config)
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
-    assert loss_after < loss_before and stats.steps == 3
+    assert loss_after < loss_before and stats.steps == 8
     after = layer_states(student)
     assert same(before[0], after[0]) and not same(before[1], after[1])
-    # Steps of lr 1e-4 are below bf16's resolution for most weights: without masters nothing moves.
-    tiny = build_submodel(teacher16, KEPT)
+    # Steps this small are below bf16's resolution for most weights: without masters almost
+    # nothing would move; with them the updates add up until they round to a new value.
+    tiny = build_submodel(teacher16, TINY_KEPT)
     bridge_before = layer_states(tiny)[1]
-    distill(teacher16, tiny, KEPT, one, ODAConfig(steps=4, learning_rate=2e-5, max_grad_norm=0))
+    distill(teacher16, tiny, TINY_KEPT, batches, ODAConfig(steps=12, learning_rate=1e-5, max_grad_norm=0))
     bridge_after = layer_states(tiny)[1]
     moved = sum(int((bridge_before[k] != bridge_after[k]).sum()) for k in bridge_before)
     total = sum(v.numel() for v in bridge_before.values())
-    assert moved > 0.05 * total, f"only {moved} of {total} bf16 weights moved"
+    assert moved > 0.4 * total, f"only {moved} of {total} bf16 weights moved"
 
 
 def test_build_submodel_never_copies_a_dropped_layer(smol):

@@ -62,6 +62,21 @@ def test_prune_writes_report_and_tiers(tiny_model_dir, public_file, tmp_path):
     assert "SGP" in (out / "report.md").read_text()
     # Not a terminal: the long steps are shown as lines as they go, not as a silent progress bar.
     assert "ODA: aligning tier L3 (3 layers) to the full model (2 steps)" in result.output
+    # The memory estimate is printed before the model is loaded.
+    assert result.output.index("prune needs about") < result.output.index("loading")
+
+
+def test_prune_refuses_before_loading_when_memory_is_short(tiny_model_dir, public_file, tmp_path, monkeypatch):
+    import coordinator.model.footprint as footprint
+
+    monkeypatch.setattr(footprint, "available_memory", lambda device: 64 << 20)  # a 64 MiB machine
+    result = CliRunner().invoke(
+        app, ["prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(tmp_path / "p"),
+              "--block-size", "1", "--depths", "3", "--device", "cpu", "--dtype", "fp32"],
+    )
+    assert result.exit_code != 0
+    assert "only 64.00 MiB of RAM is available" in result.output, result.output
+    assert "loading" not in result.output and not (tmp_path / "p").exists()
 
 
 def test_prune_reports_unreachable_depth(tiny_model_dir, public_file, tmp_path):
