@@ -195,7 +195,8 @@ def _ranking(
 
 
 def _save_aligned(full_model: nn.Module, prefix: str, student: nn.Module, kept: Sequence[int], path: Path) -> None:
-    """Keep the student's fp32 tensors that differ from the full model's (the aligned layers)."""
+    """Keep the student's tensors that differ from the full model's (the aligned layers), in
+    the coordinator's dtype: a bf16 run writes half of what fp32 would, and nothing else."""
     from safetensors.torch import save_file
 
     full = full_model.state_dict()
@@ -207,7 +208,7 @@ def _save_aligned(full_model: nn.Module, prefix: str, student: nn.Module, kept: 
             index, _, rest = key[len(layer_prefix):].partition(".")
             ref_key = f"{layer_prefix}{kept[int(index)]}.{rest}"
         if ref_key not in full or not torch.equal(full[ref_key], value):
-            changed[key] = value.detach().float().contiguous()
+            changed[key] = value.detach().to("cpu").contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(changed, str(path))
 
@@ -230,7 +231,26 @@ class _Packager:
             precision=self.precision, name=self.model_name, full_num_layers=self.num_layers,
         )
         advance(1)
+        if version > 1:
+            _link_unchanged(self.root / TIERS_FOLDER / name / f"v{version - 1}", folder)
         return tier_from_folder(name, kept, version, folder, self.model_name)
+
+
+def _link_unchanged(previous: Path, folder: Path) -> None:
+    """Make each file of ``folder`` that is byte-identical to the previous version's a hard
+    link to it: a re-alignment that trains the bridge layers re-writes every shard, but the
+    disk holds the unchanged ones once (the old version stays served to clients mid-download)."""
+    import filecmp
+    import os
+
+    if not previous.is_dir():
+        return
+    for path in folder.rglob("*"):
+        old = previous / path.relative_to(folder)
+        if path.is_file() and old.is_file() and filecmp.cmp(old, path, shallow=False):
+            staging = path.with_name(path.name + ".link")
+            os.link(old, staging)
+            os.replace(staging, path)
 
 
 def realign_tiers(
@@ -272,4 +292,10 @@ def realign_tiers(
         tiers[name] = packager.package(student, tier.kept, name, version, sink)
     updated = dataclasses.replace(tierset, tiers=tiers, oda=oda)
     updated.save()
+    # Once the record names the new version, nothing reads the old aligned weights (resume and
+    # the next re-alignment start from the current version): the disk holds one per tier.
+    for name, tier in tierset.tiers.items():
+        old = tierset.aligned_path(name, tier.version)
+        if old != updated.aligned_path(name, version):
+            old.unlink(missing_ok=True)
     return updated

@@ -111,6 +111,16 @@ def test_realignment_publishes_the_next_version_from_the_aligned_weights(tiny_mo
         changed = {p for p in new if old.get(p) != new[p]}
         layer_files = {p for p in changed if p.startswith("model-layer-")}
         assert 0 < len(layer_files) < len(tier.kept)
+        # Disk does not grow with versions: unchanged files are one inode for both versions,
+        # and only the current version's aligned weights are kept.
+        v1, v2 = tmp_path / "tiers" / name / "v1", tier.folder
+        for entry in tier.manifest.files:
+            same_inode = (v1 / entry.path).stat().st_ino == (v2 / entry.path).stat().st_ino
+            assert same_inode == (entry.path not in changed), entry.path
+        assert not (tmp_path / "tiers" / name / "aligned_v1.safetensors").exists()
+    # Resume reads the current version's aligned weights.
+    resumed = ModelPipeline.prepare(_config(tiny_model_dir), tmp_path, resume=True)
+    assert {t.version for t in resumed.tiers.values()} == {2}
 
 
 def test_a_tier_is_evaluated_as_its_package_with_the_global_adapter_loaded(prepared):
