@@ -228,7 +228,7 @@ class CoordinatorEstimate:
     def describe(self) -> str:
         """One line for people: the peak and its three largest parts.
 
-        Example: ``prune needs about 3.1 GiB (full model 2.0 GiB fp32, tier L18 student
+        Example: ``the coordinator needs about 3.1 GiB (full model 2.0 GiB fp32, tier L18 student
         1.2 GiB, ODA working set 0.6 GiB; peak in oda, cpu)``.
         """
         b = self.breakdown
@@ -239,7 +239,7 @@ class CoordinatorEstimate:
         working = self.phases[self.peak_phase] - sum(b[t] for t in ("framework", "full_model", "student") if t in self.phase_terms[self.peak_phase])
         label = {"load": "loading", "sgp": "SGP working set", "oda": "ODA working set", "package": "packaging", "evaluate": "evaluation working set"}
         parts.append(f"{label[self.peak_phase]} {describe_bytes(working)}")
-        return f"prune needs about {describe_bytes(self.total)} ({', '.join(parts)}; peak in {self.peak_phase}, {w.device})"
+        return f"the coordinator needs about {describe_bytes(self.total)} ({', '.join(parts)}; peak in {self.peak_phase}, {w.device})"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types (for JSON reports)."""

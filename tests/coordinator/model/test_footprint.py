@@ -182,7 +182,7 @@ def test_a_checkpoint_in_another_dtype_costs_its_pages_while_loading():
 def test_describe_names_the_peak_and_its_parts():
     est = estimate()
     line = est.describe()
-    assert line.startswith("prune needs about ")
+    assert line.startswith("the coordinator needs about ")
     assert "full model" in line and "fp32" in line
     if est.peak_phase == "oda":
         assert f"tier L{est.peak_tier} student" in line and "ODA working set" in line

@@ -63,7 +63,7 @@ def test_prune_writes_report_and_tiers(tiny_model_dir, public_file, tmp_path):
     # Not a terminal: the long steps are shown as lines as they go, not as a silent progress bar.
     assert "ODA: aligning tier L3 (3 layers) to the full model (2 steps)" in result.output
     # The memory estimate is printed before the model is loaded.
-    assert result.output.index("prune needs about") < result.output.index("loading")
+    assert result.output.index("the coordinator needs about") < result.output.index("loading")
 
 
 def test_prune_refuses_before_loading_when_memory_is_short(tiny_model_dir, public_file, tmp_path, monkeypatch):
