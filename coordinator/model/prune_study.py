@@ -245,10 +245,11 @@ def run_prune(
     started = time.perf_counter()
     perplexity["full"] = _perplexity(model, held, sink, "full")
     sgp_model = build_submodel(model, sgp_layers)
-    uniform_model = build_submodel(model, uniform_layers)
     parameters["sgp"] = parameter_count(sgp_model)
-    parameters["uniform"] = parameter_count(uniform_model)
     perplexity["sgp"] = _perplexity(sgp_model, held, sink, f"SGP {depth} layers")
+    del sgp_model  # one sub-LLM beside the full model at a time: the peak is full + one student
+    uniform_model = build_submodel(model, uniform_layers)
+    parameters["uniform"] = parameter_count(uniform_model)
     perplexity["uniform"] = _perplexity(uniform_model, held, sink, f"uniform drop {depth} layers")
     seconds["perplexity"] = time.perf_counter() - started
 

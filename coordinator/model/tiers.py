@@ -163,6 +163,7 @@ def build_tiers(
             oda[name] = stats.summary()
         _save_aligned(full.model, prefix, student, kept, root / TIERS_FOLDER / name / "aligned_v1.safetensors")
         tiers[name] = packager.package(student, kept, name, 1, sink)
+        del student  # freed before the next tier's copy is made
     tierset = TierSet(
         root=root, method=method.name, num_layers=num_layers, layers_prefix=prefix,
         fingerprint=model_fingerprint(full.model), ranking=ranking, tiers=tiers, spec=spec.to_dict(), oda=oda,
