@@ -48,6 +48,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages import from its root
+
+from benchmarks.reference_configs import LLAMA32_1B, QWEN2_05B  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 RESULT_NAME = "coordinator_memory"
 TARGET_RATIO = 2.5  # peak above the framework baseline / full model weight bytes in its dtype
@@ -58,46 +62,9 @@ MIB = 1 << 20
 POLL_SECONDS = 0.25  # RSS sampling of a running child: fine enough to stop it near the cap
 
 MODELS: dict[str, dict[str, Any] | None] = {
-    # The bundled SmolLM2-135M-Instruct (real weights): `--model bundled`.
-    "smollm2-135m": None,
-    # Published config of Qwen/Qwen2-0.5B (random weights).
-    "qwen2-0.5b": {
-        "model_type": "qwen2",
-        "hidden_size": 896,
-        "num_hidden_layers": 24,
-        "intermediate_size": 4864,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "rope_theta": 1_000_000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 32768,
-        "hidden_act": "silu",
-    },
-    # Published config of meta-llama/Llama-3.2-1B (random weights).
-    "llama3.2-1b": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "num_hidden_layers": 16,
-        "intermediate_size": 8192,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-        "rope_theta": 500_000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 131072,
-        "hidden_act": "silu",
-    },
+    "smollm2-135m": None,  # the bundled SmolLM2-135M-Instruct (real weights): `--model bundled`
+    "qwen2-0.5b": QWEN2_05B,  # random weights
+    "llama3.2-1b": LLAMA32_1B,  # random weights
 }
 """Benchmark models: name -> config dict (random weights), or None for the bundled model."""
 

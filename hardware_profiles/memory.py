@@ -155,8 +155,12 @@ class MemoryEstimate:
         return out
 
 
-def _input_group(name: str) -> str:
-    """Linears fed by the same tensor share a saved input (q/k/v; gate/up)."""
+def input_group(name: str) -> str:
+    """The key of the tensor that feeds linear ``name``: linears fed by the same tensor
+    (q/k/v; gate/up) share one saved input, so autograd keeps it once.
+
+    Public because :mod:`coordinator.model.footprint` counts the same saved inputs.
+    """
     leaf = name.rsplit(".", 1)[-1]
     parent = name.rsplit(".", 1)[0] if "." in name else ""
     if leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv"):
@@ -195,15 +199,25 @@ def layer_activation_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tu
         # PEFT casts the input to the fp32 adapter dtype, one copy per module.
         out += [(lin.in_features * 4, 1) for lin in wrapped]
     else:
-        groups = {_input_group(lin.name): lin.in_features for lin in wrapped}
+        groups = {input_group(lin.name): lin.in_features for lin in wrapped}
         out += [(width * 4, 1) for width in groups.values()]
     if wrapped:
         out.append((setup.lora_rank * 4, len(wrapped)))  # lora_A outputs, saved by lora_B
     return out
 
 
-def _sized(tensors: list[tuple[int, int]], tokens: int, heap_factor: float, mmap_threshold: int) -> tuple[int, int]:
-    """(live bytes, allocator overhead) for tensors of ``tokens`` tokens."""
+def sized_bytes(tensors: list[tuple[int, int]], tokens: int, heap_factor: float, mmap_threshold: int) -> tuple[int, int]:
+    """Resident size of tensors of ``tokens`` tokens each.
+
+    Args:
+        tensors: ``(bytes per token, count)`` pairs, as :func:`layer_activation_tensors` gives.
+        tokens: Tokens per tensor.
+        heap_factor: Resident / live bytes of a tensor the allocator serves from its heaps.
+        mmap_threshold: Tensors of at least this many bytes are mmapped: no heap overhead.
+
+    Returns:
+        ``(live bytes, allocator overhead)``.
+    """
     live = overhead = 0
     for per_token, count in tensors:
         size = per_token * tokens
@@ -213,8 +227,12 @@ def _sized(tensors: list[tuple[int, int]], tokens: int, heap_factor: float, mmap
     return live, overhead
 
 
-def _weight_bytes(shape: ModelShape, n_layers: int, precision: Precision) -> tuple[int, int]:
-    """(resident weight bytes, weights in quantizable linears) of a model cut to ``n_layers``."""
+def weight_bytes(shape: ModelShape, n_layers: int, precision: Precision) -> tuple[int, int]:
+    """Resident weight bytes of ``shape`` cut to ``n_layers`` at ``precision``.
+
+    Returns:
+        ``(resident bytes, number of weights in the quantizable decoder linears)``.
+    """
     linear = n_layers * shape.layer_linear_params
     rest = shape.total_params(n_layers) - linear
     if precision == "nf4":
@@ -254,7 +272,7 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
     heap_factor = CPU_HEAP_FACTOR if on_cpu else CUDA_FRAGMENTATION
     threshold = CPU_MMAP_THRESHOLD if on_cpu else 1 << 62  # every CUDA block is cached
 
-    weights, _ = _weight_bytes(shape, n_layers, setup.precision)
+    weights, _ = weight_bytes(shape, n_layers, setup.precision)
     n_lora = lora_param_count(shape, setup)
     lora_state = n_lora * _LORA_STATE_BYTES[setup.optimizer]
 
@@ -267,19 +285,19 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
         if on_cpu:
             # Each layer's forward runs twice and frees its tensors in between, leaving heap
             # fragments in proportion to what the layers would have saved without checkpointing.
-            small, _ = _sized([(b, c * n_layers) for b, c in per_layer if b * tokens < threshold], tokens, 1.0, threshold)
+            small, _ = sized_bytes([(b, c * n_layers) for b, c in per_layer if b * tokens < threshold], tokens, 1.0, threshold)
             recompute_over = int(CPU_CHECKPOINT_HEAP_FACTOR * small)
     else:
         kept = [(b, c * n_layers) for b, c in per_layer]
     kept.append((shape.hidden_size * 4, 1))  # the final norm's input
-    act_live, act_over = _sized(kept, tokens, heap_factor, threshold)
+    act_live, act_over = sized_bytes(kept, tokens, heap_factor, threshold)
     act_over += recompute_over
     if setup.padded:
         mask = setup.batch_size * setup.seq_len * setup.seq_len * cb  # one 4-D mask for all layers
-        m_live, m_over = _sized([(mask, 1)], 1, heap_factor, threshold)
+        m_live, m_over = sized_bytes([(mask, 1)], 1, heap_factor, threshold)
         act_live, act_over = act_live + m_live, act_over + m_over
     # logits, log-softmax, its gradient and the logits' gradient, fp32, at the start of backward
-    logit_live, logit_over = _sized([(shape.vocab_size * 4, 4)], tokens, CPU_LOGITS_HEAP_FACTOR if on_cpu else heap_factor, threshold)
+    logit_live, logit_over = sized_bytes([(shape.vocab_size * 4, 4)], tokens, CPU_LOGITS_HEAP_FACTOR if on_cpu else heap_factor, threshold)
 
     dequant = 0
     if on_cpu and setup.precision in ("nf4", "int8"):
@@ -330,7 +348,7 @@ def _load_peak(shape: ModelShape, n_layers: int, setup: TrainingSetup, weights: 
     source = setup.checkpoint_precision or setup.precision
     if setup.device == "cuda" and not setup.unified_memory:
         return weights  # the host holds the file; the device receives the final tensors
-    file_bytes, _ = _weight_bytes(shape, n_layers, source)
+    file_bytes, _ = weight_bytes(shape, n_layers, source)
     if source == setup.precision and source in ("fp32", "bf16", "fp16"):
         # safetensors are memory-mapped and used in place (CPU); on a Jetson the model is
         # loaded on the host then moved to the GPU, both in the same memory.

@@ -49,11 +49,11 @@ from hardware_profiles.memory import (
     CPU_MMAP_THRESHOLD,
     CUDA_CONTEXT_BYTES,
     CUDA_FRAGMENTATION,
-    _input_group,
-    _sized,
-    _weight_bytes,
     describe_bytes,
+    input_group,
     layer_activation_tensors,
+    sized_bytes,
+    weight_bytes,
 )
 from hardware_profiles.shape import ModelShape, model_shape
 from hardware_profiles.training_setup import TrainingSetup
@@ -272,7 +272,7 @@ def _trainable_layer_inputs(shape: ModelShape, dtype_bytes: int) -> list[tuple[i
 
     Linears fed by the same tensor (q/k/v; gate/up) share one saved input.
     """
-    groups = {_input_group(lin.name): lin.in_features for lin in shape.layer_linears}
+    groups = {input_group(lin.name): lin.in_features for lin in shape.layer_linears}
     return [(width * dtype_bytes, 1) for width in groups.values()]
 
 
@@ -341,11 +341,11 @@ def estimate_coordinator_memory(config_or_path: Any, workload: CoordinatorWorklo
     # Per token: L + 1 captured states (model dtype, one tensor each), then one stacked
     # [N, L + 1, H] tensor upcast / normalised: two fp32 tensors of that size at the peak.
     captured = [(h * db, n + 1), ((n + 1) * h * 4, 2)]
-    live, over = _sized(captured, tokens, heap, threshold)
+    live, over = sized_bytes(captured, tokens, heap, threshold)
     b["sgp_hidden_states"] = live + over
-    gram_live, gram_over = _sized([((n + 1) ** 2 * 4, 2)], tokens, heap, threshold)  # Gram and angles
+    gram_live, gram_over = sized_bytes([((n + 1) ** 2 * 4, 2)], tokens, heap, threshold)  # Gram and angles
     b["sgp_gram"] = gram_live + gram_over
-    one_layer = _sized(layer_activation_tensors(shape, _no_lora_setup(w, w.calibration_batch_size, w.seq_len)), tokens, heap, threshold)
+    one_layer = sized_bytes(layer_activation_tensors(shape, _no_lora_setup(w, w.calibration_batch_size, w.seq_len)), tokens, heap, threshold)
     b["sgp_layer_forward"] = sum(one_layer)
     terms["sgp"] = ("framework", "full_model", "sgp_hidden_states", "sgp_gram", "sgp_layer_forward")
 
@@ -368,16 +368,16 @@ def estimate_coordinator_memory(config_or_path: Any, workload: CoordinatorWorklo
     student = _student_bytes(shape, deepest, db)
     b["package_student"] = student
     b["package_staging"] = int(PACKAGE_STAGING_FACTOR * student) if on_cpu else 0
-    b["package_model"] = _weight_bytes(shape, deepest, w.precision)[0] if on_cpu else 0
+    b["package_model"] = weight_bytes(shape, deepest, w.precision)[0] if on_cpu else 0
     terms["package"] = ("framework", "full_model", "package_student", "package_staging", "package_model")
 
     # evaluate: a no-grad forward of the student, one layer at a time, and the NLL chunk.
     e_batch, e_seq = w.resolved_eval_batch_size, w.resolved_eval_seq_len
     e_tokens = e_batch * e_seq
-    layer_live, layer_over = _sized(layer_activation_tensors(shape, _no_lora_setup(w, e_batch, e_seq)), e_tokens, heap, threshold)
-    mask_live, mask_over = _sized([(e_batch * e_seq * e_seq * db, 1)], 1, heap, threshold)
+    layer_live, layer_over = sized_bytes(layer_activation_tensors(shape, _no_lora_setup(w, e_batch, e_seq)), e_tokens, heap, threshold)
+    mask_live, mask_over = sized_bytes([(e_batch * e_seq * e_seq * db, 1)], 1, heap, threshold)
     chunk = min(w.kl_chunk_tokens, e_tokens)
-    nll_live, nll_over = _sized([(v * 4, NLL_CHUNK_TENSORS)], chunk, 1.0, threshold)
+    nll_live, nll_over = sized_bytes([(v * 4, NLL_CHUNK_TENSORS)], chunk, 1.0, threshold)
     b["eval_student"] = student if w.evaluate else 0
     # The layer's tensors, the 4-D mask, and the residual stream entering and leaving it.
     b["eval_activations"] = (layer_live + layer_over + mask_live + mask_over + 2 * e_tokens * h * db) if w.evaluate else 0
@@ -434,15 +434,15 @@ def _oda_terms(shape: ModelShape, w: CoordinatorWorkload, depth: int, trained: i
         (h * 4, depth),  # the student's layer outputs (fp32) for the hidden-state loss
         (h * 4, 1),  # the final norm's input
     ]
-    act_live, act_over = _sized(saved, tokens, heap, threshold)
+    act_live, act_over = sized_bytes(saved, tokens, heap, threshold)
     if w.gradient_checkpointing and heap > 1.0:
         # Each layer's forward runs twice on CPU and frees its tensors in between: the client
         # estimator's measured residue, in units of what the layers would have saved.
-        small, _ = _sized([(bpt, c * depth) for bpt, c in per_layer if bpt * tokens < threshold], tokens, 1.0, threshold)
+        small, _ = sized_bytes([(bpt, c * depth) for bpt, c in per_layer if bpt * tokens < threshold], tokens, 1.0, threshold)
         act_over += int(CPU_CHECKPOINT_HEAP_FACTOR * small)
-    mask_live, mask_over = _sized([(batch * w.seq_len * w.seq_len * db, 1)], 1, heap, threshold)
+    mask_live, mask_over = sized_bytes([(batch * w.seq_len * w.seq_len * db, 1)], 1, heap, threshold)
     chunk = min(w.kl_chunk_tokens, tokens)
-    kl_live, kl_over = _sized([(v * 4, KL_CHUNK_TENSORS)], chunk, 1.0, threshold)
+    kl_live, kl_over = sized_bytes([(v * 4, KL_CHUNK_TENSORS)], chunk, 1.0, threshold)
     return {
         "student": _student_bytes(shape, depth, db),
         "trainable_state": trainable * per_param,

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from benchmarks.reference_configs import QWEN2_05B
 from coordinator.model.footprint import (
     COORDINATOR_CPU_FRAMEWORK_BYTES,
     KL_CHUNK_TENSORS,
@@ -33,19 +34,6 @@ LLAMA = {
     "num_key_value_heads": 2,
     "vocab_size": 8192,
     "tie_word_embeddings": True,
-}
-# Qwen2-0.5B's published shape (read on the meta device only).
-QWEN2_05B = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "num_hidden_layers": 24,
-    "intermediate_size": 4864,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-    "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6,
 }
 
 
