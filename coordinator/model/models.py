@@ -107,19 +107,19 @@ def load_model(spec: str | Path, placement: Placement | None = None):
     Raises:
         ModelError: The folder or id cannot be loaded as a causal LM.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     placement = placement or Placement("cpu", "fp32")
     source = resolve_model(spec)
-    kwargs: dict = {"dtype": placement.torch_dtype}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # Read once: the CUDA placement sizes the model from it, and the load reuses it.
+        config = AutoConfig.from_pretrained(source)
+        kwargs: dict = {"dtype": placement.torch_dtype, "config": config}
         if placement.device == "cuda":
-            from transformers import AutoConfig
-
             from hardware_profiles.shape import model_shape
 
-            weight_bytes = model_shape(AutoConfig.from_pretrained(source)).total_params() * placement.torch_dtype.itemsize
+            weight_bytes = model_shape(config).total_params() * placement.torch_dtype.itemsize
             kwargs["device_map"] = "auto" if needs_device_map(weight_bytes, placement) else {"": torch.cuda.current_device()}
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
