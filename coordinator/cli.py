@@ -320,9 +320,9 @@ def prune(
             oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
             oda_batch_size=oda_batch_size, precision=precision,
         )
-        from coordinator.model.footprint import preflight
         from coordinator.model.models import resolve_model
         from coordinator.model.placement import resolve_placement
+        from coordinator.model.preflight import preflight
         from hardware_profiles.shape import model_shape
 
         placement = resolve_placement(device, dtype)

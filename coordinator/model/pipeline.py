@@ -22,11 +22,12 @@ import torch
 from coordinator.model import evaluation, surgery
 from coordinator.model.datasets import public_text, task_prompts, task_split
 from coordinator.model.export import export_adapter
-from coordinator.model.footprint import CoordinatorWorkload, preflight
+from coordinator.model.footprint import CoordinatorWorkload
 from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model, resolve_model
 from coordinator.model.oda import ODAConfig, plugged_adapter
 from coordinator.model.placement import Placement, resolve_placement
+from coordinator.model.preflight import preflight
 from coordinator.model.progress import ProgressSink
 from coordinator.model.task_eval import EvalSettings, compare, score_task
 from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers

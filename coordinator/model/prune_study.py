@@ -87,7 +87,7 @@ class PruneConfig:
     seed: int = 0
 
     def workload(self, num_layers: int, device: str, dtype: str) -> CoordinatorWorkload:
-        """What this study asks of the coordinator's memory (for :func:`coordinator.model.footprint.preflight`)."""
+        """What this study asks of the coordinator's memory (for :func:`coordinator.model.preflight.preflight`)."""
         oda = self.oda
         return CoordinatorWorkload(
             dtype=dtype, device=device, calibration_batch_size=self.batch_size, seq_len=self.seq_len,  # type: ignore[arg-type]

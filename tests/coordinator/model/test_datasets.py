@@ -29,10 +29,10 @@ from coordinator.model.datasets import (
     train_test_split,
 )
 from coordinator.model.pipeline import ModelPipeline
+from coordinator.model.presets import task_preset
 from coordinator.settings import RunConfig
 from shared.config import cache_dir
 from shared.errors import ConfigError, DataError
-from coordinator.model.presets import task_preset
 
 
 @pytest.fixture(scope="module")

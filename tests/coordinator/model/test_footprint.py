@@ -1,4 +1,4 @@
-"""The coordinator memory estimate: terms scale as the workload says, and check_fits explains.
+"""The coordinator memory estimate: every term scales as the workload says.
 
 Every model here is a config dict read on the meta device: nothing is allocated or trained.
 """
@@ -16,34 +16,12 @@ from coordinator.model.footprint import (
     NLL_CHUNK_TENSORS,
     PHASES,
     CoordinatorWorkload,
-    available_memory,
-    check_fits,
     estimate_coordinator_memory,
 )
 from hardware_profiles.memory import CUDA_CONTEXT_BYTES
 from hardware_profiles.shape import model_shape
-from shared.errors import ConfigError, InsufficientMemoryError
-
-# Small Llama-shaped model: 8 layers, gated MLP, grouped-query attention.
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "num_hidden_layers": 8,
-    "intermediate_size": 704,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "vocab_size": 8192,
-    "tie_word_embeddings": True,
-}
-
-
-def workload(**kwargs) -> CoordinatorWorkload:
-    base = {"depths": (6,), "block_size": 2, "calibration_batch_size": 4, "seq_len": 64, "oda_steps": 3}
-    return CoordinatorWorkload(**{**base, **kwargs})
-
-
-def estimate(config=LLAMA, **kwargs):
-    return estimate_coordinator_memory(config, workload(**kwargs))
+from shared.errors import ConfigError
+from tests.coordinator.model.footprint_cases import LLAMA, estimate, workload
 
 
 def test_total_is_the_largest_phase_and_phases_add_their_terms():
@@ -186,49 +164,3 @@ def test_bad_workloads_are_refused():
         estimate(depths=(5,), block_size=2)  # 8 - 5 layers is not a whole number of blocks
     with pytest.raises(ConfigError, match="12 layers"):
         estimate(num_layers=12)
-
-
-def test_check_fits_passes_when_there_is_enough():
-    est = estimate()
-    check_fits(est, est.total)
-    check_fits(est, est.total + 1 << 30)
-
-
-def test_check_fits_names_the_shortfall_and_a_smaller_batch_that_fits():
-    est = estimate(calibration_batch_size=8, seq_len=512)
-    by_batch = {b: estimate(calibration_batch_size=b, seq_len=512).total for b in (4, 2)}
-    assert by_batch[2] < by_batch[4] < est.total
-    available = (by_batch[2] + by_batch[4]) // 2  # batch 2 fits, batch 4 does not
-    with pytest.raises(InsufficientMemoryError) as info:
-        check_fits(est, available, what="RAM")
-    message = str(info.value)
-    assert "of RAM is available" in message and "short by" in message
-    assert "calibration batch size 2 would need" in message
-    assert "calibration batch size 4" not in message  # it does not fit
-    assert "a GPU with about" in message and "free (bf16)" in message
-
-
-def test_check_fits_suggests_smaller_kl_chunks_when_the_vocabulary_dominates():
-    est = estimate_coordinator_memory(QWEN2_05B, CoordinatorWorkload(depths=(18,), block_size=2, calibration_batch_size=4, seq_len=512))
-    smaller = estimate_coordinator_memory(QWEN2_05B, replace(est.workload, kl_chunk_tokens=512))
-    assert smaller.total < est.total
-    with pytest.raises(InsufficientMemoryError, match="KL / NLL chunks of 512 tokens would need"):
-        check_fits(est, smaller.total)
-
-
-def test_check_fits_on_cuda_offers_cpu_offload():
-    est = estimate(dtype="bf16", device="cuda")
-    with pytest.raises(InsufficientMemoryError, match="CPU offload"):
-        check_fits(est, est.breakdown["full_model"] // 2, what="GPU memory")
-
-
-def test_check_fits_says_when_nothing_smaller_fits():
-    est = estimate()
-    with pytest.raises(InsufficientMemoryError, match="alone need"):
-        check_fits(est, est.breakdown["framework"], what="RAM")
-
-
-def test_available_memory():
-    assert available_memory("cpu") > 0
-    with pytest.raises(ConfigError, match="unknown device"):
-        available_memory("tpu")

@@ -67,9 +67,9 @@ def test_prune_writes_report_and_tiers(tiny_model_dir, public_file, tmp_path):
 
 
 def test_prune_refuses_before_loading_when_memory_is_short(tiny_model_dir, public_file, tmp_path, monkeypatch):
-    import coordinator.model.footprint as footprint
+    import coordinator.model.preflight as preflight
 
-    monkeypatch.setattr(footprint, "available_memory", lambda device: 64 << 20)  # a 64 MiB machine
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 64 << 20)  # a 64 MiB machine
     result = CliRunner().invoke(
         app, ["prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(tmp_path / "p"),
               "--block-size", "1", "--depths", "3", "--device", "cpu", "--dtype", "fp32"],

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from coordinator.model.pipeline import ModelPipeline
-from coordinator.model.tierset import RECORD_FILE, adopt_tiers, check_tiers_fit, load_tiers, model_fingerprint
+from coordinator.model.tierset import (
+    RECORD_FILE,
+    adopt_tiers,
+    check_tiers_fit,
+    load_tiers,
+    model_fingerprint,
+)
 from coordinator.settings import RunConfig
 from shared.errors import ConfigError, RunStateError
 from shared.subllm import read_meta
