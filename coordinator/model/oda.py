@@ -1,16 +1,15 @@
 """ODA, orchestrated distillation alignment: pull the sub-LLM back towards the full LLM.
 
 Student: the sub-LLM (its layer ``i`` was full-LLM layer ``kept[i]``). Teacher: the full
-LLM, frozen. The loss on public text, over non-padding tokens, is
-
-``alpha * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))
-+ beta * mean_i ||h_s[i] - h_t[kept[i]]||^2 / ||h_t[kept[i]]||^2``
-
-computed in float32 whatever the models' dtype. By default only the *bridge* layers (the
+LLM, frozen. The loss on public text is :func:`coordinator.model.distillation_loss.distillation_loss`
+(KL of the logits plus the mapped layers' hidden-state distance); this module is the training
+loop around it: teacher under no-grad, trainable student layers with fp32 master weights and
+gradient checkpointing, AdamW. By default only the *bridge* layers (the
 kept layer right after each pruned gap, which now sees input that used to pass through
 the removed layers) are trained; ``align_layers="all"`` trains every decoder layer.
 
-Re-alignment plugs the current global adapter into both models first (teacher at full-LLM
+Re-alignment plugs the current global adapter
+(:func:`coordinator.model.plugged_adapter.plugged_adapter`) into both models first (teacher at full-LLM
 indices, student at sub-LLM indices), frozen, and removes it from the student afterwards,
 so the student's base weights absorb what the adapter changed. Layers that were not trained
 come back bit-for-bit unchanged, so a re-aligned package shares their chunks.
@@ -22,22 +21,23 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from coordinator.model.distillation_loss import distillation_loss
 from coordinator.model.evaluation import Batch, model_device
 from coordinator.model.lm_head import (
     DEFAULT_CHUNK_TOKENS,
     TokenLogits,
-    chunked_kl,
     final_hidden,
 )
+from coordinator.model.plugged_adapter import plugged_adapter
 from coordinator.model.surgery import capture_layer_io, find_decoder_layers
-from shared.adapters import LoraSettings, lora_deltas, to_sub_keys
+from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError, ModelError
 from shared.layermap import bridge_layers
 
@@ -127,64 +127,6 @@ class ODAStats:
         }
 
 
-def distillation_loss(
-    student_final: torch.Tensor,
-    teacher_final: torch.Tensor,
-    student_logits: Callable[[torch.Tensor], torch.Tensor],
-    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
-    student_hidden: Sequence[torch.Tensor],
-    teacher_hidden: Sequence[torch.Tensor],
-    attention_mask: torch.Tensor,
-    *,
-    temperature: float = 2.0,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    kl_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ODA loss over the non-padding tokens, in float32, the logits a chunk of tokens at a time.
-
-    Args:
-        student_final: Tensor[B, T, H], the student decoder's last hidden states.
-        teacher_final: Tensor[B, T, H], the teacher's (no gradient needed).
-        student_logits: The student's head, ``[N, H] -> [N, V]`` float32
-            (:class:`~coordinator.model.lm_head.TokenLogits`).
-        teacher_logits: The teacher's head.
-        student_hidden: Per aligned layer, Tensor[B, T, H] (student layer outputs).
-        teacher_hidden: The mapped teacher layer outputs, same shapes and order.
-        attention_mask: Tensor[B, T], 1 on real tokens.
-        temperature: Softmax temperature tau.
-        alpha: Weight of the KL term.
-        beta: Weight of the hidden-state term.
-        kl_chunk_tokens: Tokens whose logits exist at once (see :mod:`coordinator.model.lm_head`).
-
-    Returns:
-        ``(total, kl, hidden)``: scalar tensors; ``kl`` already includes ``tau^2``; ``total =
-        alpha * kl + beta * hidden``.
-
-    Raises:
-        ModelError: The mask selects no token, or the layer lists differ in length.
-    """
-    if len(student_hidden) != len(teacher_hidden):
-        raise ModelError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
-    valid = attention_mask.bool()
-    n_tokens = int(valid.sum())
-    if n_tokens == 0:
-        raise ModelError("the distillation batch has no non-padding token")
-    kl = chunked_kl(
-        student_final[valid], teacher_final[valid.to(teacher_final.device)], student_logits, teacher_logits,
-        temperature=temperature, chunk=kl_chunk_tokens,
-    )
-    hidden = kl.new_zeros(())
-    if student_hidden:
-        terms = []
-        for hs, ht in zip(student_hidden, teacher_hidden):
-            hs = hs[valid].float()
-            ht = ht[valid].float()
-            terms.append(((hs - ht).pow(2).sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-8)).mean())
-        hidden = torch.stack(terms).mean()
-    return alpha * kl + beta * hidden, kl, hidden
-
-
 def trainable_layer_indices(kept: Sequence[int], align_layers: str) -> list[int]:
     """Sub-LLM layers ODA trains: the bridge layers, or all of them.
 
@@ -198,67 +140,6 @@ def trainable_layer_indices(kept: Sequence[int], align_layers: str) -> list[int]
     if align_layers == "all":
         return list(range(len(kept)))
     return bridge_layers(kept)
-
-
-def _module_weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """Orient a ``[out, in]`` LoRA delta like the module's weight (GPT-2's Conv1D stores ``[in, out]``)."""
-    if type(module).__name__ == "Conv1D":
-        delta = delta.T
-    if module.weight.shape != delta.shape:
-        raise ModelError(
-            f"adapter delta of shape {tuple(delta.shape)} does not fit weight {tuple(module.weight.shape)}"
-        )
-    return delta
-
-
-@contextlib.contextmanager
-def plugged_adapter(
-    model: nn.Module,
-    adapter: Mapping[str, torch.Tensor],
-    settings: LoraSettings,
-    restore: Callable[[str], bool] | None = None,
-) -> Iterator[list[str]]:
-    """Temporarily add a frozen LoRA adapter's dense update ``W += scaling * B @ A`` to a model.
-
-    A frozen adapter adds a fixed term to the weight, so merging it is exact, and the
-    gradient of the loss with respect to the base weight is the same as with the adapter
-    on the side. On exit every module is either restored from a saved copy (bit-exact) or,
-    when ``restore(module_path)`` is False, has the delta subtracted from its (trained)
-    weight.
-
-    Args:
-        model: The model whose module paths the adapter's keys name.
-        adapter: LoRA tensors with PEFT keys for this model's layer indices.
-        settings: LoRA settings (scaling).
-        restore: Which modules to restore bit-exactly (default: all).
-
-    Yields:
-        The module paths that were changed.
-    """
-    deltas = lora_deltas(adapter, settings)
-    saved: dict[str, torch.Tensor] = {}
-    applied: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for path, delta in deltas.items():
-                try:
-                    module = model.get_submodule(path)
-                except AttributeError as exc:
-                    raise ModelError(f"the adapter names module {path!r}, which the model does not have") from exc
-                oriented = _module_weight_delta(module, delta).to(module.weight.dtype).to(module.weight.device)
-                if restore is None or restore(path):
-                    saved[path] = module.weight.detach().clone()
-                module.weight.add_(oriented)
-                applied[path] = oriented
-        yield list(applied)
-    finally:
-        with torch.no_grad():
-            for path, oriented in applied.items():
-                module = model.get_submodule(path)
-                if path in saved:
-                    module.weight.copy_(saved[path])
-                else:
-                    module.weight.sub_(oriented)
 
 
 def distill(

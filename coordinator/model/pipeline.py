@@ -25,8 +25,9 @@ from coordinator.model.export import export_adapter
 from coordinator.model.footprint import CoordinatorWorkload
 from coordinator.model.methods import Method, get_method
 from coordinator.model.models import load_model, resolve_model
-from coordinator.model.oda import ODAConfig, plugged_adapter
+from coordinator.model.oda import ODAConfig
 from coordinator.model.placement import Placement, resolve_placement
+from coordinator.model.plugged_adapter import plugged_adapter
 from coordinator.model.preflight import preflight
 from coordinator.model.progress import ProgressSink
 from coordinator.model.task_eval import EvalSettings, compare, score_task

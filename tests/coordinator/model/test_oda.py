@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from coordinator.model.datasets import public_text
+from coordinator.model.distillation_loss import distillation_loss
 from coordinator.model.evaluation import tokenize_texts
 from coordinator.model.oda import (
     ODAConfig,
     distill,
-    distillation_loss,
     evaluate_distillation_loss,
-    plugged_adapter,
     trainable_layer_indices,
 )
+from coordinator.model.plugged_adapter import plugged_adapter
 from coordinator.model.surgery import (
     build_submodel,
     capture_layer_io,
