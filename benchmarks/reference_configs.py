@@ -49,3 +49,22 @@ LLAMA32_1B: dict[str, Any] = {
     "hidden_act": "silu",
 }
 """meta-llama/Llama-3.2-1B: tied head, llama3 rope scaling, 32 q / 8 kv heads."""
+
+GPT2: dict[str, Any] = {
+    "model_type": "gpt2",
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "n_positions": 1024,
+    "n_ctx": 1024,
+    "vocab_size": 50257,
+    "activation_function": "gelu_new",
+    "attn_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "resid_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5,
+    "tie_word_embeddings": True,
+}
+"""openai-community/gpt2 (124M): Conv1D projections, learned positions, LayerNorm, ``gelu_new``,
+dropout 0.1 on attention probabilities, residuals and embeddings, tied head."""

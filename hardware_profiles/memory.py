@@ -24,13 +24,17 @@ adds up, in bytes:
     tensors of a Llama-style layer (checked against ``grad_fn._saved_*`` in the tests):
     two RMSNorm inputs (fp32), attention query / key / value / output (key and value
     repeated to every head when batches are padded) and log-sum-exp, the gated MLP's three
-    intermediates, and each LoRA module's fp32 input and rank-``r`` projection. With
+    intermediates, and each LoRA module's fp32 input and rank-``r`` projection. GPT-2-style
+    layers (LayerNorm, ``gelu_new``, dropout) save more, also checked against ``grad_fn``:
+    with attention dropout on CPU, SDPA's math path and its three ``seq_len x seq_len``
+    matrices per head, two residual dropout masks, ``gelu_new``'s four intermediates
+    (:func:`extra_layer_tensors`). With
     gradient checkpointing only each layer's input is kept, plus one layer recomputed in
     backward. The 4-D attention mask is counted once.
 ``logits``
-    ``batch * seq_len * vocab`` values four times over at the start of backward (logits,
-    log-softmax, its gradient, the logits' gradient), fp32: for a small model with a large
-    vocabulary this is the largest single term.
+    ``batch * seq_len * vocab`` fp32 values :data:`LOGITS_COPIES` times over at the start of
+    backward (log-softmax, its gradient, the logits' gradient, the logits while held): for a
+    small model with a large vocabulary this is the largest single term.
 ``allocator``
     On CPU, glibc ``malloc`` serves tensors below its mmap threshold (at most 32 MiB on 64-bit
     Linux) from heaps it rarely trims, so freed activations of one step are not all reused
@@ -39,12 +43,23 @@ adds up, in bytes:
     allocator's fragmentation (:data:`CUDA_FRAGMENTATION`).
 ``load``
     Loading from a checkpoint of another precision holds the file's pages and the converted
-    weights at once; the peak is the larger of loading and training.
+    weights at once; the peak is the larger of loading and training. A 4-bit model loaded
+    from an fp32 file counts the whole fp32 file (every page is read to quantize it) beside
+    the 4-bit result. On CPU a checkpoint of the training precision is memory-mapped and
+    used in place, so an untied input embedding is resident only for the rows the data reads.
+
+The planner's ``checkpoint_precision=None`` means "the package is stored at the training
+precision" (an NF4 package for an nf4 setup): no conversion at load. A client that loads a
+4-bit model from an fp32 file must say ``checkpoint_precision="fp32"``, or the load peak is
+under-estimated.
 
 The constants marked *measured* were fitted to one run of ``benchmarks/memory_estimator.py``
 (peak RSS of separate processes training the real SmolLM2 on CPU, six steps each; grid search
 for the smallest worst-case distance from +5%), then checked on a second run with partly
-different configurations (``benchmarks/results/memory_estimator.md``). The CUDA ones are
+different configurations. :data:`CPU_EXTRA_HEAP_FACTOR` was fitted on the benchmark's three
+GPT-2 configurations and the untied-embedding term checked on its Qwen2 (152k vocabulary,
+untied head) and Llama-3.2 cuts, random-weight models built from the published configs
+(``benchmarks/results/memory_estimator.md`` has every row and which run measured it). The CUDA ones are
 typical figures from PyTorch practice, not measured here, and say so.
 """
 
@@ -69,7 +84,7 @@ MIB = 1 << 20
 
 CPU_FRAMEWORK_BYTES = 480 * MIB
 """*Measured.* Resident set of a client process beside its tensors: Python, torch 2.13,
-transformers 5.23, peft 0.21, bitsandbytes and fedsoda's own modules (345-390 MiB right
+transformers 5.23-5.24, peft 0.21, bitsandbytes and fedsoda's own modules (345-390 MiB right
 after the imports here), plus what training adds that no formula here names (thread pools, oneDNN
 scratch, tokenizer, dataset, PEFT wrappers: about 100 MiB). Fitted with the other *measured*
 constants on the benchmark's configurations."""
@@ -82,6 +97,21 @@ returned on free) the full 30-layer fp32 run peaks at the live size the formulas
 is how this term was isolated: the rest is heap that glibc keeps but cannot reuse for the
 next step's tensors (1.4 times the live size, fitted)."""
 
+CPU_EXTRA_HEAP_FACTOR = 1.5
+"""*Measured.* The same ratio for the saved tensors a Llama-style layer does not have
+(:func:`extra_layer_tensors`: GPT-2's attention probability matrices, dropout masks and
+``gelu_new`` intermediates). They are created once each step and kept until backward, the
+same sizes every step, so glibc reuses their chunks: fitted on the three GPT-2 configurations
+of the benchmark; the Llama-style transients that :data:`CPU_HEAP_FACTOR` stands for are what
+fragments the heaps."""
+
+LOGITS_COPIES = 3.5
+"""*Measured.* ``batch * seq_len * vocab`` fp32 tensors live at the start of backward: three
+always (log-softmax, its gradient, the logits' gradient), plus the logits themselves for as
+long as the trainer holds the model's output (the label-word loss does, the plain LM loss
+drops it). Fitted on the benchmark's 19 configurations (the 152k-vocabulary Qwen2 cut with
+4 x 128 tokens needed fewer than 4: +17% with 4)."""
+
 CPU_LOGITS_HEAP_FACTOR = 1.0
 """*Measured.* The same ratio for the four logits-sized tensors when they are small enough for
 the heaps (short batches): they are allocated and freed in the same order every step, so their
@@ -91,6 +121,12 @@ CPU_CHECKPOINT_HEAP_FACTOR = 0.5
 """*Measured.* With gradient checkpointing on CPU, heap that stays resident in units of the
 activations the layers would have saved without checkpointing (below the mmap threshold):
 every layer's forward runs twice and frees its tensors in between."""
+
+CPU_EMBEDDING_ROWS_TOUCHED = 32768
+"""*Assumed bound, not fitted.* Distinct token ids a client's dataset feeds the input
+embedding (a few thousand for the benchmark's 48 IMDB reviews; 32k covers a large English
+dataset): rows of an untied, memory-mapped embedding beyond these are never read, so never
+resident (:func:`_unread_embedding_bytes`)."""
 
 CPU_MMAP_THRESHOLD = 32 * MIB
 """glibc's largest dynamic mmap threshold on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
@@ -118,6 +154,7 @@ for training loops with steady shapes."""
 _NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed nibbles + uint8 absmax + fp32 absmax2
 _INT8_BYTES_PER_WEIGHT = 1.0
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_PYTHON_GELUS = frozenset({"gelu_new", "gelu_fast"})  # tanh approximations written as several ops
 _LORA_STATE_BYTES = {"adamw": 4 + 4 + 8 + 4, "adamw8bit": 4 + 4 + 2 + 4, "sgd": 4 + 4 + 4}
 """Per LoRA parameter: fp32 value, gradient, optimizer moments, the proximal term's global copy."""
 
@@ -180,17 +217,31 @@ def layer_activation_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tu
     Returns:
         One pair per kind of saved tensor; a tensor's size is ``bytes_per_token * tokens``.
     """
+    return _base_layer_tensors(shape, setup) + extra_layer_tensors(shape, setup)
+
+
+def _base_layer_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tuple[int, int]]:
+    """What a Llama-style layer saves (norm inputs, fused attention, MLP, LoRA); the rest of
+    :func:`layer_activation_tensors`."""
     cb = _DTYPE_BYTES[setup.resolved_compute_dtype]
     h, inter = shape.hidden_size, shape.intermediate_size
     q_width = shape.num_heads * shape.head_dim
     kv_width = q_width if setup.padded else shape.num_kv_heads * shape.head_dim
-    out: list[tuple[int, int]] = [
-        (h * 4, 2),  # the inputs of both RMSNorms, upcast to fp32
-        (q_width * cb, 2),  # attention query and output
-        (kv_width * cb, 2),  # key and value (repeated per head when a mask forces it)
-        (shape.num_heads * 4, 1),  # log-sum-exp of the fused attention
-        (inter * cb, 3 if shape.gated_mlp else 1),  # gate, activation, up (or the pre-activation)
-    ]
+    # LayerNorm saves its input as it comes; Llama-style RMSNorms upcast it to fp32 first.
+    out: list[tuple[int, int]] = [(h * (cb if shape.layer_norm else 4), 2)]
+    if _math_attention(shape, setup):
+        # PyTorch's CPU flash kernel has no dropout, so SDPA takes the math path: it saves the
+        # (scaled) query, key and value for its two matmuls (and the probability matrices,
+        # see extra_layer_tensors), not the attention output. It runs in fp32 even for bf16 /
+        # fp16 inputs (it upcasts them).
+        out += [(q_width * 4, 1), (kv_width * 4, 2)]
+    else:
+        out += [
+            (q_width * cb, 2),  # attention query and output
+            (kv_width * cb, 2),  # key and value (repeated per head when a mask forces it)
+            (shape.num_heads * 4, 1),  # log-sum-exp of the fused attention
+        ]
+    out.append((inter * cb, 3 if shape.gated_mlp else 1))  # gate, activation, up (or the activation's input)
     wrapped = wrapped_linears(shape, setup)
     if setup.lora_dropout > 0:
         # Every LoRA module drops its own copy of the input and keeps the fp32 mask.
@@ -204,6 +255,34 @@ def layer_activation_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tu
     if wrapped:
         out.append((setup.lora_rank * 4, len(wrapped)))  # lora_A outputs, saved by lora_B
     return out
+
+
+def extra_layer_tensors(shape: ModelShape, setup: TrainingSetup) -> list[tuple[int, int]]:
+    """Saved tensors of a layer beyond a Llama-style one's (GPT-2 style: checked against
+    ``grad_fn._saved_*`` in the tests): the math-path attention's three ``seq_len x seq_len``
+    matrices per head, the residual dropouts' masks, and ``gelu_new``'s three intermediates
+    beyond the activation's input. Empty for Llama, Qwen2, SmolLM2."""
+    out: list[tuple[int, int]] = []
+    if _math_attention(shape, setup):
+        out.append((shape.num_heads * setup.seq_len * 4, 3))  # softmax, dropout mask, dropped probabilities
+    if shape.residual_dropout > 0:
+        out.append((shape.hidden_size * dropout_mask_bytes(setup), 2))  # after attention and after the MLP
+    if not shape.gated_mlp and shape.activation in _PYTHON_GELUS:
+        out.append((shape.intermediate_size * _DTYPE_BYTES[setup.resolved_compute_dtype], 3))
+    return out
+
+
+def _math_attention(shape: ModelShape, setup: TrainingSetup) -> bool:
+    """PyTorch's CPU flash kernel has no dropout: with attention dropout, SDPA takes the math
+    path (:func:`_base_layer_tensors` says what it saves)."""
+    return shape.attention_dropout > 0 and setup.device == "cpu"
+
+
+def dropout_mask_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of what a dropout saves for backward: on CPU ``torch.dropout`` builds
+    the mask as a scaled tensor of the input's dtype (``_dropout_impl``); the fused CUDA kernel
+    keeps a bool mask."""
+    return _DTYPE_BYTES[setup.resolved_compute_dtype] if setup.device == "cpu" else 1
 
 
 def sized_bytes(tensors: list[tuple[int, int]], tokens: int, heap_factor: float, mmap_threshold: int) -> tuple[int, int]:
@@ -273,10 +352,13 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
     threshold = CPU_MMAP_THRESHOLD if on_cpu else 1 << 62  # every CUDA block is cached
 
     weights, _ = weight_bytes(shape, n_layers, setup.precision)
+    weights -= _unread_embedding_bytes(shape, setup)
     n_lora = lora_param_count(shape, setup)
     lora_state = n_lora * _LORA_STATE_BYTES[setup.optimizer]
 
     per_layer = layer_activation_tensors(shape, setup)
+    extra_heap = CPU_EXTRA_HEAP_FACTOR if on_cpu else heap_factor
+    extra_kept: list[tuple[int, int]] = []
     recompute_over = 0
     if setup.grad_checkpointing:
         # Kept: each layer's input; in backward one layer is recomputed and its gradients
@@ -288,16 +370,21 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
             small, _ = sized_bytes([(b, c * n_layers) for b, c in per_layer if b * tokens < threshold], tokens, 1.0, threshold)
             recompute_over = int(CPU_CHECKPOINT_HEAP_FACTOR * small)
     else:
-        kept = [(b, c * n_layers) for b, c in per_layer]
-    kept.append((shape.hidden_size * 4, 1))  # the final norm's input
+        kept = [(b, c * n_layers) for b, c in _base_layer_tensors(shape, setup)]
+        extra_kept = [(b, c * n_layers) for b, c in extra_layer_tensors(shape, setup)]
+    kept.append((shape.hidden_size * (cb if shape.layer_norm else 4), 1))  # the final norm's input
+    if shape.embedding_dropout > 0:
+        kept.append((shape.hidden_size * dropout_mask_bytes(setup), 1))  # GPT-2's dropout on the embeddings
     act_live, act_over = sized_bytes(kept, tokens, heap_factor, threshold)
-    act_over += recompute_over
+    x_live, x_over = sized_bytes(extra_kept, tokens, extra_heap, threshold)
+    act_live, act_over = act_live + x_live, act_over + x_over + recompute_over
     if setup.padded:
         mask = setup.batch_size * setup.seq_len * setup.seq_len * cb  # one 4-D mask for all layers
         m_live, m_over = sized_bytes([(mask, 1)], 1, heap_factor, threshold)
         act_live, act_over = act_live + m_live, act_over + m_over
-    # logits, log-softmax, its gradient and the logits' gradient, fp32, at the start of backward
-    logit_live, logit_over = sized_bytes([(shape.vocab_size * 4, 4)], tokens, CPU_LOGITS_HEAP_FACTOR if on_cpu else heap_factor, threshold)
+    # log-softmax, its gradient and the logits' gradient (and the logits while the trainer
+    # holds them), fp32, at the start of backward: LOGITS_COPIES of them
+    logit_live, logit_over = sized_bytes([(int(shape.vocab_size * 4 * LOGITS_COPIES), 1)], tokens, CPU_LOGITS_HEAP_FACTOR if on_cpu else heap_factor, threshold)
 
     dequant = 0
     if on_cpu and setup.precision in ("nf4", "int8"):
@@ -341,6 +428,24 @@ def estimate_training_memory(model_config: Any, setup: TrainingSetup) -> MemoryE
         lora_params=n_lora,
         device=setup.device,
     )
+
+
+def _unread_embedding_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Bytes of an UNTIED input embedding that never become resident.
+
+    On CPU a checkpoint of the training precision is memory-mapped and used in place; the
+    embedding lookup reads only the rows of the tokens it sees, and the kernel pages in only
+    those (a row of a 896-wide fp32 matrix is about one page). A tied head reads the whole
+    matrix every step, so this applies only when the head is untied. Measured on the untied
+    Qwen2 cut of the benchmark: 454 MiB resident after loading 1.5 GiB of weights.
+    """
+    if setup.device != "cpu" or shape.lm_head_params == 0:
+        return 0
+    source = setup.checkpoint_precision or setup.precision
+    if source != setup.precision or source not in _DTYPE_BYTES:
+        return 0  # converted or quantized at load: every row is copied
+    row = shape.embedding_params // max(shape.vocab_size, 1) * _DTYPE_BYTES[source]
+    return max(shape.vocab_size - CPU_EMBEDDING_ROWS_TOUCHED, 0) * row
 
 
 def _load_peak(shape: ModelShape, n_layers: int, setup: TrainingSetup, weights: int) -> int:

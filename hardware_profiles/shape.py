@@ -52,11 +52,21 @@ class ModelShape:
         head_dim: Width of one head.
         vocab_size: Vocabulary V (the logits' width).
         layer_linears: Linear modules of one decoder layer.
-        layer_other_params: Parameters of one layer outside its linears (norms, biases).
+        layer_other_params: Parameters of one layer outside its linears' weight matrices
+            (norms, and the linears' biases, which 4-bit quantization leaves unpacked).
         embedding_params: Input embedding parameters.
         lm_head_params: Output head parameters not shared with the embedding (0 when tied).
         other_params: Everything else outside the layers (final norm, ...).
         gated_mlp: The MLP has a gate projection (SwiGLU-style: three saved intermediates).
+        layer_norm: The layers normalise with ``LayerNorm`` (GPT-2, OPT: the input is saved in
+            the compute dtype) rather than an RMSNorm that upcasts to fp32 (Llama, Qwen2).
+        activation: The MLP's activation function as the config names it (``silu``,
+            ``gelu_new``, ``relu``, ...).
+        attention_dropout: Dropout probability on the attention probabilities
+            (``attn_pdrop`` / ``attention_dropout``).
+        residual_dropout: Dropout probability on each sublayer's output before the residual
+            add (``resid_pdrop`` / ``dropout`` / ``hidden_dropout``).
+        embedding_dropout: Dropout probability on the embeddings (``embd_pdrop`` / ``embed_dropout``).
     """
 
     model_type: str
@@ -73,6 +83,11 @@ class ModelShape:
     lm_head_params: int
     other_params: int
     gated_mlp: bool
+    layer_norm: bool = False
+    activation: str = "silu"
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
 
     @property
     def layer_linear_params(self) -> int:
@@ -150,10 +165,10 @@ def _model_shape_cached(config_json: str) -> ModelShape:
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear):
             linears.append(LinearShape(name, module.in_features, module.out_features))
-            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+            linear_params += weight.numel()
         elif type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:  # GPT-2 style
             linears.append(LinearShape(name, int(weight.shape[0]), int(weight.shape[1])))
-            linear_params += weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+            linear_params += weight.numel()
     if not linears:
         raise ModelError(f"no linear modules in the decoder layers of {model_type!r}")
     layer_params = sum(p.numel() for p in first.parameters())
@@ -185,7 +200,22 @@ def _model_shape_cached(config_json: str) -> ModelShape:
         lm_head_params=lm_head_params,
         other_params=max(other, 0),
         gated_mlp=any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears),
+        layer_norm=any(isinstance(m, torch.nn.LayerNorm) for m in first.modules()),
+        activation=str(_first_of(config, ("activation_function", "hidden_act", "hidden_activation"), "silu")),
+        attention_dropout=float(_first_of(config, ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob"), 0.0)),
+        residual_dropout=float(_first_of(config, ("resid_pdrop", "dropout", "hidden_dropout", "hidden_dropout_prob"), 0.0)),
+        embedding_dropout=float(_first_of(config, ("embd_pdrop", "embed_dropout"), 0.0)),
     )
+
+
+def _first_of(config: Any, names: tuple[str, ...], default: Any) -> Any:
+    """The first of ``names`` the config sets (not None), else ``default``: architectures
+    name the same setting differently (GPT-2's ``attn_pdrop`` is Llama's ``attention_dropout``)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
 
 
 def _decoder_layers(model: Any, n_layers: int) -> Any:
