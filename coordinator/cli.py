@@ -284,6 +284,7 @@ def prune(
     oda_lr: Annotated[float, typer.Option(help="ODA learning rate.")] = 3e-4,
     oda_batch_size: Annotated[int, typer.Option(help="Sequences per ODA step.")] = 4,
     align_layers: Annotated[str, typer.Option(help="ODA trains the 'bridge' layers or 'all' layers.")] = "bridge",
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens whose logits exist at once in ODA's KL and in perplexity (memory only; lower it for a large vocabulary).")] = 256,
     precision: Annotated[str, typer.Option(help="Package precision: nf4, bf16 or fp32.")] = "nf4",
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
@@ -317,7 +318,7 @@ def prune(
         config = PruneConfig(
             block_size=block_size, depths=_parse_depths(depths), keep_head=keep_head, keep_tail=keep_tail,
             token=token, calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len,
-            oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers) if oda else None,
+            oda=ODAConfig(steps=oda_steps, learning_rate=oda_lr, align_layers=align_layers, kl_chunk_tokens=chunk_tokens) if oda else None,
             oda_batch_size=oda_batch_size, precision=precision,
         )
         from coordinator.model.models import resolve_model

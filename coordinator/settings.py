@@ -245,6 +245,8 @@ class AlignmentSettings:
         temperature: Distillation temperature tau.
         learning_rate: AdamW learning rate for alignment.
         batch_size: Sequences per alignment step.
+        chunk_tokens: Tokens whose logits exist at once in the distillation KL (memory only:
+            the loss is the same); lower it for a large vocabulary on a small machine.
     """
 
     pre_align_steps: int = 30
@@ -256,6 +258,13 @@ class AlignmentSettings:
     temperature: float = 2.0
     learning_rate: float = 3e-4
     batch_size: int = 4
+    chunk_tokens: int = 256  # coordinator.model.lm_head.DEFAULT_CHUNK_TOKENS (settings import no torch)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_tokens < 1:
+            raise ConfigError(
+                f"alignment.batch_size and alignment.chunk_tokens must be >= 1, got {self.batch_size} and {self.chunk_tokens}"
+            )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,12 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from coordinator.model.lm_head import TokenLogits, chunked_nll, final_hidden
+from coordinator.model.lm_head import (
+    DEFAULT_CHUNK_TOKENS,
+    TokenLogits,
+    chunked_nll,
+    final_hidden,
+)
 from shared.errors import DataError
 
 Batch = dict[str, torch.Tensor]
@@ -68,7 +73,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def batches_nll(
-    model: nn.Module, batches: Iterable[Batch], progress: Callable[[int], None] | None = None
+    model: nn.Module,
+    batches: Iterable[Batch],
+    progress: Callable[[int], None] | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over non-padding targets.
 
@@ -76,6 +84,7 @@ def batches_nll(
         model: A causal LM (evaluated in eval mode; its mode is restored afterwards).
         batches: Right-padded batches from :func:`tokenize_texts`.
         progress: Called with 1 after each batch.
+        chunk_tokens: Tokens whose logits exist at once.
 
     Returns:
         ``(total_nll, n_tokens)`` in nats; the loss is computed in float32.
@@ -94,7 +103,7 @@ def batches_nll(
             targets = ids[:, 1:]
             # A target counts only when both it and the token predicting it are real.
             valid = (mask[:, 1:] * mask[:, :-1]).bool()
-            total += float(chunked_nll(hidden[valid], targets[valid], head))
+            total += float(chunked_nll(hidden[valid], targets[valid], head, chunk=chunk_tokens))
             count += int(valid.sum())
             if progress is not None:
                 progress(1)

@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from coordinator.model.lm_head import DEFAULT_CHUNK_TOKENS
 from hardware_profiles.memory import (
     CPU_CHECKPOINT_HEAP_FACTOR,
     CPU_HEAP_FACTOR,
@@ -146,7 +147,7 @@ class CoordinatorWorkload:
     block_size: int = 4
     oda_steps: int = 24
     precision: Literal["nf4", "bf16", "fp32"] = "nf4"
-    kl_chunk_tokens: int = 1024
+    kl_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     gradient_checkpointing: bool = True
     oda_batch_size: int | None = None
     eval_batch_size: int | None = None

@@ -85,6 +85,7 @@ def oda_config(alignment: AlignmentSettings, steps: int, align_layers: str, seed
         temperature=alignment.temperature,
         align_layers=align_layers,  # type: ignore[arg-type]
         seed=seed,
+        kl_chunk_tokens=alignment.chunk_tokens,
     )
 
 
@@ -113,7 +114,7 @@ def run_workload(config: RunConfig, num_layers: int, placement: Placement) -> Co
         depths=tier_spec(config).resolved_depths(num_layers), block_size=pruning.block_size,
         align_layers="all" if "all" in (alignment.align_layers, alignment.realign_layers) else "bridge",
         oda_steps=max(alignment.pre_align_steps, alignment.realign_steps), precision=pruning.precision,  # type: ignore[arg-type]
-        num_layers=num_layers, evaluate=False,
+        num_layers=num_layers, evaluate=False, kl_chunk_tokens=alignment.chunk_tokens,
     )
 
 

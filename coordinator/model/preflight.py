@@ -72,7 +72,7 @@ def _alternatives(workload: CoordinatorWorkload) -> list[tuple[str, str, Coordin
     chunk = w.kl_chunk_tokens
     while chunk > 128:
         chunk //= 2
-        out.append(("chunk", f"KL / NLL chunks of {chunk} tokens", replace(w, kl_chunk_tokens=chunk)))
+        out.append(("chunk", f"KL / NLL chunks of {chunk} tokens (prune --chunk-tokens {chunk}, or alignment.chunk_tokens = {chunk} in the run config)", replace(w, kl_chunk_tokens=chunk)))
     if w.align_layers == "all":
         out.append(("align", "bridge-only alignment (--align-layers bridge)", replace(w, align_layers="bridge")))
     if not w.gradient_checkpointing:

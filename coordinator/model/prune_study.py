@@ -86,6 +86,11 @@ class PruneConfig:
     precision: str = "nf4"
     seed: int = 0
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens whose logits exist at once, in ODA's KL and in perplexity alike."""
+        return self.oda.kl_chunk_tokens if self.oda else DEFAULT_CHUNK_TOKENS
+
     def workload(self, num_layers: int, device: str, dtype: str) -> CoordinatorWorkload:
         """What this study asks of the coordinator's memory (for :func:`coordinator.model.preflight.preflight`)."""
         oda = self.oda
@@ -93,7 +98,7 @@ class PruneConfig:
             dtype=dtype, device=device, calibration_batch_size=self.batch_size, seq_len=self.seq_len,  # type: ignore[arg-type]
             depths=self.tier_spec("").resolved_depths(num_layers), align_layers=oda.align_layers if oda else "bridge",
             block_size=self.block_size, oda_steps=oda.steps if oda else 0, precision=self.precision,  # type: ignore[arg-type]
-            kl_chunk_tokens=oda.kl_chunk_tokens if oda else DEFAULT_CHUNK_TOKENS,
+            kl_chunk_tokens=self.chunk_tokens,
             gradient_checkpointing=oda.gradient_checkpointing if oda else True,
             oda_batch_size=self.oda_batch_size, eval_batch_size=self.batch_size, eval_seq_len=self.eval_seq_len,
             num_layers=num_layers, baseline_student=bool(oda) and self.baseline_oda,
@@ -178,9 +183,9 @@ def split_public_text(texts: Sequence[str], calib: int, held_out: int, seed: int
     return [texts[i] for i in order[:calib]], [texts[i] for i in order[len(order) - held_out :]]
 
 
-def _perplexity(model: nn.Module, batches, sink: ProgressSink, label: str) -> float:
+def _perplexity(model: nn.Module, batches, sink: ProgressSink, label: str, chunk_tokens: int) -> float:
     advance = sink.start(f"perplexity: {label}", len(batches))
-    total, count = batches_nll(model, batches, advance)
+    total, count = batches_nll(model, batches, advance, chunk_tokens=chunk_tokens)
     return math.exp(total / count)
 
 
@@ -243,27 +248,27 @@ def run_prune(
     perplexity: dict[str, float] = {}
     parameters: dict[str, int] = {"full": parameter_count(model)}
     started = time.perf_counter()
-    perplexity["full"] = _perplexity(model, held, sink, "full")
+    perplexity["full"] = _perplexity(model, held, sink, "full", config.chunk_tokens)
     sgp_model = build_submodel(model, sgp_layers)
     parameters["sgp"] = parameter_count(sgp_model)
-    perplexity["sgp"] = _perplexity(sgp_model, held, sink, f"SGP {depth} layers")
+    perplexity["sgp"] = _perplexity(sgp_model, held, sink, f"SGP {depth} layers", config.chunk_tokens)
     del sgp_model  # one sub-LLM beside the full model at a time: the peak is full + one student
     uniform_model = build_submodel(model, uniform_layers)
     parameters["uniform"] = parameter_count(uniform_model)
-    perplexity["uniform"] = _perplexity(uniform_model, held, sink, f"uniform drop {depth} layers")
+    perplexity["uniform"] = _perplexity(uniform_model, held, sink, f"uniform drop {depth} layers", config.chunk_tokens)
     seconds["perplexity"] = time.perf_counter() - started
 
     oda_stats: dict[str, dict[str, Any]] = {}
     if tier_name(depth) in tierset.oda:
         oda_stats["sgp"] = tierset.oda[tier_name(depth)]
         oda_stats.update({f"tier {name}": stats for name, stats in tierset.oda.items() if name != tier_name(depth)})
-        perplexity["sgp+oda"] = _perplexity(tierset.aligned_student(model, tier_name(depth)), held, sink, "SGP after ODA")
+        perplexity["sgp+oda"] = _perplexity(tierset.aligned_student(model, tier_name(depth)), held, sink, "SGP after ODA", config.chunk_tokens)
         if config.baseline_oda and config.oda is not None:
             started = time.perf_counter()
             advance = sink.start(f"ODA: uniform drop ({config.oda.align_layers} layers)", config.oda.steps)
             oda_stats["uniform"] = distill(model, uniform_model, uniform_layers, oda_batches, config.oda, progress=advance).summary()
             seconds["oda_uniform"] = time.perf_counter() - started
-            perplexity["uniform+oda"] = _perplexity(uniform_model, held, sink, "uniform drop after ODA")
+            perplexity["uniform+oda"] = _perplexity(uniform_model, held, sink, "uniform drop after ODA", config.chunk_tokens)
 
     table = [[None if math.isnan(float(v)) else round(float(v), 6) for v in row] for row in distances]
     n = config.block_size

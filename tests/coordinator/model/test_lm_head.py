@@ -57,10 +57,8 @@ def test_chunked_kl_and_nll_equal_the_whole_tensor_results():
     torch.testing.assert_close(chunked_nll(ht, targets, head, chunk=3), ref_nll)
 
 
-def test_perplexity_never_builds_the_whole_logits_tensor(monkeypatch):
+def test_perplexity_never_builds_the_whole_logits_tensor():
     """batches_nll equals the forward's cross-entropy, and the head never sees more than a chunk."""
-    import coordinator.model.evaluation as evaluation
-
     model = tiny_model("qwen2")
     ids, mask = batch()
     with torch.no_grad():
@@ -70,7 +68,6 @@ def test_perplexity_never_builds_the_whole_logits_tensor(monkeypatch):
     seen: list[int] = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
-    monkeypatch.setattr(evaluation, "chunked_nll", lambda h, t, lg: chunked_nll(h, t, lg, chunk=4))
-    total, count = batches_nll(model, [{"input_ids": ids, "attention_mask": mask}])
+    total, count = batches_nll(model, [{"input_ids": ids, "attention_mask": mask}], chunk_tokens=4)
     assert total == pytest.approx(want, rel=1e-5) and count == int(valid.sum())
     assert seen and max(seen) <= 4

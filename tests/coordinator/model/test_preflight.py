@@ -37,10 +37,10 @@ def test_check_fits_names_the_shortfall_and_a_smaller_batch_that_fits():
 
 
 def test_check_fits_suggests_smaller_kl_chunks_when_the_vocabulary_dominates():
-    est = estimate_coordinator_memory(QWEN2_05B, CoordinatorWorkload(depths=(18,), block_size=2, calibration_batch_size=4, seq_len=512))
+    est = estimate_coordinator_memory(QWEN2_05B, CoordinatorWorkload(depths=(18,), block_size=2, calibration_batch_size=4, seq_len=512, kl_chunk_tokens=1024))
     smaller = estimate_coordinator_memory(QWEN2_05B, replace(est.workload, kl_chunk_tokens=512))
     assert smaller.total < est.total
-    with pytest.raises(InsufficientMemoryError, match="KL / NLL chunks of 512 tokens would need"):
+    with pytest.raises(InsufficientMemoryError, match=r"KL / NLL chunks of 512 tokens \(prune --chunk-tokens 512, or alignment.chunk_tokens = 512 in the run config\) would need"):
         check_fits(est, smaller.total)
 
 
@@ -75,3 +75,19 @@ def test_preflight_refuses_what_this_machine_cannot_hold():
     assert estimate_coordinator_memory(QWEN2_05B, huge).total > available_memory("cpu")
     with pytest.raises(InsufficientMemoryError, match="of RAM is available"):
         preflight(QWEN2_05B, huge)
+
+
+def test_the_chunk_setting_the_refusal_names_exists_everywhere_it_says():
+    from coordinator.model.lm_head import DEFAULT_CHUNK_TOKENS
+    from coordinator.model.pipeline import oda_config, run_workload
+    from coordinator.model.placement import Placement
+    from coordinator.settings import AlignmentSettings, RunConfig
+
+    assert AlignmentSettings().chunk_tokens == DEFAULT_CHUNK_TOKENS
+    assert CoordinatorWorkload(depths=(6,)).kl_chunk_tokens == DEFAULT_CHUNK_TOKENS
+    alignment = AlignmentSettings(chunk_tokens=64)
+    assert oda_config(alignment, 3, "bridge", 0).kl_chunk_tokens == 64
+    config = RunConfig(alignment=alignment)
+    assert run_workload(config, 30, Placement("cpu", "fp32")).kl_chunk_tokens == 64
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        AlignmentSettings(chunk_tokens=0)

@@ -87,3 +87,12 @@ def test_prune_reports_unreachable_depth(tiny_model_dir, public_file, tmp_path):
     )
     assert result.exit_code == 2
     assert "depth 3 cannot be reached" in result.output
+
+
+def test_prune_chunk_tokens_reaches_the_distillation(tiny_model_dir, public_file, tmp_path):
+    result = CliRunner().invoke(
+        app, ["prune", "--model", str(tiny_model_dir), "--public-data", str(public_file), "--out", str(tmp_path / "p"),
+              "--block-size", "1", "--depths", "3", "--chunk-tokens", "0"],
+    )
+    assert result.exit_code != 0
+    assert "kl_chunk_tokens must be >= 1, got 0" in result.output, result.output
