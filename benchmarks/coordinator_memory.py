@@ -393,6 +393,7 @@ def measure_baseline(tree: Path, python: str, args: argparse.Namespace) -> int:
 def workload_for(row: Mapping[str, Any]):
     """The :class:`~coordinator.model.footprint.CoordinatorWorkload` a measured row ran."""
     from coordinator.model.footprint import CoordinatorWorkload
+    from coordinator.model.lm_head import DEFAULT_CHUNK_TOKENS
 
     s = row["settings"]
     n = int(row["num_layers"])
@@ -411,6 +412,8 @@ def workload_for(row: Mapping[str, Any]):
         oda_steps=int(s["oda_steps"]),
         precision=s["precision"],
         baseline_student=True,  # prune also distils the uniform-drop baseline
+        # Rows measured before the chunk became a setting record the one their code used.
+        kl_chunk_tokens=int(row.get("kl_chunk_tokens", DEFAULT_CHUNK_TOKENS)),
     )
 
 
