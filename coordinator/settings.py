@@ -192,6 +192,10 @@ class PruningSettings:
         keep_tail: Last layers never pruned.
         token: SGP distances over ``all`` non-padding tokens or the ``last`` one of each text.
         precision: Weight precision of the packages clients download (``nf4``, ``bf16``, ``fp32``).
+        extra_precisions: Further precisions every tier is also published in, for devices that
+            cannot run ``precision`` (a Jetson without 4-bit kernels trains the ``bf16``
+            package); each is a package of its own (``L18-bf16``), assigned only where the
+            primary one does not run or fit. ``simulate --profiles`` adds what its classes need.
         tiers_dir: A ``fedsoda-coordinator prune`` output folder whose tiers the run uses as
             they are (no SGP, no pre-alignment); "" builds the tiers. Its method must be the
             run's; its depths, block size and precision replace the ones above.
@@ -203,6 +207,7 @@ class PruningSettings:
     keep_tail: int = 1
     token: Literal["all", "last"] = "all"
     precision: Literal["nf4", "bf16", "fp32"] = "nf4"
+    extra_precisions: list[str] = field(default_factory=list)
     tiers_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -213,6 +218,13 @@ class PruningSettings:
             problems.append(f"pruning.depths entries must be >= 1, got {self.depths}")
         if len(set(self.depths)) != len(self.depths):
             problems.append(f"pruning.depths has repeated entries: {self.depths}")
+        unknown = [p for p in self.extra_precisions if p not in ("nf4", "bf16", "fp32")]
+        if unknown:
+            problems.append(f"pruning.extra_precisions must be among nf4, bf16, fp32; got {unknown}")
+        if self.precision in self.extra_precisions or len(set(self.extra_precisions)) != len(self.extra_precisions):
+            problems.append(
+                f"pruning.extra_precisions {self.extra_precisions} repeats a precision (or the primary {self.precision!r})"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 

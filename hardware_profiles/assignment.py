@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hardware_profiles.budget import Budget, budget_for, runnable_precisions
+from hardware_profiles.budget import Budget, allowed_precisions, budget_for, runnable_precisions
 from hardware_profiles.memory import (
     MemoryEstimate,
     describe_bytes,
@@ -27,55 +27,73 @@ from shared.errors import ConfigError
 from shared.protocol import Assignment, DeviceProfile, TrainingParams
 
 
+@dataclass(frozen=True)
+class PublishedPackage:
+    """One package a run publishes: a tier's layer map in one weight precision.
+
+    Attributes:
+        kept: Full-LLM indices of the layers it keeps.
+        precision: Its weight precision (``nf4``, ``bf16``, ``fp32``).
+    """
+
+    kept: tuple[int, ...]
+    precision: Precision
+
+
 def assign_tier(
     client_id: str,
     profile: DeviceProfile,
     model_config: Any,
-    tiers: Mapping[str, Sequence[int]],
+    packages: Mapping[str, PublishedPackage],
     training: TrainingParams,
     *,
-    precision: Precision = "nf4",
     catalog: Catalog | None = None,
 ) -> Assignment:
-    """The coordinator's answer to a Hello: the deepest prepared tier the client can train.
+    """The coordinator's answer to a Hello: the deepest published package the client can train.
 
-    The run's tiers are fixed (prepared packages in one precision) and the batch is the
-    schedule's, so only gradient checkpointing may give way here.
+    The run's packages are fixed (a tier may be published in several precisions) and the
+    batch is the schedule's, so only gradient checkpointing may give way here. Deeper tiers
+    come first; within one depth, packages in precisions the device runs, in the order the
+    device prefers them (:func:`~hardware_profiles.budget.allowed_precisions`) and then the
+    run's listing.
 
     Args:
         client_id: The client.
         profile: Its measured profile (from its Hello).
         model_config: The full model's config.
-        tiers: Tier name -> kept full-LLM layer indices (the prepared packages).
+        packages: Published name -> package.
         training: The run's training parameters.
-        precision: Precision of the prepared packages.
         catalog: Catalog for the profile's class.
 
     Returns:
         An accepted Assignment with the plan, or a refused one whose reason has the numbers.
     """
-    if not tiers:
-        return Assignment(client_id=client_id, accepted=False, tier="", reason="the run has no prepared tier", plan={})
+    if not packages:
+        return _refused(client_id, "the run has no prepared tier")
     budget = budget_for(profile, catalog)
-    if precision in ("nf4", "int8") and not budget.supports_4bit:
-        return Assignment(
-            client_id=client_id,
-            accepted=False,
-            tier="",
-            reason=(
-                f"the run publishes {precision} packages but bitsandbytes 4/8-bit does not run on "
-                f"{profile.device_class} ({profile.gpu_name or profile.accelerator}); run the coordinator with a "
-                "bf16 or fp32 package precision for such devices"
-            ),
-            plan={},
+    published = sorted({p.precision for p in packages.values()})
+    runnable = _runnable(budget, published)
+    if not runnable:
+        return _refused(
+            client_id,
+            f"the run publishes {', '.join(published)} packages but none runs on {profile.device_class} "
+            f"({profile.gpu_name or profile.accelerator}: bitsandbytes 4/8-bit {'runs' if budget.supports_4bit else 'does not run'}, "
+            f"bf16 {'native' if budget.supports_bf16 else 'not native'}); add a precision it runs to "
+            "pruning.extra_precisions (for example \"bf16\")",
         )
     shape = model_shape(model_config)
-    options = PlannerOptions.from_training(training, precisions=(precision,))
-    precisions = runnable_precisions(budget, options.precisions)
+    preference: dict[str, int] = {}
+    for precision in [*allowed_precisions(budget), *runnable]:
+        preference.setdefault(precision, len(preference))
+    candidates = sorted(
+        ((name, pkg) for name, pkg in packages.items() if pkg.precision in runnable),
+        key=lambda item: (-len(item[1].kept), preference[item[1].precision], item[0]),
+    )
     leanest: tuple[str, MemoryEstimate] | None = None
-    for name, keep in sorted(tiers.items(), key=lambda item: (-len(item[1]), item[0])):
-        keep_t = tuple(sorted(int(i) for i in keep))
-        plan, est = fit_tier(shape, keep_t, -1, budget, options, precisions)
+    for name, pkg in candidates:
+        keep_t = tuple(sorted(int(i) for i in pkg.kept))
+        options = PlannerOptions.from_training(training, precisions=(pkg.precision,))
+        plan, est = fit_tier(shape, keep_t, -1, budget, options, [pkg.precision])
         if plan is not None:
             plan = replace(plan, tier=name, pruned_blocks=shape.num_layers - len(keep_t))
             return Assignment(
@@ -89,16 +107,23 @@ def assign_tier(
             leanest = (name, est)
     assert leanest is not None
     name, est = leanest
-    return Assignment(
-        client_id=client_id,
-        accepted=False,
-        tier="",
-        reason=(
-            f"no prepared tier fits {budget.source}: budget {describe_bytes(budget.bytes)}, the smallest tier {name} "
-            f"needs {describe_bytes(est.total_bytes)} even with gradient checkpointing"
-        ),
-        plan={},
+    return _refused(
+        client_id,
+        f"no prepared tier fits {budget.source}: budget {describe_bytes(budget.bytes)}, the smallest tier {name} "
+        f"needs {describe_bytes(est.total_bytes)} even with gradient checkpointing",
     )
+
+
+def _runnable(budget: Budget, precisions: Sequence[Precision]) -> list[Precision]:
+    """Those of ``precisions`` that run on the device (empty when none does)."""
+    try:
+        return runnable_precisions(budget, precisions)
+    except ConfigError:
+        return []
+
+
+def _refused(client_id: str, reason: str) -> Assignment:
+    return Assignment(client_id=client_id, accepted=False, tier="", reason=reason, plan={})
 
 
 @dataclass(frozen=True)

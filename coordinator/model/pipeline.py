@@ -31,7 +31,7 @@ from coordinator.model.plugged_adapter import plugged_adapter
 from coordinator.model.preflight import preflight
 from coordinator.model.progress import ProgressSink
 from coordinator.model.task_eval import EvalSettings, compare, score_task
-from coordinator.model.tiers import FullModel, TierSpec, build_tiers, realign_tiers
+from coordinator.model.tiers import FullModel, TierSpec, add_precisions, build_tiers, realign_tiers
 from coordinator.model.tierset import (
     PreparedTier,
     TierSet,
@@ -40,7 +40,7 @@ from coordinator.model.tierset import (
     load_tiers,
 )
 from coordinator.settings import AlignmentSettings, RunConfig
-from hardware_profiles.assignment import assign_tier
+from hardware_profiles.assignment import PublishedPackage, assign_tier
 from hardware_profiles.shape import model_shape
 from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError, ModelError
@@ -177,7 +177,19 @@ class ModelPipeline:
             )
         else:
             pipeline.tierset = build_tiers(pipeline._full(), tier_spec(config), pipeline.run_dir, sink=pipeline._sink())
+        pipeline._publish_extra_precisions()
         return pipeline
+
+    def _publish_extra_precisions(self) -> None:
+        """Package every tier also in ``pruning.extra_precisions`` where it is not yet (built
+        tiers, an adopted ``prune`` output, a resumed run whose config asks for more)."""
+        assert self.tierset is not None
+        wanted = [p for p in self.config.pruning.extra_precisions if p != self.tierset.spec["precision"]]
+        have = {(t.tier, t.precision) for t in self.tiers.values()}
+        if all((tier, p) in have for tier in self.tierset.packages_by_tier() for p in wanted):
+            return
+        self.progress(f"packaging every tier also in {', '.join(wanted)} (pruning.extra_precisions)")
+        self.tierset = add_precisions(self.tierset, self._full(), wanted, sink=self._sink())
 
     @property
     def tiers(self) -> dict[str, PreparedTier]:
@@ -264,9 +276,8 @@ class ModelPipeline:
             client_id,
             profile,
             self.full_model.config,
-            {name: t.kept for name, t in self.tiers.items()},
+            {name: PublishedPackage(tuple(t.kept), t.precision) for name, t in self.tiers.items()},  # type: ignore[arg-type]
             self.config.training,
-            precision=self.tierset.spec["precision"],  # an adopted prune output brings its own
         )
 
     def realign(self, global_state: dict[str, torch.Tensor], version: int) -> dict[str, PreparedTier]:

@@ -6,12 +6,14 @@ SGP settings, pre-alignment, precision), :func:`build_tiers`:
 1. ranks SGP blocks, when the method keeps layers by ranking (:mod:`coordinator.model.methods`);
 2. picks each tier's layer map through the method (tiers cut from one ranking nest);
 3. builds each sub-LLM and pre-aligns it with ODA where the method distils;
-4. keeps the tensors ODA changed (fp32) and writes package version 1 with its manifest.
+4. keeps the tensors ODA changed and writes package version 1 with its manifest, in the
+   primary precision; :func:`add_precisions` then writes the same tier in the other
+   precisions a run needs (for devices without 4-bit kernels).
 
 Everything lands in one folder, laid out the same for ``prune`` (its output folder) and
 ``serve`` (its run directory): see :mod:`coordinator.model.tierset`, which also reloads and
-adopts it. :func:`realign_tiers` publishes the next version of every tier. Tiers are named
-after their depth (``L18`` keeps 18 layers).
+adopts it. :func:`realign_tiers` publishes the next version of every tier, in every precision
+it is published in. Tiers are named after their depth (``L18`` keeps 18 layers).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from coordinator.model.tierset import (
     PreparedTier,
     TierSet,
     model_fingerprint,
+    package_name,
     tier_from_folder,
 )
 from shared.adapters import LoraSettings
@@ -146,7 +149,7 @@ def build_tiers(
     num_layers = len(layers)
     depths = spec.resolved_depths(num_layers)  # every depth checked before any work
     ranking = _ranking(full, spec, method, sink, distances)
-    packager = _Packager(root, full.tokenizer, spec.precision, spec.model_name, num_layers)
+    packager = _Packager(root, full.tokenizer, spec.model_name, num_layers)
 
     tiers: dict[str, PreparedTier] = {}
     oda: dict[str, dict[str, Any]] = {}
@@ -162,7 +165,7 @@ def build_tiers(
             log.info("tier %s: distillation loss %.4f -> %.4f", name, stats.first_loss, stats.last_loss)
             oda[name] = stats.summary()
         _save_aligned(full.model, prefix, student, kept, root / TIERS_FOLDER / name / "aligned_v1.safetensors")
-        tiers[name] = packager.package(student, kept, name, 1, sink)
+        tiers[name] = packager.package(student, kept, name, 1, spec.precision, sink)
         del student  # freed before the next tier's copy is made
     tierset = TierSet(
         root=root, method=method.name, num_layers=num_layers, layers_prefix=prefix,
@@ -216,20 +219,21 @@ def _save_aligned(full_model: nn.Module, prefix: str, student: nn.Module, kept: 
 
 @dataclass(frozen=True)
 class _Packager:
-    """Writes a tier's package and its manifest (what every version of every tier shares)."""
+    """Writes a package and its manifest (what every version of every package shares)."""
 
     root: Path
     tokenizer: Any
-    precision: str
     model_name: str
     num_layers: int
 
-    def package(self, student: nn.Module, kept: list[int], name: str, version: int, sink: ProgressSink) -> PreparedTier:
+    def package(
+        self, student: nn.Module, kept: list[int], name: str, version: int, precision: str, sink: ProgressSink
+    ) -> PreparedTier:
         folder = self.root / TIERS_FOLDER / name / f"v{version}"
-        advance = sink.start(f"packaging tier {name} v{version} ({self.precision})", 1)
+        advance = sink.start(f"packaging {name} v{version} ({precision})", 1)
         write_package(
             student, self.tokenizer, kept, name, version, folder,
-            precision=self.precision, name=self.model_name, full_num_layers=self.num_layers,
+            precision=precision, name=self.model_name, full_num_layers=self.num_layers,
         )
         advance(1)
         if version > 1:
@@ -254,6 +258,44 @@ def _link_unchanged(previous: Path, folder: Path) -> None:
             os.replace(staging, path)
 
 
+def add_precisions(
+    tierset: TierSet, full: FullModel, precisions: Sequence[str], *, sink: ProgressSink | None = None
+) -> TierSet:
+    """Publish every tier also in each of ``precisions`` it lacks (same version, same aligned
+    weights), for devices that cannot run the primary precision.
+
+    Args:
+        tierset: The tiers (built, adopted or reloaded).
+        full: The full LLM the tiers were cut from.
+        precisions: Package precisions every tier must have.
+        sink: Progress reporting.
+
+    Returns:
+        The tiers with the new packages, recorded in ``tierset.root`` (``tierset`` itself when
+        nothing was missing).
+    """
+    sink = sink or LogSink()
+    primary = tierset.spec["precision"]
+    packager = _Packager(tierset.root, full.tokenizer, tierset.spec["model_name"], tierset.num_layers)
+    tiers = dict(tierset.tiers)
+    for tier, packages in tierset.packages_by_tier().items():
+        have = {p.precision for p in packages}
+        missing = [p for p in precisions if p not in have]
+        if not missing:
+            continue
+        source = packages[0]
+        student = tierset.aligned_student(full.model, source.name)
+        for precision in missing:
+            name = package_name(tier, precision, primary)
+            tiers[name] = packager.package(student, source.kept, name, source.version, precision, sink)
+        del student
+    if tiers == tierset.tiers:
+        return tierset
+    updated = dataclasses.replace(tierset, tiers=tiers)
+    updated.save()
+    return updated
+
+
 def realign_tiers(
     tierset: TierSet,
     full: FullModel,
@@ -265,6 +307,9 @@ def realign_tiers(
     sink: ProgressSink | None = None,
 ) -> TierSet:
     """Re-align every tier with the global adapter plugged in and publish it as ``version``.
+
+    Each tier is distilled once; each of its packages (one per precision) is written anew
+    from that one aligned student.
 
     Args:
         tierset: The current tiers.
@@ -280,23 +325,26 @@ def realign_tiers(
     """
     sink = sink or LogSink()
     tiers, oda = dict(tierset.tiers), dict(tierset.oda)
-    spec = tierset.spec
-    packager = _Packager(tierset.root, full.tokenizer, spec["precision"], spec["model_name"], tierset.num_layers)
-    for name, tier in tierset.tiers.items():
-        advance = sink.start(f"ODA: re-aligning tier {name} with the global adapter (v{version})", realign.steps)
-        student = tierset.aligned_student(full.model, name)
+    packager = _Packager(tierset.root, full.tokenizer, tierset.spec["model_name"], tierset.num_layers)
+    grouped = tierset.packages_by_tier()
+    for tier, packages in grouped.items():
+        kept = packages[0].kept
+        advance = sink.start(f"ODA: re-aligning tier {tier} with the global adapter (v{version})", realign.steps)
+        student = tierset.aligned_student(full.model, packages[0].name)
         stats = distill(
-            full.model, student, tier.kept, full.calibration, realign, global_adapter=global_adapter, lora=lora, progress=advance
+            full.model, student, kept, full.calibration, realign, global_adapter=global_adapter, lora=lora, progress=advance
         )
-        oda[name] = stats.summary()
-        _save_aligned(full.model, tierset.layers_prefix, student, tier.kept, tierset.aligned_path(name, version))
-        tiers[name] = packager.package(student, tier.kept, name, version, sink)
+        oda[tier] = stats.summary()
+        _save_aligned(full.model, tierset.layers_prefix, student, kept, tierset.aligned_path(tier, version))
+        for package in packages:
+            tiers[package.name] = packager.package(student, kept, package.name, version, package.precision, sink)
+        del student
     updated = dataclasses.replace(tierset, tiers=tiers, oda=oda)
     updated.save()
     # Once the record names the new version, nothing reads the old aligned weights (resume and
     # the next re-alignment start from the current version): the disk holds one per tier.
-    for name, tier in tierset.tiers.items():
-        old = tierset.aligned_path(name, tier.version)
-        if old != updated.aligned_path(name, version):
+    for tier, packages in grouped.items():
+        old = tierset.aligned_path(tier, packages[0].version)
+        if old != updated.aligned_path(tier, version):
             old.unlink(missing_ok=True)
     return updated

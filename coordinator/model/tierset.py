@@ -4,8 +4,15 @@ A folder of tiers (a run directory, or a ``prune`` output) holds::
 
     ROOT/tiers.json                              the record: method, model fingerprint, ranking,
                                                  tiers (layer map, version), ODA summaries
-    ROOT/tiers/<tier>/v<k>/                      package version k (format: shared.subllm)
-    ROOT/tiers/<tier>/aligned_v<k>.safetensors   the tensors alignment changed, fp32
+    ROOT/tiers/<package>/v<k>/                   package version k (format: shared.subllm)
+    ROOT/tiers/<tier>/aligned_v<k>.safetensors   the tensors alignment changed, in the
+                                                 coordinator's dtype
+
+A tier (a layer map, named ``L<depth>``) is published as one package per precision: the run's
+primary precision under the tier's own name (``L18``), every other one under
+:func:`package_name` (``L18-bf16``), for devices that cannot run the primary one (a Jetson
+without 4-bit kernels). The packages of one tier share its aligned weights: alignment runs
+once per tier, packaging once per precision.
 
 The tier builder (:mod:`coordinator.model.tiers`) writes it; ``serve --resume`` reloads it
 (:func:`load_tiers`) and ``serve --tiers DIR`` adopts a ``prune`` output as it is
@@ -29,6 +36,7 @@ from torch import nn
 
 from coordinator.model.surgery import build_submodel, find_decoder_layers, text_config
 from shared.errors import ConfigError, RunStateError
+from shared.layermap import tier_name
 from shared.manifests import build_manifest
 from shared.protocol import Manifest
 from shared.subllm import read_meta
@@ -40,16 +48,24 @@ RECORD_FORMAT = 1
 _FINGERPRINT_VALUES = 4096
 
 
+def package_name(tier: str, precision: str, primary: str) -> str:
+    """The published name of ``tier``'s package in ``precision``: the tier's own name for the
+    run's primary precision, ``<tier>-<precision>`` for any other (e.g. ``L18-bf16``)."""
+    return tier if precision == primary else f"{tier}-{precision}"
+
+
 @dataclass(frozen=True)
 class PreparedTier:
-    """One sub-LLM tier as published.
+    """One published package of a sub-LLM tier.
 
     Attributes:
-        name: Tier name, ``L<kept layers>`` (e.g. ``L18``).
+        name: Published name (the manifest topic, what a client is assigned): the tier's
+            name for the primary precision, :func:`package_name` for the others.
         kept: Full-LLM indices of its layers (its layer map).
         version: Package version (1, then +1 per re-alignment).
         folder: Package folder.
         manifest: Its content-addressed manifest.
+        precision: Weight precision of the package (``nf4``, ``bf16``, ``fp32``).
     """
 
     name: str
@@ -57,10 +73,18 @@ class PreparedTier:
     version: int
     folder: Path
     manifest: Manifest
+    precision: str
+
+    @property
+    def tier(self) -> str:
+        """The tier this package is of, ``L<depth>`` (shared by its packages in every precision)."""
+        return tier_name(len(self.kept))
 
     def describe(self) -> dict[str, Any]:
-        """Plain summary for the run report (layers, version, package size)."""
+        """Plain summary for the run report (tier, precision, layers, version, package size)."""
         return {
+            "tier": self.tier,
+            "precision": self.precision,
             "layers": len(self.kept),
             "layer_map": self.kept,
             "version": self.version,
@@ -98,24 +122,32 @@ class TierSet:
     source: str = ""
 
     def layer_maps(self) -> dict[str, list[int]]:
-        """Tier name -> layer map."""
+        """Package name -> layer map."""
         return {name: list(t.kept) for name, t in self.tiers.items()}
 
-    def aligned_path(self, name: str, version: int) -> Path:
-        """File of the tensors alignment changed in version ``version`` of tier ``name``."""
-        return self.root / TIERS_FOLDER / name / f"aligned_v{version}.safetensors"
+    def packages_by_tier(self) -> dict[str, list[PreparedTier]]:
+        """Tier name -> its packages (primary precision first), shallowest tier first."""
+        grouped: dict[str, list[PreparedTier]] = {}
+        for package in sorted(self.tiers.values(), key=lambda t: (len(t.kept), t.name != t.tier, t.name)):
+            grouped.setdefault(package.tier, []).append(package)
+        return grouped
+
+    def aligned_path(self, tier: str, version: int) -> Path:
+        """File of the tensors alignment changed in version ``version`` of tier ``tier``."""
+        return self.root / TIERS_FOLDER / tier / f"aligned_v{version}.safetensors"
 
     def aligned_student(self, full_model: nn.Module, name: str) -> nn.Module:
-        """The fp32 sub-LLM of tier ``name`` at its current version, aligned weights loaded.
+        """The sub-LLM of package (or tier) ``name`` at its current version, aligned weights
+        loaded, in the full model's dtype.
 
-        Re-alignment starts from this rather than from the 4-bit package, so quantization error
-        never accumulates across versions.
+        Re-alignment and extra precisions start from this rather than from the 4-bit package,
+        so quantization error never accumulates across versions.
         """
         from safetensors.torch import load_file
 
         tier = self.tiers[name]
         student = build_submodel(full_model, tier.kept)
-        path = self.aligned_path(name, tier.version)
+        path = self.aligned_path(tier.tier, tier.version)
         if path.is_file():
             student.load_state_dict(load_file(str(path)), strict=False)
         return student
@@ -129,7 +161,7 @@ class TierSet:
             "layers_prefix": self.layers_prefix,
             "fingerprint": self.fingerprint,
             "ranking": self.ranking,
-            "tiers": {t.name: {"kept": t.kept, "version": t.version} for t in self.tiers.values()},
+            "tiers": {t.name: {"kept": t.kept, "version": t.version, "precision": t.precision} for t in self.tiers.values()},
             "spec": self.spec,
             "oda": self.oda,
             "source": self.source,
@@ -161,12 +193,16 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def tier_from_folder(name: str, kept: list[int], version: int, folder: Path, model_name: str) -> PreparedTier:
-    """The published tier of a package folder: its manifest carries the package's meta and the
-    sub-LLM's model config, because clients plan memory from the manifest before downloading."""
-    meta = dataclasses.asdict(read_meta(folder))
+    """The published package of a package folder (its precision read from the package's meta):
+    its manifest carries that meta and the sub-LLM's model config, because clients plan memory
+    from the manifest before downloading."""
+    package_meta = read_meta(folder)
+    meta = dataclasses.asdict(package_meta)
     meta["model_config"] = json.loads((folder / "config.json").read_text())
     manifest = build_manifest(folder, name=model_name, version=version, tier=name, meta=meta)
-    return PreparedTier(name=name, kept=list(kept), version=version, folder=folder, manifest=manifest)
+    return PreparedTier(
+        name=name, kept=list(kept), version=version, folder=folder, manifest=manifest, precision=package_meta.precision
+    )
 
 
 def load_tiers(root: str | Path) -> TierSet:

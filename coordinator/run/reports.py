@@ -235,6 +235,9 @@ def render_summary(data: dict[str, Any]) -> None:
             f"{sum(r['wall_seconds'] for r in rows):.0f}", losses,
         )
     console.print(clients)
+    from coordinator.run.tier_report import render_tiers  # it reads this module's helpers
+
+    render_tiers(data)
 
     refused = refused_rows(data)
     if refused:
@@ -360,14 +363,24 @@ def write_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     written.append(_save(fig, folder / "bytes_per_round.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    assignments = data.get("assignments", {})
     clients = sorted({r["client_id"] for r in rows})
     peaks = [max(r["peak_rss_bytes"] for r in rows if r["client_id"] == c) / GIB for c in clients]
-    budgets = [(data.get("assignments", {}).get(c, {}).get("budget_bytes") or 0) / GIB for c in clients]
-    ax.bar(clients, peaks, label="peak RSS")
-    ax.scatter(clients, budgets, color="red", marker="_", s=400, label="planned budget")
+    budgets = [(assignments.get(c, {}).get("budget_bytes") or 0) / GIB for c in clients]
+    estimates = [(assignments.get(c, {}).get("estimate_bytes") or 0) / GIB for c in clients]
+    # One colour per tier package, so a mixed fleet shows which tier each device trained.
+    packages = [assignments.get(c, {}).get("tier") or "?" for c in clients]
+    palette = plt.get_cmap("tab10")
+    colours = {name: palette(i % 10) for i, name in enumerate(sorted(set(packages)))}
+    for name in sorted(colours):
+        mine = [i for i, p in enumerate(packages) if p == name]
+        ax.bar([clients[i] for i in mine], [peaks[i] for i in mine], color=colours[name], label=f"peak RSS, {name}")
+    ax.scatter(clients, estimates, color="black", marker="x", label="plan estimate")
+    ax.scatter(clients, budgets, color="red", marker="_", s=400, label="budget")
     ax.set_ylabel("GiB")
-    ax.set_title("memory per client")
-    ax.legend()
+    ax.set_title("memory per client against its budget, by tier")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize="small")
     written.append(_save(fig, folder / "memory_per_client.png"))
     return written
 

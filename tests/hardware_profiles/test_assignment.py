@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hardware_profiles.assignment import assign_tier, check_plan
+from hardware_profiles.assignment import PublishedPackage, assign_tier, check_plan
 from hardware_profiles.detect import detect_profile
 from hardware_profiles.planner import plan_for_profile
 from shared.errors import ConfigError
@@ -27,28 +27,49 @@ def _params(**kw) -> TrainingParams:
     return TrainingParams(**values)
 
 
+def _packages(tiers: dict[str, list[int]], precision: str) -> dict[str, PublishedPackage]:
+    return {name: PublishedPackage(tuple(kept), precision) for name, kept in tiers.items()}  # type: ignore[arg-type]
+
+
 def test_assign_tier_gives_the_deepest_prepared_tier_that_fits(rtx3060_box: Path) -> None:
     profile = detect_profile(root=rtx3060_box)
     tiers = {"L32": list(range(32)), "L16": kept_layers(32, RANKING, 16)}
-    assignment = assign_tier("c1", profile, LLAMA_7B, tiers, _params(), precision="nf4")
+    assignment = assign_tier("c1", profile, LLAMA_7B, _packages(tiers, "nf4"), _params())
     assert assignment.accepted and assignment.tier == "L32"
     assert assignment.plan["keep_layers"] == list(range(32)) and assignment.plan["precision"] == "nf4"
 
 
 def test_assign_tier_refuses_4bit_runs_on_a_jetson(orin_nano: Path) -> None:
     profile = detect_profile(root=orin_nano)
-    assignment = assign_tier("nano", profile, LLAMA_7B, {"L32": list(range(32))}, _params(), precision="nf4")
+    assignment = assign_tier("nano", profile, LLAMA_7B, _packages({"L32": list(range(32))}, "nf4"), _params())
     assert not assignment.accepted and assignment.tier == ""
     assert "bitsandbytes" in assignment.reason and "jetson-orin-nano-8gb" in assignment.reason
+    assert "pruning.extra_precisions" in assignment.reason
+
+
+def _two_precisions() -> dict[str, PublishedPackage]:
+    small = tuple(kept_layers(32, RANKING, 30))  # prunes 30 of 32: small enough for the Orin Nano in bf16
+    name = f"L{len(small)}"
+    return {name: PublishedPackage(small, "nf4"), f"{name}-bf16": PublishedPackage(small, "bf16")}
+
+
+def test_a_device_without_4bit_gets_the_tiers_package_in_a_precision_it_runs(orin_nano: Path) -> None:
+    nano = assign_tier("nano", detect_profile(root=orin_nano), LLAMA_7B, _two_precisions(), _params())
+    assert nano.accepted and nano.tier.endswith("-bf16") and nano.plan["precision"] == "bf16"
+
+
+def test_a_device_with_4bit_gets_the_4bit_package_of_the_same_tier(rtx3060_box: Path) -> None:
+    rtx = assign_tier("rtx", detect_profile(root=rtx3060_box), LLAMA_7B, _two_precisions(), _params())
+    assert rtx.accepted and "-" not in rtx.tier and rtx.plan["precision"] == "nf4"
 
 
 def test_assign_tier_picks_a_smaller_tier_or_refuses_with_numbers(orin_nano: Path) -> None:
     profile = detect_profile(root=orin_nano)
     small = kept_layers(32, RANKING, 30)
     tiers = {"L32": list(range(32)), f"L{len(small)}": small}
-    assignment = assign_tier("nano", profile, LLAMA_7B, tiers, _params(), precision="bf16")
+    assignment = assign_tier("nano", profile, LLAMA_7B, _packages(tiers, "bf16"), _params())
     assert assignment.accepted and assignment.tier == f"L{len(small)}"
-    refused = assign_tier("nano", profile, LLAMA_7B, {"L32": list(range(32))}, _params(), precision="bf16")
+    refused = assign_tier("nano", profile, LLAMA_7B, _packages({"L32": list(range(32))}, "bf16"), _params())
     assert not refused.accepted and "L32 needs" in refused.reason and "GiB" in refused.reason
 
 
