@@ -246,6 +246,34 @@ def report(
             console.print(f"[cyan]>[/] wrote {path}")
 
 
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by serve or simulate (it may be running).")],
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw every --interval seconds until the run finishes or fails (Ctrl-C stops watching).")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between redraws with --watch.")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON on stdout (with --watch: the final one).")] = False,
+) -> None:
+    """Show where a run stands: phase, round, model version; each client's tier, presence, round state, bytes, peak memory."""
+    import json
+
+    from coordinator.run.run_status import (
+        read_status,
+        status_dict,
+        status_table,
+        watch_status,
+    )
+    from shared.console import console, run_command
+
+    if watch:
+        current = run_command(lambda: watch_status(run_dir, interval=interval, console=console))
+    else:
+        current = run_command(lambda: read_status(run_dir))
+    if as_json:
+        typer.echo(json.dumps(status_dict(current)))
+    else:
+        console.print(status_table(current))
+
+
 class _RichSink:
     """Progress sink for the prune study: one rich progress bar row per long step."""
 

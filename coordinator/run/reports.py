@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,26 @@ def round_record_dict(rec: RoundRecord) -> dict[str, Any]:
     return out
 
 
+def update_entries(run_dir: RunDir, rounds: Iterable[int]) -> list[dict[str, Any]]:
+    """The persisted updates of ``rounds`` in the report's ``updates`` format (what :func:`per_client_rounds` reads).
+
+    Args:
+        run_dir: The run directory.
+        rounds: Round numbers, in the order wanted.
+
+    Returns:
+        One dict per update (round, client, examples, metrics, resources), by round then client.
+
+    Raises:
+        RunStateError: An update's metadata file is corrupt.
+    """
+    return [
+        {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
+        for round_ in rounds
+        for u in run_dir.updates(round_)
+    ]
+
+
 def write_report(
     run_dir: RunDir,
     state: RoundState,
@@ -96,11 +116,7 @@ def write_report(
         "rounds": [round_record_dict(rec) for rec in state.records],
         "assignments": dict(assignments),
         "clients": {c.client_id: {"tier": c.tier, "accepted": c.accepted, "examples": c.num_examples} for c in state.clients},
-        "updates": [
-            {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
-            for r in state.records
-            for u in run_dir.updates(r.round)
-        ],
+        "updates": update_entries(run_dir, [rec.round for rec in state.records]),
         "tiers": dict(tiers),
         "chunks_served": totals.chunks_served,
         "bytes_served": totals.bytes_served,
