@@ -13,7 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hardware_profiles.budget import Budget, allowed_precisions, budget_for, runnable_precisions
+from hardware_profiles.budget import (
+    Budget,
+    allowed_precisions,
+    budget_for,
+    runnable_precisions,
+)
 from hardware_profiles.memory import (
     MemoryEstimate,
     describe_bytes,

@@ -31,7 +31,13 @@ from coordinator.model.plugged_adapter import plugged_adapter
 from coordinator.model.preflight import preflight
 from coordinator.model.progress import ProgressSink
 from coordinator.model.task_eval import EvalSettings, compare, score_task
-from coordinator.model.tiers import FullModel, TierSpec, add_precisions, build_tiers, realign_tiers
+from coordinator.model.tiers import (
+    FullModel,
+    TierSpec,
+    add_precisions,
+    build_tiers,
+    realign_tiers,
+)
 from coordinator.model.tierset import (
     PreparedTier,
     TierSet,

@@ -251,7 +251,9 @@ def render_summary(data: dict[str, Any]) -> None:
             f"{sum(r['wall_seconds'] for r in rows):.0f}", losses,
         )
     console.print(clients)
-    from coordinator.run.tier_report import render_tiers  # it reads this module's helpers
+    from coordinator.run.tier_report import (
+        render_tiers,  # it reads this module's helpers
+    )
 
     render_tiers(data)
 
