@@ -5,6 +5,12 @@ user's own file (``--data``); IID, or Dirichlet non-IID by label for classificat
 multiple-choice tasks (seeded). It writes each client's share as a JSONL file, starts ``fedsoda-client join`` once
 per client as a child process, and serves the run in this process through
 :func:`coordinator.launch.serve_run` — the very code path of ``serve`` and ``join``.
+
+``--profiles CLASS[:SIZE],...`` makes the clients play catalog classes on this machine: each
+runs ``join --profile CLASS --memory-limit SIZE`` (SIZE defaults to the class's usable memory,
+nominal less reserved), so it reports that class's capabilities and at most SIZE of memory, and
+runs under a real cap of SIZE (:mod:`edge_client.memory_cap`): an estimate that is wrong for
+the class ends that client with an out-of-memory error instead of passing on a bigger machine.
 """
 
 from __future__ import annotations
@@ -26,12 +32,59 @@ from coordinator.model.datasets import task_split
 from coordinator.model.pipeline import Progress
 from coordinator.run.server import RunOutcome
 from coordinator.settings import RunConfig
+from hardware_profiles.memory import describe_bytes, parse_bytes
+from hardware_profiles.profile import Catalog, load_catalog
 from shared.errors import ConfigError
 from shared.rows import read_rows
 
 log = logging.getLogger(__name__)
 
 CLIENT_EXIT_GRACE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """The device class a simulated client plays, and the memory cap it runs under.
+
+    Attributes:
+        device_class: Catalog class name (``join --profile``).
+        memory_limit_bytes: Cap on the client process (``join --memory-limit``).
+    """
+
+    device_class: str
+    memory_limit_bytes: int
+
+    def join_args(self) -> list[str]:
+        """The ``join`` flags that make a client play this profile."""
+        return ["--profile", self.device_class, "--memory-limit", str(self.memory_limit_bytes)]
+
+    def describe(self) -> str:
+        """``"cpu-8gb under 1.20 GiB"``."""
+        return f"{self.device_class} under {describe_bytes(self.memory_limit_bytes)}"
+
+
+def parse_client_profile(entry: str, catalog: Catalog | None = None) -> ClientProfile:
+    """One ``--profiles`` entry, ``CLASS[:SIZE]``, as the profile a client plays.
+
+    Args:
+        entry: e.g. ``"jetson-orin-nano-8gb:1.5GiB"`` or ``"cpu-8gb"``.
+        catalog: Catalog the class must be in (default: the shipped one).
+
+    Returns:
+        The class and the cap: SIZE when given, else the class's usable memory
+        (:attr:`~hardware_profiles.profile.DeviceClass.usable_bytes`).
+
+    Raises:
+        ConfigError: An empty entry, an unknown class (the message lists the known ones) or
+            a SIZE that is not a size.
+    """
+    name, _, size = entry.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"--profiles entry {entry!r} names no device class: write CLASS or CLASS:SIZE, e.g. cpu-8gb:1.5GiB")
+    cls = (catalog if catalog is not None else load_catalog()).get(name)
+    limit = parse_bytes(size, f"--profiles {name}: size") if size.strip() else cls.usable_bytes
+    return ClientProfile(cls.name, limit)
 
 
 @dataclass(frozen=True)
@@ -43,7 +96,9 @@ class SimulationOptions:
         partition: ``iid`` or ``dirichlet`` (non-IID label skew).
         dirichlet_alpha: Concentration of the Dirichlet split (smaller = more skewed).
         examples_per_client: Training examples each client holds at most.
-        profiles: Device class per client (cycled); empty = each client detects its own.
+        profiles: ``CLASS[:SIZE]`` per client (cycled): the device class it plays and the
+            memory cap it runs under (see :func:`parse_client_profile`); empty = each client
+            detects its own hardware and runs uncapped.
         data: A JSONL / CSV file of training rows in the task's format, dealt to the clients;
             "" = the task preset's train split.
     """
@@ -64,6 +119,18 @@ class SimulationOptions:
             raise ConfigError(f"--dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         if self.examples_per_client < 1:
             raise ConfigError(f"--examples-per-client must be at least 1, got {self.examples_per_client}")
+        self.client_profiles()  # a bad entry fails here, before any data is written or process started
+
+    def client_profiles(self) -> list[ClientProfile]:
+        """The parsed ``profiles`` entries, in order (empty when none are given).
+
+        Raises:
+            ConfigError: An entry names an unknown class or a bad size.
+        """
+        if not self.profiles:
+            return []
+        catalog = load_catalog()
+        return [parse_client_profile(entry, catalog) for entry in self.profiles]
 
 
 def partition_rows(
@@ -177,6 +244,7 @@ class ClientFleet:
         env = dict(os.environ)
         # Share the cores instead of oversubscribing them: N clients x all threads thrashes.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.options.clients))
+        profiles = self.options.client_profiles()
         for i, data in enumerate(self.data):
             folder = data.parent
             argv = [
@@ -184,8 +252,10 @@ class ClientFleet:
                 "--broker", f"{host}:{port}", "--run", self.config.run_id, "--client-id", client_name(i),
                 "--data", str(data), "--state-dir", str(folder / "state"), "--json",
             ]
-            if self.options.profiles:
-                argv += ["--profile", self.options.profiles[i % len(self.options.profiles)]]
+            if profiles:
+                played = profiles[i % len(profiles)]
+                argv += played.join_args()
+                log.info("%s plays %s", client_name(i), played.describe())
             log_file = (folder / "client.log").open("w")
             self.processes.append(
                 subprocess.Popen(argv, stdout=(folder / "outcome.json").open("w"), stderr=log_file, env=env)
@@ -205,9 +275,10 @@ class ClientFleet:
                 proc.terminate()
                 proc.wait(timeout=10)
         outcomes = []
-        for i in range(len(self.processes)):
-            text = (self.run_dir / "clients" / client_name(i) / "outcome.json").read_text().strip()
-            outcomes.append(json.loads(text) if text else {"status": "missing", "reason": "see client.log"})
+        for i, proc in enumerate(self.processes):
+            folder = self.run_dir / "clients" / client_name(i)
+            text = (folder / "outcome.json").read_text().strip()
+            outcomes.append(json.loads(text) if text else _no_outcome(client_name(i), proc.returncode, folder / "client.log"))
         return outcomes
 
     def stop(self) -> None:
@@ -215,6 +286,18 @@ class ClientFleet:
         for proc in self.processes:
             if proc.poll() is None:
                 proc.terminate()
+
+
+def _no_outcome(client_id: str, returncode: int | None, log_file: Path) -> dict[str, Any]:
+    """The outcome of a client that printed none: it stopped on an error (out of memory under
+    its cap, say) whose message is the last ``error:`` line of its log."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+    reason = f"exited with status {returncode}: {errors[-1]}" if errors else f"exited with status {returncode}; see {log_file}"
+    return {"client_id": client_id, "status": "missing" if returncode is None else "failed", "reason": reason}
 
 
 def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, progress: Progress = lambda _m: None) -> tuple[RunOutcome, list[dict[str, Any]]]:

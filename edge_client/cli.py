@@ -71,6 +71,7 @@ def join(
     run_id: Annotated[str, typer.Option("--run", help="Run id to join.", envvar="FEDSODA_RUN")] = "demo",
     client_id: Annotated[Optional[str], typer.Option(help="This client's stable id (default: the host name).", envvar="FEDSODA_CLIENT_ID")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Override the detected device class by catalog name (see `fedsoda-coordinator profiles`).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(help="This process may use SIZE in all (e.g. 1.5GiB, 800MiB, or bytes): it reports at most that to the coordinator and runs under a real cap of it (RLIMIT_DATA), training on the CPU; with --profile it plays that class on this machine.", metavar="SIZE")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="Chunk cache and resume state (default ~/.cache/fedsoda/clients/CLIENT_ID).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     username: Annotated[Optional[str], typer.Option(help="MQTT user name.", envvar="FEDSODA_USERNAME")] = None,
@@ -90,16 +91,18 @@ def join(
     setup_logging(verbose)
 
     def body():
+        # Imported first: torch and the client's code are part of what a memory cap holds.
         from edge_client.runner import ClientOptions
         from shared.config import cache_dir
         from shared.console import parse_broker_address
         from shared.transport_types import TransportConfig
 
+        limit = _memory_cap(memory_limit, device)
         address, cid, user, secret, ca = _login(credentials, broker, client_id, username, password, ca_file, state_dir)
         host, port = parse_broker_address(address)
         options = ClientOptions(
             run_id=run_id, client_id=cid, state_dir=state_dir or cache_dir() / "clients" / cid, device=device,
-            idle_timeout=idle_timeout,
+            idle_timeout=idle_timeout, memory_limit_bytes=limit,
         )
         transport = TransportConfig(
             host=host, port=port, client_id=cid, username=user, password=secret,
@@ -115,6 +118,26 @@ def join(
         typer.echo(json.dumps(dataclasses.asdict(outcome)))
     if outcome.status != "finished":
         raise typer.Exit(1)
+
+
+def _memory_cap(memory_limit: str | None, device: str) -> int | None:
+    """Apply ``--memory-limit`` to this process now; return the cap applied (None without one)."""
+    if memory_limit is None:
+        return None
+    from edge_client.memory_cap import apply_memory_cap, data_in_use_bytes
+    from hardware_profiles.memory import describe_bytes, parse_bytes
+    from shared.console import console
+    from shared.errors import ConfigError
+
+    requested = parse_bytes(memory_limit, "--memory-limit")
+    if device == "cuda":
+        # RLIMIT_DATA does not count GPU memory: a CUDA run would not be held to the size.
+        raise ConfigError("--memory-limit caps host memory, which a CUDA run is not held to: use --device cpu or auto")
+    applied = apply_memory_cap(requested)
+    tighter = f" (the limit already in force; {describe_bytes(requested)} asked)" if applied < requested else ""
+    console.print(f"[cyan]>[/] memory cap {describe_bytes(applied)}{tighter} on the whole process (RLIMIT_DATA), "
+                  f"{describe_bytes(data_in_use_bytes())} in use now; training on the CPU")
+    return applied
 
 
 def _login(credentials, broker, client_id, username, password, ca_file, state_dir):
@@ -138,6 +161,9 @@ def _login(credentials, broker, client_id, username, password, ca_file, state_di
 def _join(data, profile_name, options, transport_config):
     """Read the data, probe the device and run the client with progress bars; return its outcome.
 
+    Under ``--memory-limit`` the device is :func:`~hardware_profiles.detect.emulated_profile`
+    (measured at start and again for the preflight), otherwise the detected one.
+
     The rows are only read here; the task the coordinator publishes formats them (a row that
     does not fit it stops the client with its file and line).
     """
@@ -145,11 +171,16 @@ def _join(data, profile_name, options, transport_config):
 
     from edge_client.data import load_rows
     from edge_client.runner import ClientEvents, EdgeClient
-    from hardware_profiles.detect import detect_profile
+    from hardware_profiles.detect import detect_profile, emulated_profile
     from shared.console import console
 
     rows = load_rows(data)
-    profile = detect_profile(override=profile_name)
+    limit = options.memory_limit_bytes
+    if limit is None:
+        measure = lambda: detect_profile(override=profile_name)  # noqa: E731
+    else:  # the class's capabilities (or this machine's), on this CPU, memory capped at the limit
+        measure = lambda: emulated_profile(limit, device_class=profile_name)  # noqa: E731
+    profile = measure()
     console.print(f"[cyan]>[/] {profile.name}: {profile.device_class}, {profile.accelerator}, "
                   f"{profile.available_memory_bytes / 2**30:.1f} GiB free; {len(rows)} local rows in {data}")
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bars:
@@ -169,7 +200,7 @@ def _join(data, profile_name, options, transport_config):
 
         events = ClientEvents(on_status=lambda m: console.print(f"[cyan]>[/] {m}"), on_fetch=on_fetch, on_train=on_train)
         client = EdgeClient(options, transport_config, profile, rows, events,
-                            measure_profile=lambda: detect_profile(override=profile_name))
+                            measure_profile=measure)
         outcome = client.run()
     console.print(f"[bold]{outcome.status}[/]: {outcome.reason}; rounds sent {outcome.rounds_sent}, "
                   f"{outcome.bytes_received / 2**20:.1f} MiB down, {outcome.bytes_sent / 2**20:.1f} MiB up")

@@ -17,7 +17,7 @@ mid-round training checkpoint (so a restart resumes from the last saved step,
 yet (so a restart sends it again instead of losing it: a round counts as sent only once the
 broker has acknowledged its update, :mod:`edge_client.outbox`).
 
-This module is a little over 450 lines because the client is one class whose handlers and loop
+This module is a little over 500 lines because the client is one class whose handlers and loop
 share the state it holds; what it sent (:mod:`edge_client.outbox`), its checks
 (:mod:`edge_client.inbound`) and its training (:mod:`edge_client.trainer`) live elsewhere.
 """
@@ -41,6 +41,7 @@ from edge_client.inbound import (
     check_manifest,
     check_schedule,
 )
+from edge_client.memory_cap import out_of_memory_guard
 from edge_client.outbox import Outbox
 from edge_client.preflight import preflight
 from edge_client.resources import ResourceTracker
@@ -89,6 +90,8 @@ HELLO_RETRY_SECONDS = 5.0
 """How often a hello is repeated while no assignment has come (a hello is not retained)."""
 ACK_WAIT_SECONDS = 10.0
 """How long sending an update blocks for the broker's acknowledgement before the loop goes on waiting."""
+MAX_LEAVE_REASON_CHARS = 400
+"""The offline presence of a client that stops on an error carries the error, cut to this length."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ class ClientOptions:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present and the profile says so).
         checkpoint_every: Save the mid-round training state every this many steps (0: never).
         idle_timeout: Seconds to wait with nothing to do before giving up (None: for ever).
+        memory_limit_bytes: The memory cap this process runs under
+            (:func:`edge_client.memory_cap.apply_memory_cap`), None without one: the preflight
+            checks against it and running out of memory names it.
     """
 
     run_id: str
@@ -110,6 +116,7 @@ class ClientOptions:
     device: str = "auto"
     checkpoint_every: int = 5
     idle_timeout: float | None = None
+    memory_limit_bytes: int | None = None
 
 
 @dataclass
@@ -307,15 +314,22 @@ class EdgeClient:
             The outcome.
 
         Raises:
-            InsufficientMemoryError: The coordinator refused this device, or the assigned
-                tier does not fit in the memory available now.
+            InsufficientMemoryError: The coordinator refused this device, the assigned tier
+                does not fit in the memory available now, or fetching, loading or training
+                ran out of memory (under the cap, if one is set).
             BrokerError: The broker cannot be reached.
         """
         self.transport.connect()
+        leave_reason = "left"
         try:
             return self._serve(stop)
+        except FedSodaError as exc:
+            # The offline presence is how the coordinator learns a client gave up: say why,
+            # so its log shows "client-1 is offline (failed: ran out of memory ...)".
+            leave_reason = f"failed: {exc}"[:MAX_LEAVE_REASON_CHARS]
+            raise
         finally:
-            self._leave()
+            self._leave(leave_reason)
 
     def _serve(self, stop: Callable[[], bool]) -> ClientOutcome:
         self._announce(True, "joined")
@@ -402,7 +416,7 @@ class EdgeClient:
         if manifest is None:
             return  # the retained manifest arrives right after subscribing
         now = self.measure_profile() if self.measure_profile is not None else self.profile
-        verdict = preflight(manifest, self.assignment.plan, now)
+        verdict = preflight(manifest, self.assignment.plan, now, self.options.memory_limit_bytes)
         if not verdict.fits:
             raise InsufficientMemoryError(verdict.reason)
         self.events.on_status(verdict.reason)  # "<tier> fits: needs ..., <budget source> gives ..."
@@ -443,17 +457,23 @@ class EdgeClient:
             return self.options.device
         return "cuda" if self.profile.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
 
+    def _memory_guard(self, what: str):
+        """Allocation failures inside the block end the client with the cap and the plan's estimate."""
+        estimate = self.assignment.plan.get("estimate_bytes") if self.assignment is not None else None
+        return out_of_memory_guard(what, limit_bytes=self.options.memory_limit_bytes, estimate_bytes=estimate)
+
     def _train_and_send(self, schedule: Schedule) -> None:
         round_num = schedule.round
         tier = schedule.participants[self.client_id]
-        model, tokenizer, meta = self._model_for(self.manifests[tier])
+        with self._memory_guard(f"fetching and loading sub-LLM {tier}"):
+            model, tokenizer, meta = self._model_for(self.manifests[tier])
         checkpoint_dir = self.options.state_dir / "train"
         resume = load_checkpoint(checkpoint_dir)
         if resume is not None and resume.round_num != round_num:
             resume = None  # a checkpoint of an earlier round is of no use now
         assert self.dataset is not None  # formatted when the schedule arrived
         self.events.on_status(f"round {round_num}: training {schedule.training.local_steps} steps on {len(self.dataset)} examples")
-        with ResourceTracker(device_class=self.profile.device_class) as tracker:
+        with self._memory_guard(f"training round {round_num}"), ResourceTracker(device_class=self.profile.device_class) as tracker:
             result = train_adapter(
                 model,
                 tokenizer,
@@ -503,10 +523,10 @@ class EdgeClient:
             refused=dict(self.refused),
         )
 
-    def _leave(self) -> None:
+    def _leave(self, reason: str = "left") -> None:
         try:
             if self.transport.connected:
-                self._announce(False, "left")
+                self._announce(False, reason)
                 self.transport.flush(timeout=5.0)
         except FedSodaError as exc:
             log.warning("could not announce leaving: %s", exc)

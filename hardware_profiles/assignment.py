@@ -155,6 +155,7 @@ def check_plan(
     *,
     catalog: Catalog | None = None,
     process_rss_bytes: int = 0,
+    memory_limit_bytes: int | None = None,
 ) -> MemoryCheck:
     """Re-estimate an assigned plan against the memory free now (the client's preflight).
 
@@ -164,6 +165,8 @@ def check_plan(
         profile: The client's freshly measured profile (or a class / budget).
         catalog: Catalog for the profile's class.
         process_rss_bytes: The calling process's resident set (see
+            :func:`~hardware_profiles.budget.budget_for`).
+        memory_limit_bytes: The calling process's memory cap, if it runs under one (see
             :func:`~hardware_profiles.budget.budget_for`).
 
     Returns:
@@ -185,7 +188,9 @@ def check_plan(
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"the assigned plan is incomplete or malformed ({exc!r}): {dict(plan)}") from None
-    budget = profile if isinstance(profile, Budget) else budget_for(profile, catalog, process_rss_bytes=process_rss_bytes)
+    budget = profile if isinstance(profile, Budget) else budget_for(
+        profile, catalog, process_rss_bytes=process_rss_bytes, memory_limit_bytes=memory_limit_bytes
+    )
     setup = TrainingSetup(**setup_fields, device=budget.device, unified_memory=budget.unified_memory)
     est = estimate_training_memory(model_config, setup)
     fits = est.total_bytes <= budget.bytes

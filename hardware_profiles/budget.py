@@ -52,6 +52,7 @@ def budget_for(
     catalog: Catalog | None = None,
     *,
     process_rss_bytes: int = 0,
+    memory_limit_bytes: int | None = None,
 ) -> Budget:
     """The memory budget of a catalog class (nominal) or a measured profile (now).
 
@@ -64,6 +65,11 @@ def budget_for(
         process_rss_bytes: Resident set of the calling process, added back to the available
             memory because the estimate already counts the whole process (pass it when a
             client checks its own assignment; 0 on the coordinator).
+        memory_limit_bytes: A cap on the whole process's host memory
+            (:mod:`edge_client.memory_cap`): the available memory plus ``process_rss_bytes``
+            is held to it, since the process's own resident set is inside the cap too. The
+            profile of a capped client already reports at most the cap as available, which
+            is all the coordinator (no ``process_rss_bytes``) needs.
 
     Returns:
         The :class:`Budget`.
@@ -87,6 +93,8 @@ def budget_for(
     else:
         free = device.available_memory_bytes + process_rss_bytes if device.available_memory_bytes else 0
         what = "available memory"
+        if memory_limit_bytes is not None and free > memory_limit_bytes:
+            free, what = memory_limit_bytes, "memory cap"
     if free <= 0 and cls is not None:
         return replace(budget_for(cls), source=f"catalog class {cls.name} ({what} of {device.name} unknown)")
     major = float(device.compute_capability) if device.compute_capability else 0.0

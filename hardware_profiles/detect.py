@@ -15,6 +15,10 @@ empty strings; nothing here raises for missing hardware. The measured numbers go
 
 :func:`process_rss_bytes` measures the calling process itself: a client adds it back to the
 memory available, since the estimate already counts the whole process.
+
+:func:`emulated_profile` is the profile of a client running under a memory cap
+(``join --memory-limit``, ``simulate --profiles CLASS[:SIZE]``): a catalog class's
+capabilities on this machine's CPU, with its memory capped at the limit.
 """
 
 from __future__ import annotations
@@ -344,6 +348,63 @@ def detect_profile(*, override: str | None = None, catalog: Catalog | None = Non
         ConfigError: ``override`` names no catalog class.
     """
     return detect_hardware(override=override, catalog=catalog, root=root).profile
+
+
+def emulated_profile(
+    limit_bytes: int,
+    *,
+    device_class: str | None = None,
+    catalog: Catalog | None = None,
+    root: str | Path = "/",
+    name: str | None = None,
+) -> DeviceProfile:
+    """The profile of a client held to ``limit_bytes`` in all (``join --memory-limit``).
+
+    It describes the device the client plays, on the machine it really runs on:
+
+    * the class's capabilities: ``device_class`` is the named class (else the one this
+      machine matches), and ``supports_4bit`` is the class's flag where bitsandbytes 4-bit
+      also runs on this machine's CPU; the class's bf16 support and safety margin follow from
+      its name (:func:`~hardware_profiles.budget.budget_for` looks them up);
+    * this machine's accelerator, the CPU: the cap (``RLIMIT_DATA``) holds host memory only,
+      so a capped client trains on the CPU, and its profile says so: ``accelerator = "cpu"``,
+      no GPU fields, this machine's CPU count. ``unified_memory`` and ``is_jetson`` are False
+      even for a Jetson class: unified memory is a CUDA device sharing the host's memory
+      (:class:`~hardware_profiles.training_setup.TrainingSetup` refuses it on a CPU), and on
+      a CPU the cap already holds everything the process allocates, as a Jetson's shared
+      memory would;
+    * memory capped at the limit: total and available memory are at most ``limit_bytes``,
+      so the coordinator plans against ``limit * (1 - class margin)`` at most.
+
+    Args:
+        limit_bytes: The cap on the whole process (what :func:`edge_client.memory_cap.apply_memory_cap` applied).
+        device_class: Catalog class to play; ``None``: the class this machine matches.
+        catalog: Catalog (default: the shipped one).
+        root: Filesystem root for the Jetson probe.
+        name: Device name to report (default: the host name).
+
+    Returns:
+        The profile a capped client sends in its Hello and re-measures for its preflight.
+
+    Raises:
+        ConfigError: ``device_class`` names no catalog class.
+    """
+    detection = detect_hardware(override=device_class, catalog=catalog, root=root, name=name)
+    measured, cls = detection.profile, detection.device_class
+    cpu_4bit = _bitsandbytes_4bit_likely("cpu", is_jetson=False)
+    return replace(
+        measured,
+        accelerator="cpu",
+        total_memory_bytes=min(measured.total_memory_bytes, limit_bytes),
+        available_memory_bytes=min(measured.available_memory_bytes, limit_bytes),
+        unified_memory=False,
+        gpu_name="",
+        gpu_total_memory_bytes=0,
+        gpu_free_memory_bytes=0,
+        compute_capability="",
+        supports_4bit=(cls.supports_4bit if cls is not None else True) and cpu_4bit,
+        is_jetson=False,
+    )
 
 
 def process_rss_bytes() -> int:

@@ -65,6 +65,7 @@ typical figures from PyTorch practice, not measured here, and say so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -472,11 +473,50 @@ def describe_bytes(n: int) -> str:
     return f"{n} B"
 
 
+#: Binary units only: a catalog "8 GB" device is 8 GiB, so "GB" (10^9 or 2^30?) is refused.
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """``"1.5GiB"`` -> ``1610612736``: the inverse of :func:`describe_bytes`, for flags.
+
+    Args:
+        text: A number of bytes (``"1048576"``) or a number with a binary unit: ``B``,
+            ``KiB``, ``MiB``, ``GiB``, ``TiB`` (case-insensitive, space allowed: ``"800 MiB"``).
+        what: What the size is, for the error message (e.g. ``"--memory-limit"``).
+
+    Returns:
+        The size in bytes (at least 1).
+
+    Raises:
+        ConfigError: Not such a size: empty, negative, zero, a fractional byte count, or a
+            decimal / unknown unit (``GB`` is refused as ambiguous: write ``GiB``).
+    """
+    hint = "write e.g. 1.5GiB, 800MiB or a number of bytes"
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(f"{what} {text!r} is not a size: {hint}")
+    number, typed_unit = match.groups()
+    unit = typed_unit.lower()
+    if unit not in _SIZE_UNITS:
+        if unit in ("k", "m", "g", "t", "kb", "mb", "gb", "tb"):
+            raise ConfigError(f"{what} {text!r}: {typed_unit!r} is ambiguous (powers of 1000 or 1024?); {hint}")
+        raise ConfigError(f"{what} {text!r}: unknown unit {typed_unit!r}; {hint}")
+    if _SIZE_UNITS[unit] == 1 and "." in number:
+        raise ConfigError(f"{what} {text!r}: a byte count is a whole number; {hint}")
+    size = int(float(number) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ConfigError(f"{what} {text!r} must be more than 0 bytes; {hint}")
+    return size
+
+
 __all__ = [
     "CPU_FRAMEWORK_BYTES",
     "CPU_HEAP_FACTOR",
     "MemoryEstimate",
     "describe_bytes",
+    "parse_bytes",
     "estimate_training_memory",
     "layer_activation_tensors",
 ]

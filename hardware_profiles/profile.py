@@ -142,9 +142,17 @@ class DeviceClass:
         """``reserved_gib`` in bytes."""
         return int(self.reserved_gib * GIB)
 
+    @property
+    def usable_bytes(self) -> int:
+        """Memory a client process of this class may hold in all: ``memory - reserved`` (bytes).
+
+        What ``simulate --profiles CLASS`` caps an emulated client at when no size is given.
+        """
+        return self.memory_bytes - self.reserved_bytes
+
     def budget_bytes(self) -> int:
         """Bytes a training run may use on this class: ``(memory - reserved) * (1 - margin)``."""
-        return int((self.memory_bytes - self.reserved_bytes) * (1.0 - self.safety_margin))
+        return int(self.usable_bytes * (1.0 - self.safety_margin))
 
 
 class Catalog:
