@@ -155,7 +155,7 @@ def simulate(
     partition: Annotated[str, typer.Option(help="iid or dirichlet (non-IID by label).")] = "iid",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")] = 0.5,
     examples_per_client: Annotated[int, typer.Option(help="Training examples per client at most.")] = 200,
-    profiles: Annotated[Optional[str], typer.Option(help="Comma-separated CLASS[:SIZE] entries, cycled over the clients: each plays catalog class CLASS on this machine's CPU, capped for real at SIZE (e.g. 1.5GiB; default: the class's memory less its reserved part), e.g. cpu-8gb:1.2GiB,jetson-orin-nano-8gb:1.5GiB.", metavar="CLASS[:SIZE],...")] = None,
+    profiles: Annotated[Optional[str], typer.Option(help="Comma-separated CLASS[:SIZE] entries, cycled over the clients: each plays catalog class CLASS on this machine's CPU, capped for real at SIZE (e.g. 1.5GiB; default: the class's memory less its reserved part), e.g. cpu-8gb:1.2GiB,jetson-orin-nano-8gb:1.5GiB. A class without 4-bit kernels (a Jetson) gets every tier published in bf16 too.", metavar="CLASS[:SIZE],...")] = None,
     model: Annotated[Optional[str], typer.Option(help="Full model: a Hugging Face folder or id, or 'bundled' (SmolLM2-135M).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
     device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP)] = None,

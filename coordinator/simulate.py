@@ -300,6 +300,30 @@ def _no_outcome(client_id: str, returncode: int | None, log_file: Path) -> dict[
     return {"client_id": client_id, "status": "missing" if returncode is None else "failed", "reason": reason}
 
 
+def precisions_for_profiles(config: RunConfig, profiles: list[ClientProfile], catalog: Catalog | None = None) -> tuple[RunConfig, str]:
+    """The run's config with the package precision its played classes need added.
+
+    A class whose bitsandbytes wheel has no 4-bit kernels (a Jetson) cannot train an nf4
+    package; it trains the tier's ``bf16`` package instead (played on this CPU, bf16 always
+    runs), so ``bf16`` joins ``pruning.extra_precisions`` when such a class plays in a run
+    whose packages are all nf4. A user's own extra precisions are kept as they are.
+
+    Returns:
+        The config (the same object when nothing is added) and one line saying what was
+        added and for which classes ("" when nothing was).
+    """
+    pruning = config.pruning
+    if any(p != "nf4" for p in [pruning.precision, *pruning.extra_precisions]):
+        return config, ""
+    catalog = catalog if catalog is not None else load_catalog()
+    without_4bit = sorted({p.device_class for p in profiles if not catalog.get(p.device_class).supports_4bit})
+    if not without_4bit:
+        return config, ""
+    extended = dataclasses.replace(pruning, extra_precisions=[*pruning.extra_precisions, "bf16"])
+    note = f"{', '.join(without_4bit)} cannot run nf4 packages: every tier is also published in bf16 (pruning.extra_precisions)"
+    return dataclasses.replace(config, pruning=extended), note
+
+
 def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, progress: Progress = lambda _m: None) -> tuple[RunOutcome, list[dict[str, Any]]]:
     """Run a whole federated fine-tuning on this machine.
 
@@ -313,6 +337,9 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
         The coordinator's outcome and each client's outcome.
     """
     config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", port=0))
+    config, note = precisions_for_profiles(config, options.client_profiles())
+    if note:
+        progress(note)
     run_dir = Path(run_dir)
     data = write_client_data(config, options, run_dir)
     task = config.task.spec()

@@ -7,6 +7,8 @@ that stops on an error gets an outcome with its exit status and error line, not 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from coordinator.settings import RunConfig
@@ -15,6 +17,7 @@ from coordinator.simulate import (
     ClientProfile,
     SimulationOptions,
     parse_client_profile,
+    precisions_for_profiles,
 )
 from hardware_profiles.profile import GIB, load_catalog
 from shared.errors import BrokerError, ConfigError, InsufficientMemoryError
@@ -31,6 +34,27 @@ def test_an_entry_without_a_size_is_capped_at_the_class_memory_less_its_reserved
     rtx = load_catalog().get("rtx-3060-12gb")
     assert parse_client_profile("rtx-3060-12gb") == ClientProfile("rtx-3060-12gb", int(11.5 * GIB))
     assert rtx.usable_bytes == rtx.memory_bytes - rtx.reserved_bytes == int(11.5 * GIB)
+
+
+def test_a_class_without_4bit_kernels_gets_bf16_packages_published():
+    config = RunConfig()
+    assert config.pruning.precision == "nf4" and config.pruning.extra_precisions == []
+    played = [parse_client_profile("cpu-8gb:1GiB"), parse_client_profile("jetson-orin-nano-8gb:2GiB")]
+    extended, note = precisions_for_profiles(config, played)
+    assert extended.pruning.extra_precisions == ["bf16"] and extended.pruning.precision == "nf4"
+    assert note == "jetson-orin-nano-8gb cannot run nf4 packages: every tier is also published in bf16 (pruning.extra_precisions)"
+    assert config.pruning.extra_precisions == []  # the caller's config is not changed
+
+
+def test_no_precision_is_added_where_every_class_runs_nf4_or_a_runnable_one_is_published():
+    config = RunConfig()
+    assert precisions_for_profiles(config, [parse_client_profile("rtx-3060-12gb:2GiB")]) == (config, "")
+    assert precisions_for_profiles(config, []) == (config, "")
+    nano = [parse_client_profile("jetson-orin-nano-8gb:2GiB")]
+    chosen = dataclasses.replace(config, pruning=dataclasses.replace(config.pruning, extra_precisions=["fp32"]))
+    assert precisions_for_profiles(chosen, nano) == (chosen, "")  # the user's choice stands
+    bf16 = dataclasses.replace(config, pruning=dataclasses.replace(config.pruning, precision="bf16"))
+    assert precisions_for_profiles(bf16, nano) == (bf16, "")
 
 
 def test_the_client_is_given_both_flags():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_client.preflight import preflight
-from hardware_profiles.assignment import assign_tier, check_plan
+from hardware_profiles.assignment import PublishedPackage, assign_tier, check_plan
 from hardware_profiles.budget import budget_for
 from hardware_profiles.detect import detect_profile, emulated_profile
 from hardware_profiles.planner import PlannerOptions, plan_for_profile
@@ -28,6 +28,11 @@ from shared.protocol import Manifest, TrainingParams
 from .conftest import GIB, LLAMA_7B, RANKING, FakeMachine
 
 MIB = 1 << 20
+
+
+def _nf4(tiers: dict[str, list[int]]) -> dict[str, PublishedPackage]:
+    """The run's packages: every tier in nf4 only."""
+    return {name: PublishedPackage(tuple(kept), "nf4") for name, kept in tiers.items()}
 
 
 def _params() -> TrainingParams:
@@ -55,28 +60,28 @@ def test_a_jetson_class_keeps_its_no_4bit_flag_and_the_coordinator_refuses_4bit_
     assert profile.device_class == "jetson-orin-nano-8gb" and not profile.supports_4bit
     assert profile.accelerator == "cpu" and not profile.unified_memory
     assert budget_for(profile).bytes == int(1.5 * GIB * 0.85)
-    refused = assign_tier("nano", profile, LLAMA_7B, {"L32": list(range(32))}, _params(), precision="nf4")
-    assert not refused.accepted and "does not run on jetson-orin-nano-8gb" in refused.reason
+    refused = assign_tier("nano", profile, LLAMA_7B, _nf4({"L32": list(range(32))}), _params())
+    assert not refused.accepted and "none runs on jetson-orin-nano-8gb" in refused.reason and "pruning.extra_precisions" in refused.reason
 
 
 def test_the_cap_changes_the_tier_the_coordinator_assigns(rtx3060_box: Path) -> None:
     tiers = {"L32": list(range(32)), "L16": kept_layers(32, RANKING, 16), "L8": kept_layers(32, RANKING, 24)}
     relabelled = detect_profile(override="cpu-8gb", root=rtx3060_box)  # --profile alone: the machine's 26 GiB
     capped = emulated_profile(6 * GIB, device_class="cpu-8gb", root=rtx3060_box)
-    roomy = assign_tier("a", relabelled, LLAMA_7B, tiers, _params(), precision="nf4")
-    tight = assign_tier("b", capped, LLAMA_7B, tiers, _params(), precision="nf4")
+    roomy = assign_tier("a", relabelled, LLAMA_7B, _nf4(tiers), _params())
+    tight = assign_tier("b", capped, LLAMA_7B, _nf4(tiers), _params())
     assert roomy.accepted and tight.accepted
     assert (roomy.tier, tight.tier) == ("L32", "L8")
     assert tight.plan["budget_bytes"] == int(6 * GIB * 0.85) >= tight.plan["estimate_bytes"]
     starved = assign_tier("c", emulated_profile(2 * GIB, device_class="cpu-8gb", root=rtx3060_box),
-                          LLAMA_7B, tiers, _params(), precision="nf4")
+                          LLAMA_7B, _nf4(tiers), _params())
     assert not starved.accepted and "no prepared tier fits" in starved.reason
 
 
 def test_the_clients_own_check_keeps_its_resident_set_inside_the_cap(rtx3060_box: Path) -> None:
     limit = 6 * GIB
     profile = emulated_profile(limit, device_class="cpu-8gb", root=rtx3060_box)
-    plan = assign_tier("b", profile, LLAMA_7B, {"L8": kept_layers(32, RANKING, 24)}, _params(), precision="nf4").plan
+    plan = assign_tier("b", profile, LLAMA_7B, _nf4({"L8": kept_layers(32, RANKING, 24)}), _params()).plan
     rss = 700 * MIB
     capped = check_plan(LLAMA_7B, plan, profile, process_rss_bytes=rss, memory_limit_bytes=limit)
     assert capped.budget_bytes == int(limit * 0.85)  # min(available + rss, limit), less the margin

@@ -63,7 +63,7 @@ def test_serve_reuses_a_prune_output_without_pruning_again(tmp_path, mosquitto_b
     assert "ODA: re-aligning tier L3" in log  # from the aligned weights prune kept
     record = json.loads((fed.run_dir / "tiers.json").read_text())
     assert record["source"] == str(pruned.resolve())
-    assert record["tiers"]["L3"] == {"kept": built.tiers["L3"].kept, "version": 2}
+    assert record["tiers"]["L3"] == {"kept": built.tiers["L3"].kept, "version": 2, "precision": "nf4"}
     assert report["phase"] == "finished" and report["method"] == "fedsoda"
     assert {c["tier"] for c in report["clients"].values()} == {"L3"}
     assert [r["outcome"] for r in report["rounds"]] == ["aggregated", "aggregated"]
