@@ -20,12 +20,14 @@ from coordinator.model.models import load_model
 from coordinator.model.presets import task_preset
 from edge_client.data import (
     IGNORE_INDEX,
+    PAD_WIDTH_MULTIPLE,
     batch_indices,
     build_dataset,
     collate,
     dataset_from_records,
     load_rows,
     make_batch,
+    rows_from_records,
     tokenize_example,
 )
 from shared.errors import DataError
@@ -192,6 +194,24 @@ def test_collate_pads_right_and_masks(tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * n_a + [0] * (n_b - n_a)
     assert batch["labels"][0, n_a:].eq(IGNORE_INDEX).all()
     assert batch["input_ids"][0, :n_a].tolist() == list(a.input_ids)
+
+
+def test_collate_rounds_the_width_up_to_a_multiple_but_not_past_the_limit(tokenizer):
+    a = tokenize_example(tokenizer, Example("Review: ok\nSentiment:", " positive", 1), 64, add_eos=False)
+    n = len(a.input_ids)
+    assert collate([a], 0, width_multiple=8)["input_ids"].shape == (1, -(-n // 8) * 8)
+    assert collate([a], 0, width_multiple=32, max_width=n + 1)["input_ids"].shape == (1, n + 1)
+    assert collate([a], 0, width_multiple=32, max_width=n - 1)["input_ids"].shape == (1, n)  # never cuts an example
+    wide = collate([a], 0, width_multiple=32)
+    assert wide["attention_mask"][0].sum() == n and wide["labels"][0, n:].eq(IGNORE_INDEX).all()
+
+
+def test_make_batch_widths_come_in_steps_so_cpu_kernels_are_reused(tokenizer):
+    rows = [{"text": "fine film " * k, "label": k % 2} for k in range(1, 40)]
+    dataset = build_dataset(rows_from_records(rows), task_preset("rotten_tomatoes"))
+    widths = {make_batch(dataset, tokenizer, [i, i + 1], 256)["input_ids"].shape[1] for i in range(0, 38, 2)}
+    assert widths and all(w % PAD_WIDTH_MULTIPLE == 0 for w in widths)
+    assert len(widths) <= 256 // PAD_WIDTH_MULTIPLE < 19  # 19 batches of different lengths, few shapes
 
 
 def test_shuffle_is_deterministic_and_covers_every_example():

@@ -64,6 +64,7 @@ precision = "nf4"
 
 [alignment]
 pre_align_steps = 1
+realign_steps = 1
 batch_size = 2
 
 [rounds]
@@ -71,6 +72,7 @@ rounds = 2
 quorum = 3
 round_timeout_s = 300.0
 max_extensions = 4
+realign_every = 1
 
 [training]
 local_steps = {t.local_steps}
@@ -139,6 +141,9 @@ def test_three_device_classes_train_their_tiers_and_one_adapter_is_averaged_per_
     assigned = {name: a["tier"] for name, a in report["assignments"].items()}
     assert assigned == expected
     assert len({report["tiers"][t]["layers"] for t in assigned.values()}) == 2  # both depths train
+    # Re-aligned after round 1: every package of every tier is at version 2, and clients trained it.
+    assert {t["version"] for t in report["tiers"].values()} == {2}
+    assert "ODA: re-aligning tier L2" in shown and "ODA: re-aligning tier L5" in shown
 
     # Every client trained every round under its cap, and said which class it played.
     rounds = report["rounds"]
@@ -178,6 +183,11 @@ def test_three_device_classes_train_their_tiers_and_one_adapter_is_averaged_per_
     full, _ = load_model(small_model_dir)
     loaded = get_peft_model_state_dict(PeftModel.from_pretrained(full, str(run_dir / "adapter")))
     assert set(loaded) == set(previous)
+    # It covers the union of the layers the tiers keep (the deep tier's, which nest the shallow one's).
+    kept = json.loads((run_dir / "tiers.json").read_text())["tiers"]
+    assert set(kept["L2"]["kept"]) < set(kept["L5"]["kept"])
+    layers = {int(key.split(".layers.")[1].split(".")[0]) for key in loaded}
+    assert layers == set(kept["L5"]["kept"]) | set(kept["L2"]["kept"])
     for key, value in previous.items():
         assert torch.allclose(loaded[key].float(), value.float()), key
 
