@@ -40,6 +40,7 @@ from shared.rows import read_rows
 log = logging.getLogger(__name__)
 
 CLIENT_EXIT_GRACE_SECONDS = 120.0
+SIMULATION_MAX_WAIT_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,19 @@ def _no_outcome(client_id: str, returncode: int | None, log_file: Path) -> dict[
     return {"client_id": client_id, "status": "missing" if returncode is None else "failed", "reason": reason}
 
 
+def bounded_wait(config: RunConfig) -> RunConfig:
+    """The config with ``rounds.max_wait_s`` set where it is unset.
+
+    A simulation's clients are its own child processes: one that stops on an error (out of
+    memory under its cap, say) never comes back, so waiting for ever for ``min_clients``
+    would hang ``simulate``. It fails the run after :data:`SIMULATION_MAX_WAIT_SECONDS`
+    instead, with the clients' outcomes saying why they left. A value the user set stands.
+    """
+    if config.rounds.max_wait_s is not None:
+        return config
+    return dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, max_wait_s=SIMULATION_MAX_WAIT_SECONDS))
+
+
 def precisions_for_profiles(config: RunConfig, profiles: list[ClientProfile], catalog: Catalog | None = None) -> tuple[RunConfig, str]:
     """The run's config with the package precision its played classes need added.
 
@@ -337,6 +351,7 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
         The coordinator's outcome and each client's outcome.
     """
     config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", port=0))
+    config = bounded_wait(config)
     config, note = precisions_for_profiles(config, options.client_profiles())
     if note:
         progress(note)

@@ -13,9 +13,11 @@ import pytest
 
 from coordinator.settings import RunConfig
 from coordinator.simulate import (
+    SIMULATION_MAX_WAIT_SECONDS,
     ClientFleet,
     ClientProfile,
     SimulationOptions,
+    bounded_wait,
     parse_client_profile,
     precisions_for_profiles,
 )
@@ -55,6 +57,14 @@ def test_no_precision_is_added_where_every_class_runs_nf4_or_a_runnable_one_is_p
     assert precisions_for_profiles(chosen, nano) == (chosen, "")  # the user's choice stands
     bf16 = dataclasses.replace(config, pruning=dataclasses.replace(config.pruning, precision="bf16"))
     assert precisions_for_profiles(bf16, nano) == (bf16, "")
+
+
+def test_a_simulation_waits_for_missing_clients_a_bounded_time_unless_told_otherwise():
+    config = RunConfig()
+    assert config.rounds.max_wait_s is None
+    assert bounded_wait(config).rounds.max_wait_s == SIMULATION_MAX_WAIT_SECONDS
+    chosen = dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, max_wait_s=30.0))
+    assert bounded_wait(chosen) is chosen
 
 
 def test_the_client_is_given_both_flags():
