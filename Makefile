@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedsoda-coordinator simulate --demo

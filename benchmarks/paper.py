@@ -18,6 +18,10 @@ Writes ``benchmarks/results/paper.json`` (every run, then the summary), ``paper.
 ``paper.png``. A run already in ``paper.json`` with the same settings is reused, so an
 interrupted benchmark resumes where it stopped (``--fresh`` reruns everything).
 
+FedKRSO (``--methods fedsoda,fedpetuning,fedkrso``) runs on the same preset: the same clients,
+split, rounds and steps, with its own ``[subspace]`` settings (rank, seeds per round, learning
+rate). Each run also records bytes down and up separately and the clients' peak RSS.
+
 Usage: ``python benchmarks/paper.py [--tasks rotten_tomatoes,imdb] [--seeds 0,1,2]
 [--methods fedsoda,fedot,fedpetuning] [--clients 3] [--quick] [--fresh]``.
 """
@@ -49,7 +53,11 @@ from shared.errors import ConfigError  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MiB = 1024 * 1024
-METHOD_NAMES = ("fedsoda", "fedot", "fedpetuning")
+METHOD_NAMES = ("fedsoda", "fedot", "fedpetuning", "fedkrso")
+"""Every method the tables know, in their order."""
+DEFAULT_METHODS = ("fedsoda", "fedot", "fedpetuning")
+"""The paper's three, run unless ``--methods`` says otherwise."""
+DISPLAY = {"fedsoda": "FedSODA", "fedot": "FedOT", "fedpetuning": "FedPETuning", "fedkrso": "FedKRSO"}
 
 #: Per task: what differs from the demo preset. IMDB reviews are long: clients train on and the
 #: evaluation scores the last 96 tokens of each (the end of a review carries its verdict). The
@@ -125,10 +133,14 @@ def read_run(run_dir: Path, overrides: dict[str, Any], wall: float | None) -> di
     ]
     rounds = [r for r in data["rounds"] if r.get("outcome") == "aggregated"]
     evaluation = data["results"]["evaluation"]
+    peak_rss = [u["resources"]["peak_rss_bytes"] for u in data["updates"]]
     return {
         "overrides": overrides,
         "clients": per_client,
         "bytes_per_client": statistics.mean(c["bytes_down"] + c["bytes_up"] for c in per_client),
+        "bytes_down_per_client": statistics.mean(c["bytes_down"] for c in per_client),
+        "bytes_up_per_client": statistics.mean(c["bytes_up"] for c in per_client),
+        "client_peak_rss_bytes": max(peak_rss) if peak_rss else None,
         "storage_bytes": statistics.mean(c["storage_bytes"] for c in per_client),
         "layers": [t["layers"] for t in data["tiers"].values()],
         "accuracy_before": evaluation["before"]["value"],
@@ -174,6 +186,9 @@ def summarize(runs: list[dict[str, Any]], fp16_bytes: int) -> dict[str, Any]:
                 "storage_bytes": statistics.mean(r["storage_bytes"] for r in mine),
                 "layers": mine[0]["layers"],
                 "round_seconds": statistics.mean(r["round_seconds"] for r in mine),
+                # Runs of earlier versions of this benchmark did not record these: None then.
+                **{key: statistics.mean(r[key] for r in mine) if all(r.get(key) is not None for r in mine) else None
+                   for key in ("bytes_down_per_client", "bytes_up_per_client", "client_peak_rss_bytes")},
             }
         headline: dict[str, Any] = {}
         soda, pet, ot = rows.get("fedsoda"), rows.get("fedpetuning"), rows.get("fedot")
@@ -192,7 +207,8 @@ def summarize(runs: list[dict[str, Any]], fp16_bytes: int) -> dict[str, Any]:
 def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
     """The README table: one row per (task, method), then the headline figures against the targets."""
     lines = [
-        "# FedSODA vs FedOT vs FedPETuning (benchmarks/paper.py)",
+        f"# {' vs '.join(DISPLAY[m] for m in METHOD_NAMES if any(m in block['methods'] for block in summary.values()))} "
+        "(benchmarks/paper.py)",
         "",
         f"{meta['model']}, {meta['clients']} clients x {meta['examples_per_client']} examples (IID), "
         f"{meta['rounds']} rounds x {meta['local_steps']} local steps, LoRA r={meta['lora_rank']}, "
@@ -200,8 +216,9 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
         "adapter; `before` is the full LLM alone."
         + ("".join(f" Ablation: `{key} = {json.dumps(value)}`." for key, value in meta.get("settings", {}).items())),
         "",
-        "| task | method | client layers | accuracy (mean ± sd, min-max) | before | MiB per client (down+up) | client storage MiB | round s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| task | method | client layers | accuracy (mean ± sd, min-max) | before | MiB per client (down+up) "
+        "| MiB down / up | client storage MiB | client peak RSS MiB | round s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task, block in summary.items():
         for method, row in block["methods"].items():
@@ -209,8 +226,8 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
                 f"| {task} | {method} | {'/'.join(map(str, row['layers']))} | "
                 f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['accuracy_min']:.3f}-{row['accuracy_max']:.3f}, "
                 f"{len(row['seeds'])} seed{'s' if len(row['seeds']) != 1 else ''}) | "
-                f"{row['accuracy_before']:.3f} | {row['bytes_per_client'] / MiB:.1f} | {row['storage_bytes'] / MiB:.1f} | "
-                f"{row['round_seconds']:.0f} |"
+                f"{row['accuracy_before']:.3f} | {row['bytes_per_client'] / MiB:.1f} | {_down_up(row)} | "
+                f"{row['storage_bytes'] / MiB:.1f} | {_mib(row.get('client_peak_rss_bytes'))} | {row['round_seconds']:.0f} |"
             )
     lines += ["", f"Full model in fp16: {meta['fp16_full_bytes'] / MiB:.1f} MiB.", "",
               "| task | headline | measured | target | met |", "| --- | --- | --- | --- | --- |"]
@@ -220,6 +237,15 @@ def write_markdown(summary: dict[str, Any], meta: dict[str, Any], path: Path) ->
             target = f"{TARGETS[key]:+.1f} pts" if key.endswith("points") else f">= {100 * TARGETS[key]:.0f}%"
             lines.append(f"| {task} | {key.replace('_', ' ')} | {shown} | {target} | {'yes' if block['met'][key] else 'NO'} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / MiB:.1f}"
+
+
+def _down_up(row: dict[str, Any]) -> str:
+    down, up = row.get("bytes_down_per_client"), row.get("bytes_up_per_client")
+    return "n/a" if down is None or up is None else f"{down / MiB:.1f} / {up / MiB:.2f}"
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> None:
@@ -253,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="rotten_tomatoes,imdb")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHOD_NAMES)}")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--examples-per-client", type=int, default=200)
     parser.add_argument("--model", default="bundled", help="full model: 'bundled' (SmolLM2-135M) or a Hugging Face folder")
@@ -279,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown task(s) {unknown}; choose from {sorted(TASK_OVERRIDES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [s for s in args.methods.split(",") if s]
+    if set(methods) - set(METHOD_NAMES):
+        parser.error(f"unknown method(s) {sorted(set(methods) - set(METHOD_NAMES))}; choose from {', '.join(METHOD_NAMES)}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results_path = args.out_dir / "paper.json"
     previous = [] if args.fresh or not results_path.is_file() else json.loads(results_path.read_text()).get("runs", [])

@@ -67,7 +67,7 @@ def serve(
     public_data: Annotated[Optional[str], typer.Option(help="Public calibration text: 'wikipedia', 'owt' or a JSONL/text file.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/RUN_ID).")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Run id (MQTT topic segment).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot, fedpetuning or fedkrso.")] = None,
     tiers: Annotated[Optional[Path], typer.Option("--tiers", help="Use the tiers a `prune` run wrote in this folder (no SGP, no pre-alignment).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy (fedavg).")] = None,
@@ -150,7 +150,7 @@ def _print_outcome(outcome, as_json: bool) -> None:
 def simulate(
     clients: Annotated[int, typer.Option(help="Client processes to start.")] = 3,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="Run configuration TOML.", envvar="FEDSODA_CONFIG")] = None,
-    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot or fedpetuning.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot, fedpetuning or fedkrso.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     partition: Annotated[str, typer.Option(help="iid or dirichlet (non-IID by label).")] = "iid",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")] = 0.5,

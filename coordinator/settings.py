@@ -186,7 +186,7 @@ class PruningSettings:
         depths: Layers each tier keeps, e.g. ``[18]`` cuts a 30-layer model to 18 layers and
             ``[12, 18]`` packages two nested tiers. The full depth minus each depth must be a
             multiple of ``block_size``. Empty: one tier of about 60% of the layers. Ignored by
-            ``fedpetuning``, which has a single full-depth tier.
+            ``fedpetuning`` and ``fedkrso``, which have a single full-depth tier.
         block_size: n, the layers in one SGP block.
         keep_head: First layers never pruned.
         keep_tail: Last layers never pruned.
@@ -276,6 +276,32 @@ class AlignmentSettings:
         if self.batch_size < 1 or self.chunk_tokens < 1:
             raise ConfigError(
                 f"alignment.batch_size and alignment.chunk_tokens must be >= 1, got {self.batch_size} and {self.chunk_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """FedKRSO's random subspaces (``method = "fedkrso"``; see :mod:`shared.subspace`).
+
+    Attributes:
+        rank: r, dimensions of each seed's subspace per weight matrix.
+        seeds_per_round: K, subspaces drawn per round; a client uploads ``K * r`` numbers
+            per output row of every target matrix.
+        learning_rate: The clients' AdamW rate on the coordinates. It replaces
+            ``training.learning_rate`` in FedKRSO rounds: a step moves every weight of the
+            matrix (full-parameter tuning), so it wants a full fine-tuning rate, far below a
+            LoRA rate.
+    """
+
+    rank: int = 4
+    seeds_per_round: int = 4
+    learning_rate: float = 5e-5
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or not 1 <= self.seeds_per_round <= 64 or not self.learning_rate > 0:
+            raise ConfigError(
+                f"subspace.rank must be >= 1, subspace.seeds_per_round in 1..64 and subspace.learning_rate > 0; "
+                f"got {self.rank}, {self.seeds_per_round} and {self.learning_rate}"
             )
 
 
@@ -470,14 +496,16 @@ class RunConfig:
         run_id: Run id (MQTT topic segment; letters, digits, '.', '_', '-').
         seed: Seed for pruning calibration, client selection and adapter init.
         method: The federated method (:data:`coordinator.model.methods.METHODS`): ``fedsoda``
-            (SGP + ODA + re-alignment), ``fedot`` (uniform layer drop + one distillation) or
-            ``fedpetuning`` (the whole model, no pruning).
+            (SGP + ODA + re-alignment), ``fedot`` (uniform layer drop + one distillation),
+            ``fedpetuning`` (the whole model, no pruning) or ``fedkrso`` (the whole model,
+            tuned in shared random subspaces).
         model: Full model and calibration text.
         pruning: Sub-LLM tiers.
         alignment: ODA settings.
         rounds: Round scheduling (see :class:`RoundConfig`).
         training: Local training parameters sent to clients each round.
         aggregation: How deltas are combined.
+        subspace: FedKRSO's subspaces (used only by ``method = "fedkrso"``).
         validation: Update validation bounds.
         broker: MQTT broker.
         task: The task clients train for and the run is judged on.
@@ -502,6 +530,7 @@ class RunConfig:
     rounds: RoundConfig = field(default_factory=lambda: RoundConfig(rounds=3, min_clients=1))
     training: TrainingParams = field(default_factory=_default_training)
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     task: TaskSettings = field(default_factory=TaskSettings)
@@ -510,6 +539,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"invalid run config: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.training.subspace_seeds or self.training.subspace_rank:
+            raise ConfigError(
+                "training.subspace_rank and training.subspace_seeds are filled in by the coordinator each round; "
+                "set subspace.rank and subspace.seeds_per_round instead"
+            )
 
 
 def effective_config(config: RunConfig) -> RunConfig:

@@ -14,11 +14,20 @@ import re
 
 import torch
 
+from edge_client.subspace import subspace_params_problem
 from shared import topics
 from shared.adapters import PEFT_PREFIX
 from shared.errors import FieldTypeError, TensorError, TopicError
 from shared.manifests import validate_manifest
-from shared.protocol import Assignment, GlobalAdapter, Manifest, Nack, Schedule, TrainingParams
+from shared.protocol import (
+    Assignment,
+    GlobalAdapter,
+    Manifest,
+    Nack,
+    Schedule,
+    TrainingParams,
+)
+from shared.subspace import MARKER, is_coordinate_key
 from shared.tensors import from_payload
 from shared.typed import short_repr
 
@@ -60,6 +69,9 @@ def check_training(training: TrainingParams) -> None:
         raise FieldTypeError(
             f"training.target_modules={short_repr(training.target_modules)} must be a non-empty list of module names"
         )
+    problem = subspace_params_problem(training)
+    if problem is not None:
+        raise FieldTypeError(f"training.subspace_rank/subspace_seeds: {problem}")
 
 
 def check_schedule(schedule: Schedule) -> None:
@@ -119,13 +131,17 @@ def check_adapter(adapter: GlobalAdapter) -> None:
 
     Raises:
         FieldTypeError: A round below -1.
-        TensorError: A key that is not a LoRA weight, a non-float dtype, or a NaN/Inf value.
+        TensorError: A key that is neither a LoRA weight nor FedKRSO subspace coordinates, a
+            non-float dtype, or a NaN/Inf value.
     """
     if adapter.round < -1:
         raise FieldTypeError(f"global adapter round={adapter.round} is below -1")
     for key, payload in adapter.tensors.items():
-        if not _ADAPTER_KEY_RE.fullmatch(key):
-            raise TensorError(f"global adapter key {short_repr(key)} is not a LoRA weight key ({PEFT_PREFIX}...lora_A/B.weight)")
+        if not (_ADAPTER_KEY_RE.fullmatch(key) or is_coordinate_key(key)):
+            raise TensorError(
+                f"global adapter key {short_repr(key)} is not a LoRA weight key ({PEFT_PREFIX}...lora_A/B.weight) "
+                f"nor a subspace coordinate key ({PEFT_PREFIX}...{MARKER}<seed>)"
+            )
         if payload.dtype not in ADAPTER_DTYPES:
             raise TensorError(f"global adapter tensor {key} has dtype {payload.dtype}; allowed: {', '.join(sorted(ADAPTER_DTYPES))}")
         if not bool(torch.isfinite(from_payload(payload)).all()):

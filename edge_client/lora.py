@@ -3,7 +3,9 @@
 :func:`lora_for_training` wraps the client's bare (sub-)LLM in a fresh LoRA adapter for one
 round and hands back the model as it found it afterwards (no LoRA layers, same train/eval
 mode, ``requires_grad`` flags and KV-cache setting). :func:`attach_lora` and
-:func:`detach_lora` are its two halves. :func:`load_start` fills the adapter with the
+:func:`detach_lora` are its two halves. The base-model half of that, freezing
+(:func:`prepare_for_training`) and putting everything back (:func:`kept_as_found`), is
+shared with FedKRSO's subspace training (:mod:`edge_client.subspace`). :func:`load_start` fills the adapter with the
 round's starting values: the global adapter, or, before there is one, an initialisation
 seeded per canonical key so that every tier starts from the same tensors.
 
@@ -58,14 +60,61 @@ def check_4bit_cpu_layout(model: torch.nn.Module) -> None:
         )
 
 
+def check_bare(model: torch.nn.Module) -> None:
+    """Refuse a model that already carries a PEFT adapter (training must start from the bare (sub-)LLM).
+
+    Raises:
+        ModelError: It is PEFT-wrapped.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        raise ModelError("the model already carries a PEFT adapter; pass the bare (sub-)LLM")
+
+
+def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Freeze every base weight, and switch on gradient checkpointing if asked: what any method
+    that trains extra parameters next to a frozen (sub-)LLM needs first.
+
+    4-bit models go through ``peft.prepare_model_for_kbit_training`` (norms in fp32, base
+    frozen) after :func:`check_4bit_cpu_layout`. Gradient checkpointing uses the non-reentrant
+    variant, which needs no input-gradient hook. :func:`kept_as_found` undoes all but the fp32 norms.
+
+    Args:
+        model: A Hugging Face causal LM (plain or 4-bit).
+        gradient_checkpointing: Recompute activations in backward to save memory.
+
+    Returns:
+        The same model, prepared.
+
+    Raises:
+        ModelError: Its 4-bit weights are in the CPU inference layout.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    if is_4bit(model):
+        check_4bit_cpu_layout(model)
+        # Checkpointing is switched on below, not by PEFT, which still uses the deprecated name.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-gradient hook on a frozen embedding.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def attach_lora(
     model: torch.nn.Module, params: TrainingParams, *, gradient_checkpointing: bool = False
 ) -> torch.nn.Module:
     """Freeze the base model and wrap it with a fresh LoRA adapter.
 
-    4-bit models go through ``peft.prepare_model_for_kbit_training`` (norms in fp32, base
-    frozen). Gradient checkpointing uses the non-reentrant variant, which needs no
-    input-gradient hook. Undo with :func:`detach_lora`.
+    The base is prepared by :func:`prepare_for_training` (4-bit preparation, frozen weights,
+    optional non-reentrant gradient checkpointing). Undo with :func:`detach_lora`.
 
     Args:
         model: A Hugging Face causal LM (plain or 4-bit), not already PEFT-wrapped.
@@ -79,26 +128,12 @@ def attach_lora(
         ModelError: The model is already PEFT-wrapped, its 4-bit weights are in the CPU
             inference layout, or no target module exists in it.
     """
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
-        raise ModelError("the model already carries a PEFT adapter; pass the bare (sub-)LLM")
+    check_bare(model)
     if params.lora_rank < 1:
         raise ModelError(f"LoRA rank must be >= 1, got {params.lora_rank}")
-    quantized = is_4bit(model)
-    if quantized:
-        check_4bit_cpu_layout(model)
-        # Checkpointing is switched on below, not by PEFT, which still uses the deprecated name.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input-gradient hook on a frozen embedding.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
     config = LoraSettings.from_training(params).peft_config()
     try:
         return get_peft_model(model, config, adapter_name=_ADAPTER_NAME)
@@ -122,10 +157,40 @@ def _disable_checkpointing(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def kept_as_found(model: torch.nn.Module) -> Iterator[None]:
+    """Give ``model`` back after the ``with`` block as it was before it, for training.
+
+    Inside the block the KV cache is off (useless in training, and it costs memory). On
+    exit, whether the block finished, raised or was cut off, gradient checkpointing is
+    switched off and the train/eval mode, ``requires_grad`` flags and ``config.use_cache``
+    are put back; 4-bit models keep the fp32 norms ``prepare_model_for_kbit_training`` gave
+    them. Removing what the block added to the model (LoRA layers, subspace wrappers) is the
+    block's business, and must happen before this restores the flags.
+
+    Args:
+        model: The bare (sub-)LLM about to be prepared for training.
+    """
+    was_training = model.training
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    try:
+        if use_cache is not None:
+            model.config.use_cache = False
+        yield
+    finally:
+        _disable_checkpointing(model)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+        model.train(was_training)
+
+
+@contextmanager
 def lora_for_training(
     model: torch.nn.Module, params: TrainingParams, *, gradient_checkpointing: bool = False
 ) -> Iterator[torch.nn.Module]:
-    """Attach LoRA for the ``with`` block, then leave ``model`` as it came.
+    """Attach LoRA for the ``with`` block, then leave ``model`` as it came (:func:`kept_as_found`).
 
     On exit, whether the block finished, raised or was cut off, the LoRA layers are removed
     and the model's train/eval mode, ``requires_grad`` flags and ``config.use_cache`` are
@@ -142,25 +207,12 @@ def lora_for_training(
     Raises:
         ModelError: As :func:`attach_lora`.
     """
-    was_training = model.training
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-    peft_model = None
-    try:
+    with kept_as_found(model):
         peft_model = attach_lora(model, params, gradient_checkpointing=gradient_checkpointing)
-        if use_cache is not None:
-            model.config.use_cache = False
-        yield peft_model
-    finally:
-        if peft_model is not None:
+        try:
+            yield peft_model
+        finally:
             detach_lora(peft_model)
-        else:
-            _disable_checkpointing(model)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-        for p in model.parameters():
-            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
-        model.train(was_training)
 
 
 def adapter_parameters(peft_model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -10,6 +10,12 @@ FULL-LLM layer index (:mod:`shared.adapters`), in float32 on the CPU. With the
 ``label_words`` objective the task loss is the cross-entropy over the candidate answers (the
 label words, or the option letters) at the answer position instead (:func:`label_word_loss`).
 
+A FedKRSO round (``params.subspace_seeds`` non-empty) trains subspace coordinates instead of
+LoRA (:mod:`edge_client.subspace`): theta is this round's coordinates, starting at zero on
+top of the history the global state holds, only the coordinates of one seed move per step
+(:func:`edge_client.subspace.active_seed`), and the delta is the coordinates themselves,
+keyed ``<canonical module>.krso.<seed>``. Everything else is the same loop.
+
 The base model is left as it was found: LoRA is injected for the call and removed afterwards
 (``unload``), so the caller can evaluate the bare model or train the next round on it.
 Every ``checkpoint_every`` steps the round's state is saved (:mod:`edge_client.train_checkpoint`),
@@ -22,7 +28,8 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +38,7 @@ import torch
 
 from edge_client.data import IGNORE_INDEX, LocalDataset, batch_indices, make_batch
 from edge_client.lora import adapter_parameters, load_start, lora_for_training
+from edge_client.subspace import active_seed, subspaces_for_training
 from edge_client.train_checkpoint import (
     TrainCheckpoint,
     check_resume,
@@ -60,6 +68,9 @@ class TrainResult:
         delta: ``theta_local - theta_global`` per LoRA tensor, canonical full-LLM keys
             (e.g. ``base_model.model.model.layers.17.self_attn.q_proj.lora_A.weight``),
             float32 CPU tensors shaped like the LoRA weights (A ``[r, in]``, B ``[out, r]``).
+            In a FedKRSO round: this round's coordinates ``B`` (``[out, subspace_rank]``) of
+            every target module along every seed of the round, keyed
+            ``base_model.model.model.layers.17.self_attn.q_proj.krso.<seed>``.
         num_examples: n_c, the size of the local dataset (the FedAvg weight).
         metrics: ``steps``, ``resumed_from_step``, ``prox_last`` (``||theta - theta_global||^2``
             before the last step), ``step_seconds_mean``, ``answer_tokens``, ``delta_norm``,
@@ -156,22 +167,25 @@ def label_word_loss(logits: torch.Tensor, labels: torch.Tensor, choices: torch.T
 
 @dataclass(frozen=True)
 class _Round:
-    """What the loop trains: the model with LoRA attached, its data, and the adapter's start.
+    """What the loop trains: the prepared model, its data, and the adapter's start.
 
     Attributes:
-        peft_model: The model from :func:`~edge_client.lora.attach_lora`.
+        model: The model with the trainable parameters in it (the ``PeftModel`` of
+            :func:`~edge_client.lora.attach_lora`, or the sub-LLM with subspace wrappers).
         tokenizer: Its tokenizer.
         dataset: The local dataset.
         params: The round's TrainingParams.
-        adapter: The trainable LoRA parameters (sub-LLM keys), already at their start values.
+        adapter: The trainable parameters (sub-LLM keys), already at their start values.
         theta_global: The round's starting tensors (float32, on ``device``): the proximal
             term's anchor and what the delta is taken from.
         device: Where training runs.
         round_num: The round number.
         seed: The round's RNG seed (:func:`round_seed`).
+        active: ``active(step)``: the keys of :attr:`adapter` that step updates (the others'
+            gradients are dropped before clipping); ``None``: all of them.
     """
 
-    peft_model: torch.nn.Module
+    model: torch.nn.Module
     tokenizer: Any
     dataset: LocalDataset
     params: TrainingParams
@@ -180,6 +194,7 @@ class _Round:
     device: torch.device
     round_num: int
     seed: int
+    active: Callable[[int], Collection[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,62 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class _Trainable:
+    """A model prepared for the round's method by :func:`_prepared`.
+
+    Attributes:
+        model: What the loop runs.
+        adapter: The trainable parameters (sub-LLM keys), at their start values unless resuming.
+        start: Canonical-key tensors a checkpoint's start must match
+            (:func:`~edge_client.train_checkpoint.check_resume_start`; ``None``: any fresh start).
+        active: As :attr:`_Round.active`.
+    """
+
+    model: torch.nn.Module
+    adapter: dict[str, torch.nn.Parameter]
+    start: Mapping[str, torch.Tensor] | None
+    active: Callable[[int], Collection[str]] | None
+
+
+@contextmanager
+def _prepared(
+    model: torch.nn.Module,
+    params: TrainingParams,
+    global_adapter: Mapping[str, torch.Tensor] | None,
+    layer_map: Sequence[int],
+    layers_prefix: str,
+    options: TrainOptions,
+    seed: int,
+) -> Iterator[_Trainable]:
+    """The model ready for the round's method for the ``with`` block, and as found after it."""
+    checkpointing = options.gradient_checkpointing
+    if not params.subspace_seeds:
+        with lora_for_training(model, params, gradient_checkpointing=checkpointing) as peft_model:
+            adapter = adapter_parameters(peft_model)
+            if options.resume_state is None:
+                load_start(adapter, global_adapter, layer_map, layers_prefix, int(params.seed))
+            yield _Trainable(model=peft_model, adapter=adapter, start=global_adapter, active=None)
+        return
+    with subspaces_for_training(
+        model, params, global_adapter, layer_map, layers_prefix, gradient_checkpointing=checkpointing
+    ) as subspaces:
+        # Coordinates start at zero every round (the history sits in the wrappers' buffers),
+        # so zero is the start a checkpoint of this round must have begun from.
+        zeros = {k: torch.zeros(p.shape) for k, p in subspaces.coordinates.items()}
+        seed_keys = subspaces.seed_keys
+
+        def active(step: int) -> Collection[str]:
+            return seed_keys[active_seed(seed, step, len(seed_keys))]
+
+        yield _Trainable(
+            model=subspaces.model,
+            adapter=subspaces.coordinates,
+            start=to_full_keys(zeros, layer_map, layers_prefix),
+            active=active,
+        )
+
+
 def train_adapter(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -246,20 +317,28 @@ def train_adapter(
 ) -> TrainResult:
     """Train a LoRA adapter for one round and return its delta from the global adapter.
 
-    Deterministic given ``params.seed`` and ``round_num`` (batches, dropout, and the initial
-    adapter when there is no global one). The base model comes back without LoRA layers,
-    with its train/eval mode and ``requires_grad`` flags as they were; 4-bit models keep the
-    fp32 norms ``prepare_model_for_kbit_training`` gave them.
+    With ``params.subspace_seeds`` set it is a FedKRSO round instead: the base is tuned in
+    the round's random subspaces on top of the history ``global_adapter`` holds
+    (:mod:`edge_client.subspace`), one seed's coordinates per step, and the delta is this
+    round's coordinates.
+
+    Deterministic given ``params.seed`` and ``round_num`` (batches, dropout, the active
+    subspace per step, and the initial adapter when there is no global one). The base model
+    comes back without LoRA layers or subspace wrappers, with its train/eval mode and
+    ``requires_grad`` flags as they were; 4-bit models keep the fp32 norms
+    ``prepare_model_for_kbit_training`` gave them.
 
     Args:
         model: The client's sub-LLM (plain or bitsandbytes 4-bit), bare (no PEFT adapter).
         tokenizer: Its tokenizer.
         dataset: The local dataset (n_c = ``len(dataset)``).
         params: The round's TrainingParams (local_steps, learning_rate, batch_size, seq_len,
-            lora_rank, lora_alpha, lora_dropout, target_modules, mu, seed).
+            lora_rank, lora_alpha, lora_dropout, target_modules, mu, seed; subspace_rank and
+            subspace_seeds for FedKRSO).
         global_adapter: Canonical-key LoRA tensors to start from; keys of full-LLM layers this
             sub-LLM lacks are ignored. ``None``: a fresh init seeded per canonical key, so all
-            tiers agree on it.
+            tiers agree on it. In a FedKRSO round: the history, canonical coordinate keys of
+            all past rounds (``None`` or empty before the first aggregation).
         layer_map: ``layer_map[i]`` = full-LLM index of sub-LLM layer ``i``.
         layers_prefix: Dotted path of the decoder layer list (e.g. ``"model.layers"``).
         device: Where to train. A plain model is moved there; a 4-bit model must already be.
@@ -272,7 +351,9 @@ def train_adapter(
     Raises:
         DataError: The dataset is empty.
         ModelError: LoRA cannot be attached, the global adapter does not fit, the 4-bit model
-            is on another device, or the loss became NaN/Inf (lower the learning rate).
+            is on another device, the loss became NaN/Inf (lower the learning rate), or
+            (FedKRSO) bad subspace parameters or history
+            (:func:`~edge_client.subspace.subspaces_for_training`).
         RunStateError: ``resume_state`` belongs to another round or other params.
     """
     resume_state, round_num = options.resume_state, options.round_num
@@ -296,19 +377,18 @@ def train_adapter(
         check_resume(resume_state, params, round_num)
     seed = round_seed(int(params.seed), round_num)
     torch.manual_seed(seed)
-    with lora_for_training(model, params, gradient_checkpointing=options.gradient_checkpointing) as peft_model:
-        adapter = adapter_parameters(peft_model)
+    with _prepared(model, params, global_adapter, layer_map, layers_prefix, options, seed) as trainable:
+        adapter = trainable.adapter
         if resume_state is not None:
-            check_resume_start(resume_state, adapter, global_adapter, layer_map, layers_prefix)
+            check_resume_start(resume_state, adapter, trainable.start, layer_map, layers_prefix)
             with torch.no_grad():
                 for key, p in adapter.items():
                     p.copy_(resume_state.adapter[key].to(dtype=p.dtype, device=p.device))
             theta_global = {k: v.to(device=device, dtype=torch.float32) for k, v in resume_state.global_adapter.items()}
         else:
-            load_start(adapter, global_adapter, layer_map, layers_prefix, int(params.seed))
             theta_global = {k: p.detach().float().clone() for k, p in adapter.items()}
         round_ = _Round(
-            peft_model=peft_model,
+            model=trainable.model,
             tokenizer=tokenizer,
             dataset=dataset,
             params=params,
@@ -317,6 +397,7 @@ def train_adapter(
             device=device,
             round_num=round_num,
             seed=seed,
+            active=trainable.active,
         )
         settings = _LoopSettings(
             layer_map=layer_map,
@@ -353,17 +434,17 @@ def _train_loop(round_: _Round, settings: _LoopSettings, resume_state: TrainChec
     if params.objective == "label_words":
         assert dataset.choices is not None  # checked before LoRA went on
         label_word_ids = torch.tensor(first_answer_tokens(round_.tokenizer, dataset.choices), device=device)
-    round_.peft_model.train()
+    round_.model.train()
     total_steps = int(params.local_steps)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         indices = batch_indices(len(dataset), int(params.batch_size), round_.seed, step)
         batch = {k: v.to(device) for k, v in make_batch(dataset, round_.tokenizer, indices, int(params.seq_len)).items()}
         if label_word_ids is None:
-            task_loss = round_.peft_model(**batch).loss
+            task_loss = round_.model(**batch).loss
         else:
             choices = torch.tensor([dataset.examples[i].label for i in indices], device=device)
-            logits = round_.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = round_.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             task_loss = label_word_loss(logits, batch["labels"], choices, label_word_ids)
         prox = proximal_term(round_.adapter, round_.theta_global)
         loss = task_loss.float() + 0.5 * mu * prox
@@ -373,6 +454,13 @@ def _train_loop(round_: _Round, settings: _LoopSettings, resume_state: TrainChec
                 f"lower the learning rate (now {params.learning_rate})"
             )
         loss.backward()
+        if round_.active is not None:
+            # FedKRSO moves one subspace per step: the other coordinates get no gradient, so
+            # clipping ignores them and AdamW skips them (no moment or step-count update).
+            live = round_.active(step)
+            for key, p in round_.adapter.items():
+                if key not in live:
+                    p.grad = None
         max_norm = settings.max_grad_norm if settings.max_grad_norm is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         optimizer.step()

@@ -12,17 +12,19 @@ Encoding and validation live in :mod:`shared.codec`; topics in :mod:`shared.topi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
 from shared.errors import TensorError
 from shared.tasks import TaskSpec
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 """``major.minor``: a peer refuses a newer major; a newer minor only adds optional fields.
 1.1: the schedule carries the run's task (:class:`shared.tasks.TaskSpec`); the coordinator
-refuses the hello of a 1.0 client, which would format its data without it."""
+refuses the hello of a 1.0 client, which would format its data without it.
+1.2: the training parameters may name FedKRSO subspaces (``subspace_rank``, ``subspace_seeds``);
+a FedKRSO run refuses the hello of a 1.1 client, which would train LoRA instead."""
 
 PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
 """The major version, which topics carry as ``v{major}``."""
@@ -166,6 +168,8 @@ class TrainingParams:
     mu: float
     seed: int
     objective: Literal["answer", "label_words"] = "answer"
+    subspace_rank: int = 0
+    subspace_seeds: list[int] = field(default_factory=list)
 
 
 ScheduleStatus = Literal["waiting", "running", "aligning", "finished", "failed"]

@@ -5,7 +5,9 @@ A method says what the coordinator does to the full LLM before and during the ru
 * which layers each tier keeps (``keep``): SGP's ranked blocks, a uniform drop, or every layer;
 * which layers ODA trains when it pre-aligns a tier (``distils``), and whether it re-aligns
   every ``rounds.realign_every`` rounds (``realigns``);
-* where the clients' LoRA adapter sits (``adapter_placement``).
+* where the clients' LoRA adapter sits (``adapter_placement``);
+* what the clients train and upload (``update_form``): a LoRA adapter, or FedKRSO's
+  coordinates in shared random subspaces (:mod:`shared.subspace`).
 
 The tier builder (:mod:`coordinator.model.tiers`) reads these fields and nothing else, so a
 new method is one entry here plus the code its fields name, never a new ``if method == ...``.
@@ -65,6 +67,10 @@ class Method:
         adapter_placement: Where the clients' LoRA adapter sits. ``"every_kept_layer"``: on
             every layer of the client's tier (the client adapts its whole sub-LLM), so the
             global adapter covers the union of the tiers' layers.
+        update_form: ``"lora"``: clients train a LoRA adapter and send its delta.
+            ``"subspace"``: clients train coordinates along the round's ``subspace.seeds_per_round``
+            random subspaces of every target weight matrix and send those (FedKRSO); the global
+            state is the accumulated coordinates, exported as one LoRA adapter.
     """
 
     name: str
@@ -74,6 +80,7 @@ class Method:
     distils: Literal["configured", "all"] | None
     realigns: bool
     adapter_placement: Literal["every_kept_layer"] = "every_kept_layer"
+    update_form: Literal["lora", "subspace"] = "lora"
 
     def depths(self, num_layers: int, configured: Sequence[int]) -> tuple[int, ...]:
         """The depths of the tiers this method builds, deepest last.
@@ -133,7 +140,17 @@ FEDPETUNING = Method(
     realigns=False,
 )
 
-METHODS: dict[str, Method] = {m.name: m for m in (FEDSODA, FEDOT, FEDPETUNING)}
+FEDKRSO = Method(
+    name="fedkrso",
+    summary="clients hold the whole (4-bit) model and tune every target matrix in K shared random subspaces per round",
+    keep=None,
+    ranks_blocks=False,
+    distils=None,
+    realigns=False,
+    update_form="subspace",
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in (FEDSODA, FEDOT, FEDPETUNING, FEDKRSO)}
 """Every method, by name."""
 
 

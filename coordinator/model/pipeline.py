@@ -45,12 +45,18 @@ from coordinator.model.tierset import (
     check_tiers_fit,
     load_tiers,
 )
+from coordinator.model.update_forms import (
+    coordinate_shapes,
+    lora_view,
+    round_training,
+    target_matrices,
+)
 from coordinator.settings import AlignmentSettings, RunConfig
 from hardware_profiles.assignment import PublishedPackage, assign_tier
 from hardware_profiles.shape import model_shape
 from shared.adapters import LoraSettings, to_sub_keys
 from shared.errors import ConfigError, ModelError
-from shared.protocol import Assignment, DeviceProfile
+from shared.protocol import Assignment, DeviceProfile, TrainingParams
 from shared.rows import read_rows
 from shared.subllm import load_package
 from shared.tasks import Example
@@ -149,6 +155,7 @@ class ModelPipeline:
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
         self._initial: dict[str, torch.Tensor] | None = None
+        self._matrices: dict[str, tuple[int, int]] | None = None
 
     # ------------------------------------------------------------------ preparation
 
@@ -233,11 +240,14 @@ class ModelPipeline:
 
         Every layer the method adapts in any tier (with ``every_kept_layer``: every layer a tier
         keeps) gets LoRA A (PEFT's Kaiming init, seeded) and B = 0, so the adapted model starts
-        equal to the base model and all clients start alike.
+        equal to the base model and all clients start alike. FedKRSO starts from no
+        coordinates at all (the base model).
 
         Returns:
             Canonical full-LLM key -> fp32 tensor.
         """
+        if self.method.update_form == "subspace":
+            return {}
         if self._initial is not None:
             return {k: v.clone() for k, v in self._initial.items()}
         from peft import get_peft_model, get_peft_model_state_dict
@@ -253,8 +263,30 @@ class ModelPipeline:
         del peft_model, shell
         return {k: v.clone() for k, v in self._initial.items()}
 
-    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        """For each tier, the adapter keys (canonical) and shapes its clients must send."""
+    def matrices(self) -> dict[str, tuple[int, int]]:
+        """The full model's target weight matrices, module key -> ``(d_out, d_in)``."""
+        if self._matrices is None:
+            self._matrices = target_matrices(self.full_model, self.config.training.target_modules)
+        return self._matrices
+
+    def round_training(self, round_num: int) -> TrainingParams:
+        """The training parameters of round ``round_num`` (FedKRSO: with the round's seeds)."""
+        c = self.config
+        return round_training(self.method, c.training, c.subspace, c.seed, round_num)
+
+    def lora_view(self, global_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LoraSettings]:
+        """The global state as a LoRA adapter and its settings (FedKRSO: stacked projections)."""
+        return lora_view(self.method, global_state, self.lora, self.matrices())
+
+    def expected_shapes(self, round_num: int) -> dict[str, dict[str, tuple[int, ...]]]:
+        """For each tier, the adapter keys (canonical) and shapes its clients must send in
+        round ``round_num`` (LoRA: the same every round; FedKRSO: that round's seeds)."""
+        if self.method.update_form == "subspace":
+            training = self.round_training(round_num)
+            return {
+                name: coordinate_shapes(self.matrices(), self.method.adapted_layers(t.kept), self.layers_prefix, training)
+                for name, t in self.tiers.items()
+            }
         if self._shapes is None:
             from shared.adapters import layer_index
 
@@ -322,7 +354,8 @@ class ModelPipeline:
         """
         adapter_dir = Path(run_dir) / "adapter"
         self.progress(f"exporting the global adapter for the full model to {adapter_dir}")
-        export_adapter(global_state, self.full_model, adapter_dir, self.lora)
+        state, settings = self.lora_view(global_state)
+        export_adapter(state, self.full_model, adapter_dir, settings)
         results: dict[str, Any] = {"adapter_dir": str(adapter_dir)}
         if self.config.evaluation.enabled:
             results["evaluation"] = self.evaluate(adapter_dir, global_state)
@@ -397,8 +430,9 @@ class ModelPipeline:
         from peft import get_peft_model, set_peft_model_state_dict
 
         model, tokenizer, _ = load_package(tier.folder)
-        peft_model = get_peft_model(model, self.lora.peft_config())
-        sub = to_sub_keys(global_state, tier.kept, self.layers_prefix)
+        state, settings = self.lora_view(global_state)
+        peft_model = get_peft_model(model, settings.peft_config())
+        sub = to_sub_keys(state, tier.kept, self.layers_prefix)
         unexpected = set_peft_model_state_dict(peft_model, sub).unexpected_keys
         if unexpected:
             raise ModelError(f"tier {tier.name}: the adapter has keys its sub-LLM lacks: {sorted(unexpected)[:3]}")
@@ -418,6 +452,7 @@ class ModelPipeline:
         """
         examples = self.test_examples()[: self.config.evaluation.round_samples]
         self.progress(f"round {round_}: evaluating the global adapter on {len(examples)} test examples")
-        with plugged_adapter(self.full_model, global_state, self.lora):
+        state, settings = self.lora_view(global_state)
+        with plugged_adapter(self.full_model, state, settings):
             score = score_task(self.full_model, self.tokenizer, self.task, examples, self._eval_settings())
         return {"round": round_, **score.to_dict()}

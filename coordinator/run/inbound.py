@@ -266,22 +266,29 @@ def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) ->
 #: The oldest protocol a client may speak: 1.1 clients format their rows with the schedule's task.
 MIN_CLIENT_PROTOCOL = (1, 1)
 
+#: The oldest protocol a client of a FedKRSO run may speak: 1.2 clients train the schedule's subspaces.
+MIN_SUBSPACE_CLIENT_PROTOCOL = (1, 2)
 
-def client_too_old(envelope_version: str) -> str | None:
+
+def client_too_old(envelope_version: str, *, subspaces: bool = False) -> str | None:
     """Why a client speaking ``envelope_version`` cannot take part (None if it can).
 
     A 1.0 client ignores the task in the schedule and would train on its rows with its own
-    label words and template, silently, so it is refused at hello with the reason (it prints
-    it and exits) rather than admitted.
+    label words and template, silently; a 1.1 client would train LoRA where a FedKRSO run
+    (``subspaces``) asks for subspace coordinates. Either is refused at hello with the reason
+    (it prints it and exits) rather than admitted.
     """
     major, minor = (int(x) for x in envelope_version.split("."))  # the codec checked the form
-    if (major, minor) >= MIN_CLIENT_PROTOCOL:
+    needed = MIN_SUBSPACE_CLIENT_PROTOCOL if subspaces else MIN_CLIENT_PROTOCOL
+    if (major, minor) >= needed:
         return None
-    wanted = ".".join(map(str, MIN_CLIENT_PROTOCOL))
-    return (
-        f"this client speaks protocol {envelope_version}; this run sends its task (prompt template, label words, "
-        f"metric) in the schedule, which needs protocol {wanted} or newer: upgrade fedsoda on the client"
+    wanted = ".".join(map(str, needed))
+    what = (
+        "trains in FedKRSO's random subspaces named in the schedule"
+        if subspaces
+        else "sends its task (prompt template, label words, metric) in the schedule"
     )
+    return f"this client speaks protocol {envelope_version}; this run {what}, which needs protocol {wanted} or newer: upgrade fedsoda on the client"
 
 
 # --------------------------------------------------------------------------- chunk requests

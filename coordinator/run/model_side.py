@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from shared.protocol import Assignment, DeviceProfile, Manifest
+from shared.protocol import Assignment, DeviceProfile, Manifest, TrainingParams
 
 
 class TierLike(Protocol):
@@ -42,8 +42,12 @@ class ModelSide(Protocol):
         """The round-0 global adapter (canonical full-LLM keys)."""
         ...
 
-    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        """Per tier, the adapter keys and shapes its clients' updates must have."""
+    def expected_shapes(self, round_num: int) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Per tier, the adapter keys and shapes its clients' updates of ``round_num`` must have."""
+        ...
+
+    def round_training(self, round_num: int) -> TrainingParams:
+        """The training parameters the schedule of ``round_num`` carries."""
         ...
 
     def assign(self, client_id: str, profile: DeviceProfile) -> Assignment:

@@ -332,7 +332,7 @@ class CoordinatorServer:
             deadline=action.deadline,
             quorum=action.quorum,
             participants=dict(action.participants),
-            training=self.config.training,
+            training=self.pipeline.round_training(action.round),
             manifests={name: tier.manifest.blob_id for name, tier in self.pipeline.tiers.items()},
             adapter_round=action.adapter_round,
             task=self.task,
@@ -410,7 +410,9 @@ class CoordinatorServer:
         info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
         hello: Hello = envelope.body
         check_hello(hello, info.client, max_examples=self.config.validation.max_examples)
-        too_old = client_too_old(envelope.version)
+        # A run whose schedules name subspace seeds trains FedKRSO: its clients need protocol 1.2.
+        subspaces = bool(self.pipeline.round_training(self.state.round).subspace_seeds)
+        too_old = client_too_old(envelope.version, subspaces=subspaces)
         if too_old is not None:
             assignment = Assignment(client_id=hello.client_id, accepted=False, tier="", reason=too_old, plan={})
         else:
@@ -486,7 +488,7 @@ class CoordinatorServer:
             run_id=self.run_id,
             round=self.state.round,
             participants=participants,
-            expected_shapes=self.pipeline.expected_shapes(),
+            expected_shapes=self.pipeline.expected_shapes(self.state.round),
             limits=UpdateLimits(
                 max_norm=self.config.validation.max_delta_norm,
                 max_examples=self.config.validation.max_examples,

@@ -151,10 +151,16 @@ def newer_samples() -> dict[str, tuple[MessageType, object]]:
     """Golden file stem -> a body that uses a field a later minor version added.
 
     The original ``<type>.msgpack`` files were written by protocol 1.0 and must keep decoding
-    (a 1.0 schedule has no task); each file here pins the newer form.
+    (a 1.0 schedule has no task); each file here pins the newer form: 1.1 added the task,
+    1.2 FedKRSO's subspaces in the training parameters. The stem ends in the version.
     """
     schedule = samples()[MessageType.SCHEDULE]
     task = TaskSpec.for_kind(
         "multiple_choice", prompt_template="Subject: {subject}\nQuestion: {question}\n{options}\nAnswer:", name="medmcqa"
     )
-    return {"schedule-1.1": (MessageType.SCHEDULE, dataclasses.replace(schedule, task=task))}
+    with_task = dataclasses.replace(schedule, task=task)
+    subspaces = dataclasses.replace(schedule.training, subspace_rank=4, subspace_seeds=[20699457771310, 39401603661139])
+    return {
+        "schedule-1.1": (MessageType.SCHEDULE, with_task),
+        "schedule-1.2": (MessageType.SCHEDULE, dataclasses.replace(with_task, training=subspaces)),
+    }

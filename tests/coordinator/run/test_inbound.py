@@ -12,6 +12,7 @@ from coordinator.run.inbound import (
     RoundContext,
     UpdateLimits,
     UpdateValidationError,
+    client_too_old,
     shapes_of,
     validate_update,
 )
@@ -190,3 +191,12 @@ def test_body_must_be_an_update() -> None:
             topic_client_id="alice",
             context=context(),
         )
+
+
+def test_a_fedkrso_run_needs_clients_that_speak_protocol_1_2() -> None:
+    # A 1.1 client would ignore the schedule's subspaces and train LoRA: refused at hello.
+    assert client_too_old("1.1") is None and client_too_old("1.2", subspaces=True) is None
+    reason = client_too_old("1.1", subspaces=True)
+    assert reason is not None and "speaks protocol 1.1" in reason and "needs protocol 1.2" in reason
+    assert "FedKRSO" in reason and "upgrade fedsoda on the client" in reason
+    assert "needs protocol 1.1" in (client_too_old("1.0") or "")
