@@ -19,8 +19,8 @@ Writes ``benchmarks/results/paper.json`` (every run, then the summary), ``paper.
 interrupted benchmark resumes where it stopped (``--fresh`` reruns everything).
 
 FedKRSO (``--methods fedsoda,fedpetuning,fedkrso``) runs on the same preset: the same clients,
-split, rounds and steps, with its own ``[subspace]`` settings (rank, seeds per round, learning
-rate). Each run also records bytes down and up separately and the clients' peak RSS.
+split, rounds, steps, target modules and learning rate, with the ``[subspace]`` defaults (rank,
+seeds per round). Each run also records bytes down and up separately and the clients' peak RSS.
 
 Usage: ``python benchmarks/paper.py [--tasks rotten_tomatoes,imdb] [--seeds 0,1,2]
 [--methods fedsoda,fedot,fedpetuning] [--clients 3] [--quick] [--fresh]``.

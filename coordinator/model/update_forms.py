@@ -5,8 +5,8 @@ A method's ``update_form`` (:mod:`coordinator.model.methods`) is ``"lora"`` or
 retained global state) is the same code for both, because coordinates are just more keyed
 tensors. What differs is here, in one place:
 
-* :func:`round_training`: the round's training parameters (FedKRSO: this round's seeds,
-  the subspace rank and learning rate);
+* :func:`round_training`: the round's training parameters (FedKRSO: this round's seeds
+  and the subspace rank);
 * :func:`coordinate_shapes`: the keys and shapes a client of a tier must send;
 * :func:`lora_view`: the global state as a PEFT LoRA adapter, which is what export,
   evaluation and the per-round curve load.
@@ -40,13 +40,12 @@ def round_training(method: Method, training: TrainingParams, subspace: object, r
 
     Returns:
         ``training`` itself for a LoRA method; for FedKRSO, with the round's
-        ``subspace_seeds``, the ``subspace_rank`` and the subspace learning rate.
+        ``subspace_seeds`` and the ``subspace_rank``.
     """
     if method.update_form != "subspace":
         return training
     return dataclasses.replace(
         training,
-        learning_rate=float(subspace.learning_rate),  # type: ignore[attr-defined]
         subspace_rank=int(subspace.rank),  # type: ignore[attr-defined]
         subspace_seeds=round_seeds(run_seed, round_num, int(subspace.seeds_per_round)),  # type: ignore[attr-defined]
     )

@@ -61,7 +61,6 @@ target_modules = {json.dumps(TARGETS)}
 [subspace]
 rank = {RANK}
 seeds_per_round = {K}
-learning_rate = 1e-4
 
 [evaluation]
 test_samples = 8
