@@ -249,9 +249,23 @@ class Federation:
 
     # ------------------------------------------------------------------ processes
 
+    @property
+    def signing_key_file(self) -> Path:
+        """The coordinator's signing key (``serve --signing-key``), made before any process starts."""
+        return self.root / "coordinator.key"
+
+    def coordinator_pub(self) -> Path:
+        """The public key file the clients pin (``join --coordinator-key``); creates the key pair if absent."""
+        from shared.signing import load_or_create_signing_key, public_key_file
+
+        load_or_create_signing_key(self.signing_key_file)
+        return public_key_file(self.signing_key_file)
+
     def serve(self, *, resume: bool = False, env: Mapping[str, str] | None = None) -> subprocess.Popen:
         """Start (or, with ``resume``, restart) ``fedsoda-coordinator serve`` as "coordinator"."""
-        argv = ["-m", "coordinator", "serve", "--config", str(self.config), "--run-dir", str(self.run_dir)]
+        self.coordinator_pub()  # the key exists before the first client pins it
+        argv = ["-m", "coordinator", "serve", "--config", str(self.config), "--run-dir", str(self.run_dir),
+                "--signing-key", str(self.signing_key_file)]
         return self.procs.start("coordinator", [*argv, "--resume"] if resume else argv, env=env)
 
     def join(self, name: str, *extra: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
@@ -259,7 +273,7 @@ class Federation:
         return self.procs.start(name, [
             "-m", "edge_client", "join", "--broker", f"{self.broker.host}:{self.broker.port}", "--run", self.run_id,
             "--client-id", name, "--data", str(self.clients[name]), "--state-dir", str(self.state_dir(name)),
-            "--json", *extra,
+            "--coordinator-key", str(self.coordinator_pub()), "--json", *extra,
         ], env=env)
 
     def wait(self, condition: Callable[[], bool], what: str, timeout: float, watch: Iterable[str] = ("coordinator",)) -> None:
@@ -354,7 +368,7 @@ class Ledger:
         lost: Updates accepted (persisted) before a fault, or persisted for an aggregated
             round, that no aggregate counted.
         double_counted: Extra counts of an update in its round (a client listed twice).
-        mismatched_rounds: Rounds whose saved global adapter is not FedAvg of the previous
+        mismatched_rounds: Rounds whose saved global adapter is not the aggregate of the previous
             one and of the round's persisted updates, each once.
         problems: Every inconsistency, in words (empty when the run is sound).
         duplicates: Repeated deliveries the coordinator recognised and ignored.
@@ -379,9 +393,10 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
 
     For every aggregated round: the clients the round counted are exactly those whose
     update was persisted, each once, with matching example counts; and the round's saved
-    global adapter equals FedAvg of the previous round's adapter and those persisted
-    deltas (so an update averaged twice, or one left out, shows). The final adapter is the
-    last of that chain.
+    global adapter equals the run's aggregation (strategy and influence bounds, from the
+    report's ``aggregation_settings``) of the previous round's adapter and those persisted
+    deltas (so an update averaged twice, or one left out, shows), and the factors the round
+    recorded are the ones those give. The final adapter is the last of that chain.
 
     Args:
         run_dir: The coordinator's run directory (after the run ended).
@@ -393,12 +408,21 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
     """
     import torch
 
-    from coordinator.run.aggregation import get_strategy
+    from coordinator.run.aggregation import (
+        InfluenceLimits,
+        aggregate_round,
+        get_strategy,
+    )
     from coordinator.run.checkpoint import RunDir
+    from coordinator.settings import AggregationSettings
 
     run = RunDir(run_dir)
     report = json.loads((Path(run_dir) / "report.json").read_text())
-    fedavg = get_strategy("fedavg")
+    settings = AggregationSettings(**report["aggregation_settings"])
+    strategy = get_strategy(settings.strategy, **settings.strategy_options())
+    limits = InfluenceLimits(
+        weight_cap=settings.weight_cap, clip=settings.clip, clip_per_key=settings.clip_per_key, min_holders=settings.min_holders
+    )
     problems: list[str] = []
     counted: set[tuple[int, str]] = set()
     persisted_all: set[tuple[int, str]] = set()
@@ -418,13 +442,15 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
             problems.append(f"round {r}: counted {sorted(reported)} but persisted {[u.client_id for u in persisted]}")
         if rec["examples"] != sum(u.num_examples for u in persisted):
             problems.append(f"round {r}: {rec['examples']} examples counted, {sum(u.num_examples for u in persisted)} persisted")
-        expected = fedavg.aggregate({k: v.clone() for k, v in previous.items()}, ((u.num_examples, u.load_delta()) for u in persisted))
+        expected, influence = aggregate_round(strategy, {k: v.clone() for k, v in previous.items()}, persisted, limits)
+        if run.load_influence(r) != influence:
+            problems.append(f"round {r}: the recorded aggregation factors are not those its updates and settings give")
         saved = run.load_global(r)
         if set(saved) != set(expected) or any(
             not torch.allclose(saved[k], v, rtol=1e-5, atol=1e-7) for k, v in expected.items()
         ):
             mismatched.append(r)
-            problems.append(f"round {r}: the saved adapter is not FedAvg of its persisted updates, each once")
+            problems.append(f"round {r}: the saved adapter is not the aggregate of its persisted updates, each once")
         counted |= {(r, c) for c in reported}
         previous = saved
     if double_counted:

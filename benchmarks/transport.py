@@ -51,6 +51,7 @@ from shared.embedded_broker import start_embedded_broker  # noqa: E402
 from shared.manifests import build_manifest, chunk_lengths  # noqa: E402
 from shared.mosquitto import start_mosquitto  # noqa: E402
 from shared.protocol import Chunk, MessageType, ResourceReport, Update  # noqa: E402
+from shared.signing import SigningKey  # noqa: E402
 from shared.tensors import to_payload  # noqa: E402
 from shared.topics import TopicKind  # noqa: E402
 from shared.transport import MqttTransport  # noqa: E402
@@ -59,6 +60,8 @@ from shared.transport_types import InboundMessage, TransportConfig  # noqa: E402
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
 RUN = "bench"
+BENCH_KEY = SigningKey.from_seed(b"fedsoda transport benchmark key.")
+"""The blob server's signing key, which the fetcher pins (the server runs in a child process)."""
 TARGET_BLOB_RATIO = 0.5
 TARGET_CODEC_RATIO = 0.5
 
@@ -87,7 +90,7 @@ def _role_tcp_blob_sender(port: int, folder: str) -> None:
 
 def _role_blob_server(port: int, folder: str) -> None:
     transport = MqttTransport(TransportConfig(port=port, client_id="bench-coordinator")).connect()
-    server = BlobServer(transport, run=RUN)
+    server = BlobServer(transport, run=RUN, signer=BENCH_KEY)  # chunks are signed, as the coordinator's are
     server.add(build_manifest(folder, "bench", 1, "t"), folder)
 
     def on_chunk_request(message: InboundMessage) -> None:
@@ -191,7 +194,7 @@ def measure_blob(broker: BrokerHandle, folder: Path, work: Path) -> tuple[float,
         cache = work / "cache"
         shutil.rmtree(cache, ignore_errors=True)
         transport = MqttTransport(TransportConfig(port=broker.port, client_id="bench-client")).connect()
-        fetcher = BlobFetcher(transport, ChunkStore(cache), run=RUN, client_id="bench-client")
+        fetcher = BlobFetcher(transport, ChunkStore(cache), run=RUN, client_id="bench-client", coordinator_key=BENCH_KEY.public)
         start = time.perf_counter()
         fetcher.fetch(manifest, timeout=600)
         elapsed = time.perf_counter() - start

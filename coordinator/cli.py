@@ -70,7 +70,7 @@ def serve(
     method: Annotated[Optional[str], typer.Option(help="fedsoda, fedot, fedpetuning or fedkrso.")] = None,
     tiers: Annotated[Optional[Path], typer.Option("--tiers", help="Use the tiers a `prune` run wrote in this folder (no SGP, no pre-alignment).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task preset: rotten_tomatoes, imdb, medmcqa or gsm_symbolic (or define [task] in --config).")] = None,
-    aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy (fedavg).")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="Aggregation strategy: fedavg, trimmed_mean or median (robust to a minority of hostile clients).")] = None,
     device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP)] = None,
     dtype: Annotated[Optional[str], typer.Option(help=_DTYPE_HELP)] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
@@ -78,6 +78,7 @@ def serve(
     broker: Annotated[Optional[str], typer.Option(help="Broker HOST:PORT (default from the config).", envvar="FEDSODA_BROKER")] = None,
     broker_mode: Annotated[Optional[str], typer.Option(help="external (your broker at --broker), embedded (no logins, one-machine runs) or mosquitto (a local mosquitto with the logins and ACL of `credentials`).")] = None,
     credentials_dir: Annotated[Optional[Path], typer.Option(help="Credentials folder for --broker-mode mosquitto (default ~/.config/fedsoda/credentials).", envvar="FEDSODA_BROKER__CREDENTIALS_DIR")] = None,
+    signing_key: Annotated[Optional[Path], typer.Option(help="The coordinator's Ed25519 signing key file, created if absent; clients pin the public key written beside it as coordinator.pub (default: coordinator-signing.key in the credentials folder when the broker uses one, else coordinator.key in the run directory).", envvar="FEDSODA_BROKER__SIGNING_KEY")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Carry on from the checkpoint in the run directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -105,6 +106,7 @@ def serve(
         "broker.port": port,
         "broker.mode": broker_mode,
         "broker.credentials_dir": str(credentials_dir) if credentials_dir else None,
+        "broker.signing_key": str(signing_key) if signing_key else None,
     }
     outcome = run_command(lambda: _serve(_load_run_config(config_file, overrides), run_dir, resume=resume))
     _print_outcome(outcome, as_json)
@@ -114,8 +116,18 @@ def serve(
 
 def _serve(config, run_dir: Path | None, *, resume: bool):
     from coordinator.launch import serve_run
+    from coordinator.run.credentials import signing_key_file
+    from shared.signing import load_or_create_signing_key, public_key_file
 
-    return serve_run(config, run_dir or Path("runs") / config.run_id, resume=resume, progress=_progress_printer())
+    run_dir = run_dir or Path("runs") / config.run_id
+    progress = _progress_printer()
+    # The server loads this same file; loading it here first puts the key in the banner
+    # before the (long) tier preparation, so clients can be started with it at once.
+    key_file = signing_key_file(config.broker, run_dir)
+    key = load_or_create_signing_key(key_file)
+    progress(f"coordinator signing key {key_file}; clients pin {key.public.text} "
+             f"(join --coordinator-key, or the file {public_key_file(key_file)})")
+    return serve_run(config, run_dir, resume=resume, progress=progress)
 
 
 def _progress_printer():
@@ -443,17 +455,20 @@ def credentials_add(
         creds = store.add(client_id, broker=f"{host}:{port}", ca_pem=ca_pem)
         write_client_credentials(target, creds, comment=(
             f"fedsoda broker credentials of client {client_id!r}. Keep this file secret and hand it to the device:\n"
-            f"  fedsoda-client join --credentials {target.name} --data DATA --run RUN"
+            f"  fedsoda-client join --credentials {target.name} --data DATA --run RUN\n"
+            "coordinator_key pins the coordinator's signing key: the client refuses what it did not sign."
         ))
         return store, creds, target, store.reload_broker()
 
     store, creds, target, reload = run_command(body)
     if as_json:
-        typer.echo(json.dumps({"client_id": creds.client_id, "username": creds.username, "password": creds.password, "file": str(target)}))
+        typer.echo(json.dumps({"client_id": creds.client_id, "username": creds.username, "password": creds.password, "file": str(target),
+                               "coordinator_key": creds.coordinator_key}))
     else:
         console.print(f"[green]added[/] client [bold]{creds.client_id}[/] (user {creds.username}) in {store.directory}")
         console.print(f"password (shown once; only its hash is stored): [bold]{creds.password}[/]")
         console.print(f"credentials file for the device: {target}  (fedsoda-client join --credentials {target} ...)", soft_wrap=True)
+        console.print(f"it pins the coordinator's signing key {creds.coordinator_key} ({store.signing_key_file})", soft_wrap=True)
     console.print(f"[cyan]>[/] {reload.describe()}", soft_wrap=True)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from coordinator.model.pipeline import ModelPipeline, Progress
 from coordinator.run.aggregation import get_strategy
-from coordinator.run.brokers import broker_for
+from coordinator.run.brokers import broker_for, coordinator_client_id
 from coordinator.run.server import CoordinatorServer, RunOutcome
 from coordinator.settings import RunConfig, effective_config
 from shared.transport import MqttTransport
@@ -48,7 +48,9 @@ def serve_run(
     get_strategy(config.aggregation.strategy)  # an unknown name fails now, not after the tiers are built
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with broker_for(config.broker, progress, run_dir / "broker") as broker:
+    # One MQTT client id per run folder: a resumed coordinator gets its broker session back.
+    client_id = coordinator_client_id(run_dir)
+    with broker_for(config.broker, progress, run_dir / "broker", client_id=client_id) as broker:
         if on_broker is not None:
             on_broker(broker.host, broker.port)
         pipeline = ModelPipeline.prepare(config, run_dir, resume=resume, progress=progress)

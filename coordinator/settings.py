@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from coordinator.model.methods import METHODS, get_method
 from coordinator.model.presets import task_preset
+from shared.embedded_broker import LOOPBACK_ONLY, is_loopback_host
 from shared.errors import ConfigError
 from shared.protocol import TrainingParams
 from shared.tasks import TaskSpec
@@ -55,6 +56,11 @@ class RoundConfig:
             last round); 0 never re-aligns.
         max_wait_s: Seconds the run may wait for ``min_clients`` before failing; None waits
             for ever.
+        max_missed: A client online but assigned to this many rounds in a row without
+            reporting is no longer waited for: rounds close as soon as the others reported
+            (it stays selected, and an update it sends in time counts), until it shows life (a
+            report, a new hello, or a late update). So one that never reports cannot stretch
+            every round to its deadline; 0 always waits.
     """
 
     rounds: int
@@ -68,9 +74,12 @@ class RoundConfig:
     max_extensions: int = 3
     realign_every: int = 0
     max_wait_s: float | None = None
+    max_missed: int = 1
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if self.max_missed < 0:
+            problems.append(f"max_missed must be >= 0 (0 = always wait), got {self.max_missed}")
         if self.rounds < 1:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.min_clients < 1:
@@ -233,12 +242,47 @@ class PruningSettings:
 class AggregationSettings:
     """How accepted client deltas become the next global adapter.
 
+    Every strategy gets the deltas after the influence bounds
+    (``coordinator.run.aggregation.bounds``): one client moves a round by at most
+    ``weight_cap x clip`` times the round's median client, whatever it sends.
+
     Attributes:
         strategy: A registered aggregation strategy (``coordinator.run.aggregation``):
-            ``fedavg`` (example-weighted, per key over the clients that hold it).
+            ``fedavg`` (example-weighted, per key over the clients that hold it),
+            ``trimmed_mean`` or ``median`` (coordinate-wise, unweighted; robust to a minority
+            of hostile clients).
+        weight_cap: A client's weight is at most this multiple of the round's median weight
+            (``inf`` disables).
+        clip: A delta above this multiple of the round's median L2 norm is scaled down to it
+            (``inf`` disables).
+        clip_per_key: Clip each adapter key too, against the median norm of its holders.
+        min_holders: A key fewer clients than this hold is not changed that round.
+        trim_ratio: ``trimmed_mean`` drops ``ceil(trim_ratio x n)`` values at each end.
     """
 
     strategy: str = "fedavg"
+    weight_cap: float = 2.0
+    clip: float = 2.0
+    clip_per_key: bool = True
+    min_holders: int = 1
+    trim_ratio: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"aggregation.{name} must be a number >= 1 (inf disables it), got {getattr(self, name)!r}"
+            for name in ("weight_cap", "clip")
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 1.0)
+        ]
+        if isinstance(self.min_holders, bool) or not isinstance(self.min_holders, int) or self.min_holders < 1:
+            problems.append(f"aggregation.min_holders must be an int >= 1, got {self.min_holders!r}")
+        if not 0.0 <= self.trim_ratio < 0.5:
+            problems.append(f"aggregation.trim_ratio must be in [0, 0.5), got {self.trim_ratio!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def strategy_options(self) -> dict[str, float]:
+        """Constructor arguments of the chosen strategy."""
+        return {"trim_ratio": self.trim_ratio} if self.strategy == "trimmed_mean" else {}
 
 
 @dataclass(frozen=True)
@@ -309,10 +353,23 @@ class ValidationSettings:
     Attributes:
         max_delta_norm: Largest L2 norm of a whole adapter delta.
         max_examples: Largest example count a client may claim (caps its FedAvg weight).
+        hellos_per_second: Hellos the coordinator handles per second, sustained (each may run
+            the planner and rewrite the run's files); more are dropped unanswered, and a
+            real client says hello again.
+        hello_burst: Hellos it handles at once (a fleet starting together).
     """
 
     max_delta_norm: float = 100.0
     max_examples: int = 1_000_000
+    hellos_per_second: float = 20.0
+    hello_burst: int = 200
+
+    def __post_init__(self) -> None:
+        if not (self.hellos_per_second > 0 and self.hello_burst >= 1):
+            raise ConfigError(
+                f"validation.hellos_per_second must be > 0 and validation.hello_burst >= 1, got "
+                f"{self.hellos_per_second} and {self.hello_burst}"
+            )
 
 
 @dataclass(frozen=True)
@@ -328,7 +385,8 @@ class BrokerSettings:
             ``server_cert_file`` is set. The coordinator then logs in with its own generated
             user, on a loopback listener.
         host: Broker host (``external``), or the address the started broker listens on
-            (``0.0.0.0`` lets other machines in).
+            (``0.0.0.0`` lets other machines in; ``embedded`` takes loopback addresses only,
+            as it has no logins).
         port: Broker port; 0 with a started broker picks a free one.
         username: MQTT user name ("" for anonymous); ``external`` only.
         password: MQTT password; ``external`` only.
@@ -344,6 +402,10 @@ class BrokerSettings:
         server_key_file: ``mosquitto`` mode: its private key (PEM).
         require_client_cert: ``mosquitto`` mode: clients must also present a certificate
             signed by ``ca_file`` (mutual TLS).
+        signing_key: The coordinator's Ed25519 signing key file (created if absent), whose
+            public key clients pin; "" = ``coordinator-signing.key`` in the credentials folder
+            when the broker uses one (one key per coordinator across runs), else
+            ``coordinator.key`` in the run directory. ``serve --signing-key``.
     """
 
     mode: Literal["external", "embedded", "mosquitto"] = "external"
@@ -358,6 +420,7 @@ class BrokerSettings:
     server_cert_file: str = ""
     server_key_file: str = ""
     require_client_cert: bool = False
+    signing_key: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -368,6 +431,8 @@ class BrokerSettings:
             problems.append("server_cert_file and server_key_file go together")
         if self.require_client_cert and not (self.server_cert_file and self.ca_file):
             problems.append("require_client_cert needs server_cert_file, server_key_file and ca_file (the clients' CA)")
+        if self.mode == "embedded" and not is_loopback_host(self.host):
+            problems.append(f"host = {self.host!r} with mode = 'embedded': {LOOPBACK_ONLY}")
         if problems:
             raise ConfigError("; ".join(problems))
 

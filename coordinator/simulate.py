@@ -30,12 +30,14 @@ from typing import Any
 from coordinator.launch import serve_run
 from coordinator.model.datasets import task_split
 from coordinator.model.pipeline import Progress
+from coordinator.run.credentials import signing_key_file
 from coordinator.run.server import RunOutcome
 from coordinator.settings import RunConfig
 from hardware_profiles.memory import describe_bytes, parse_bytes
 from hardware_profiles.profile import Catalog, load_catalog
 from shared.errors import ConfigError
 from shared.rows import read_rows
+from shared.signing import load_or_create_signing_key
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +235,9 @@ def client_name(index: int) -> str:
 class ClientFleet:
     """The simulated client processes (``python -m edge_client join ...``)."""
 
-    def __init__(self, config: RunConfig, options: SimulationOptions, data: list[Path], run_dir: Path) -> None:
+    def __init__(self, config: RunConfig, options: SimulationOptions, data: list[Path], run_dir: Path, coordinator_key: str) -> None:
         self.config = config
+        self.coordinator_key = coordinator_key  # the public key each client pins
         self.options = options
         self.data = data
         self.run_dir = run_dir
@@ -251,7 +254,8 @@ class ClientFleet:
             argv = [
                 sys.executable, "-m", "edge_client", "join",
                 "--broker", f"{host}:{port}", "--run", self.config.run_id, "--client-id", client_name(i),
-                "--data", str(data), "--state-dir", str(folder / "state"), "--json",
+                "--data", str(data), "--state-dir", str(folder / "state"), "--coordinator-key", self.coordinator_key,
+                "--json",
             ]
             if profiles:
                 played = profiles[i % len(profiles)]
@@ -350,7 +354,8 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
     Returns:
         The coordinator's outcome and each client's outcome.
     """
-    config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", port=0))
+    # Every process is on this machine: the embedded broker listens on loopback (it takes anyone).
+    config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, mode="embedded", host="127.0.0.1", port=0))
     config = bounded_wait(config)
     config, note = precisions_for_profiles(config, options.client_profiles())
     if note:
@@ -362,7 +367,9 @@ def simulate(config: RunConfig, options: SimulationOptions, run_dir: Path, *, pr
         f"wrote {options.partition} shares of {options.data or task.name} ({task.kind}) for {options.clients} "
         f"clients under {run_dir / 'clients'}"
     )
-    fleet = ClientFleet(config, options, data, run_dir)
+    # The server loads the same key file; its public key goes to the clients on their command line.
+    key = load_or_create_signing_key(signing_key_file(config.broker, run_dir))
+    fleet = ClientFleet(config, options, data, run_dir, key.public.text)
     try:
         outcome = serve_run(config, run_dir, progress=progress, on_broker=fleet.start)
         clients = fleet.wait(CLIENT_EXIT_GRACE_SECONDS)

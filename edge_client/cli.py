@@ -79,7 +79,8 @@ def join(
     ca_file: Annotated[Optional[Path], typer.Option(help="CA certificate: enables TLS.")] = None,
     cert_file: Annotated[Optional[Path], typer.Option(help="Client certificate for mutual TLS.")] = None,
     key_file: Annotated[Optional[Path], typer.Option(help="Client key for mutual TLS.")] = None,
-    credentials: Annotated[Optional[Path], typer.Option(help="Credentials file from `fedsoda-coordinator credentials add` (client id, login, broker, CA): keeps the password off the command line.", envvar="FEDSODA_CREDENTIALS")] = None,
+    credentials: Annotated[Optional[Path], typer.Option(help="Credentials file from `fedsoda-coordinator credentials add` (client id, login, broker, CA, coordinator key): keeps the password off the command line.", envvar="FEDSODA_CREDENTIALS")] = None,
+    coordinator_key: Annotated[Optional[str], typer.Option(help="The coordinator's public key, 'ed25519:...' or its coordinator.pub file (serve prints both): every message on a coordinator topic must be signed by it. Default: the credentials file's coordinator_key.", envvar="FEDSODA_COORDINATOR_KEY", metavar="KEY_OR_FILE")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds with nothing to do.")] = None,
     keepalive: Annotated[int, typer.Option(min=1, help="Seconds between MQTT pings; after 1.5x this without a word the broker declares this client gone (its Last Will).", envvar="FEDSODA_KEEPALIVE")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON on stdout.")] = False,
@@ -98,11 +99,13 @@ def join(
         from shared.transport_types import TransportConfig
 
         limit = _memory_cap(memory_limit, device)
-        address, cid, user, secret, ca = _login(credentials, broker, client_id, username, password, ca_file, state_dir)
+        address, cid, user, secret, ca, pinned, own = _login(credentials, broker, client_id, username, password, ca_file, state_dir)
+        key = _coordinator_key(coordinator_key, pinned)  # before any connection: nothing unverified is ever read
         host, port = parse_broker_address(address)
+        folder = state_dir or cache_dir() / "clients" / cid
         options = ClientOptions(
-            run_id=run_id, client_id=cid, state_dir=state_dir or cache_dir() / "clients" / cid, device=device,
-            idle_timeout=idle_timeout, memory_limit_bytes=limit,
+            run_id=run_id, client_id=cid, state_dir=folder, coordinator_key=key, signing_key=_client_key(own, folder),
+            device=device, idle_timeout=idle_timeout, memory_limit_bytes=limit,
         )
         transport = TransportConfig(
             host=host, port=port, client_id=cid, username=user, password=secret,
@@ -140,14 +143,46 @@ def _memory_cap(memory_limit: str | None, device: str) -> int | None:
     return applied
 
 
+def _coordinator_key(flag: str | None, from_credentials: str):
+    """The key this client pins: ``--coordinator-key``, else the credentials file's.
+
+    The flag wins so a rotated key can be handed out as a new ``coordinator.pub`` without
+    re-issuing credentials.
+
+    Raises:
+        ConfigError: Neither is given (the message names both ways to pin it), or the key is malformed.
+    """
+    from shared.errors import ConfigError
+    from shared.signing import parse_verify_key
+
+    if flag:
+        return parse_verify_key(flag)
+    if from_credentials:
+        return parse_verify_key(from_credentials)
+    raise ConfigError(
+        "no coordinator key is pinned, so this client could not tell the coordinator's messages from a stranger's: "
+        "pass --coordinator-key with the key (or the coordinator.pub file) `fedsoda-coordinator serve` prints, "
+        "or join with --credentials FILE from `fedsoda-coordinator credentials add`, which carries it as coordinator_key"
+    )
+
+
+def _client_key(from_credentials: str, state_dir: Path):
+    """This client's signing key: the credentials file's, else ``client-signing.key`` in its state folder (made on first join)."""
+    from shared.signing import SigningKey, load_or_create_signing_key
+
+    if from_credentials:
+        return SigningKey.from_private_text(from_credentials)
+    return load_or_create_signing_key(state_dir / "client-signing.key", write_public=False)
+
+
 def _login(credentials, broker, client_id, username, password, ca_file, state_dir):
-    """(broker, client id, user, password, CA file) from the flags and the --credentials file."""
+    """(broker, client id, user, password, CA file, coordinator key, client key) from the flags and the --credentials file."""
     from shared.config import cache_dir
     from shared.credentials import load_client_credentials
     from shared.errors import ConfigError
 
     if credentials is None:
-        return broker or "127.0.0.1:1883", client_id or _default_client_id(), username, password, ca_file
+        return broker or "127.0.0.1:1883", client_id or _default_client_id(), username, password, ca_file, "", ""
     creds = load_client_credentials(credentials)
     if username is not None or password is not None:
         raise ConfigError("--credentials holds the login already: drop --username/--password (or FEDSODA_USERNAME/FEDSODA_PASSWORD)")
@@ -155,7 +190,8 @@ def _login(credentials, broker, client_id, username, password, ca_file, state_di
         raise ConfigError(f"--client-id {client_id!r} is not the credentials file's client {creds.client_id!r}: "
                           "the broker lets this login act only as that client")
     ca = ca_file or creds.ca_file(state_dir or cache_dir() / "clients" / creds.client_id)
-    return broker or creds.broker or "127.0.0.1:1883", creds.client_id, creds.username, creds.password, ca
+    return (broker or creds.broker or "127.0.0.1:1883", creds.client_id, creds.username, creds.password, ca,
+            creds.coordinator_key, creds.client_key)
 
 
 def _join(data, profile_name, options, transport_config):
@@ -167,7 +203,13 @@ def _join(data, profile_name, options, transport_config):
     The rows are only read here; the task the coordinator publishes formats them (a row that
     does not fit it stops the client with its file and line).
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from edge_client.data import load_rows
     from edge_client.runner import ClientEvents, EdgeClient

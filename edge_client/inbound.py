@@ -3,14 +3,22 @@
 The codec already guarantees every field's type; these checks refuse values that are
 well-typed but would crash or poison the client later (a zero step count, a NaN adapter, a
 manifest path outside the cache folder), so a bad message is refused where it arrives, with
-its reason, and the client keeps the good state it had. Staleness (an older round after a
-newer one) is the runner's business: it knows what it holds.
+its reason, and the client keeps the good state it had.
+
+Where a message stands against what the client holds (an older round after a newer one, a
+round the current schedule does not allow yet, an admission that changes) is decided by the
+``*_refusal`` functions below, cheapest check first, each answering None or a
+:class:`Refusal` whose reason is a key of :data:`REFUSALS`. A refused message never replaces
+what the client holds, so the "latest seen" markers (schedule round, adapter round, manifest
+version) only ever move on a message that passed: a forged round 10**9 cannot make the next
+real message look stale.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +41,19 @@ from shared.typed import short_repr
 
 ADAPTER_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 """Wire dtypes a global adapter's tensors may use."""
+
+MAX_ROUND = 1_000_000
+"""No run has more rounds: a schedule or adapter beyond it is refused before it is held."""
+MAX_ROUND_JUMP = 1_000
+"""A schedule may be at most this many rounds ahead of the one the client holds (a client that
+was away misses rounds; none misses a thousand)."""
+
+REFUSALS: dict[str, str] = {
+    "stale": "older than what the client holds (a QoS 1 repeat, an out-of-order copy)",
+    "implausible_round": "a round the current schedule does not allow (ahead of it, or a jump no run makes)",
+    "assignment_changed": "contradicts the admission the client already holds (admission is settled once per join)",
+}
+"""Why a well-formed message is refused against the client's state; the key is the ``refused`` counter."""
 
 _BLOB_ID_RE = re.compile(r"[0-9a-f]{64}")
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
@@ -166,3 +187,106 @@ def check_addressed_to(body: Assignment | Nack, client_id: str) -> None:
             topics.check_id(body.tier, "tier")
         except TopicError as exc:
             raise FieldTypeError(f"accepted assignment without a valid tier: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a message is refused against what the client holds.
+
+    Attributes:
+        reason: A key of :data:`REFUSALS` (the refusal counter).
+        detail: The numbers, for the log.
+    """
+
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in REFUSALS:
+            raise ValueError(f"refusal reason {self.reason!r} is not in REFUSALS")
+
+
+def schedule_refusal(new: Schedule, held: Schedule | None) -> Refusal | None:
+    """Whether a checked schedule may replace the one held.
+
+    Args:
+        new: The schedule that arrived (passed :func:`check_schedule`).
+        held: The schedule the client holds, if any.
+
+    Returns:
+        None to take it, else the refusal (the held schedule stays).
+    """
+    if new.round > MAX_ROUND or new.adapter_round > new.round:
+        # A schedule starts from an adapter of an earlier round (or, once finished, of its own).
+        return Refusal("implausible_round", f"schedule of round {new.round} from adapter round {new.adapter_round}")
+    if held is None:
+        return None
+    if new.round < held.round:
+        return Refusal("stale", f"schedule of round {new.round} after one of round {held.round}")
+    if new.round > held.round + MAX_ROUND_JUMP:
+        return Refusal("implausible_round", f"schedule of round {new.round} right after round {held.round}")
+    return None
+
+
+def adapter_refusal(new: GlobalAdapter, held: GlobalAdapter | None, schedule: Schedule | None) -> Refusal | None:
+    """Whether a checked global adapter may replace the one held.
+
+    The coordinator publishes round r's adapter before the schedule of round r + 1, so an
+    adapter is never of a later round than the schedule the client holds.
+
+    Args:
+        new: The adapter that arrived (passed :func:`check_adapter`).
+        held: The adapter the client holds, if any.
+        schedule: The schedule the client holds, if any (without one, only :data:`MAX_ROUND` bounds it).
+
+    Returns:
+        None to take it, else the refusal (the held adapter stays).
+    """
+    if new.round > MAX_ROUND:
+        return Refusal("implausible_round", f"global adapter of round {new.round}")
+    if schedule is not None and new.round > schedule.round:
+        return Refusal("implausible_round", f"global adapter of round {new.round} while the schedule is at round {schedule.round}")
+    if held is not None and new.round < held.round:
+        return Refusal("stale", f"global adapter of round {new.round} after one of round {held.round}")
+    return None
+
+
+def manifest_refusal(new: Manifest, held: Manifest | None, schedule: Schedule | None) -> Refusal | None:
+    """Whether a checked manifest may replace the one held for its tier.
+
+    The package the current schedule names is always taken, whatever version the held one
+    claims: a forged high version cannot block the real package.
+
+    Args:
+        new: The manifest that arrived (passed :func:`check_manifest`).
+        held: The manifest the client holds for that tier, if any.
+        schedule: The schedule the client holds, if any.
+
+    Returns:
+        None to take it, else the refusal (the held manifest stays).
+    """
+    if schedule is not None and schedule.manifests.get(new.tier) == new.blob_id:
+        return None
+    if held is not None and new.version < held.version:
+        return Refusal("stale", f"manifest v{new.version} of tier {new.tier} after v{held.version}")
+    return None
+
+
+def assignment_refusal(new: Assignment, held: Assignment | None) -> Refusal | None:
+    """Whether a checked assignment may replace the one held.
+
+    The coordinator answers each hello the same way, and the client stops saying hello once
+    admitted, so an admitted client takes only repeats of its admission: a later refusal or
+    another tier is not the coordinator's.
+
+    Args:
+        new: The assignment that arrived (passed :func:`check_addressed_to`).
+        held: The assignment the client holds, if any.
+
+    Returns:
+        None to take it, else the refusal (the held assignment stays).
+    """
+    if held is None or not held.accepted or new == held:
+        return None
+    said = f"tier {new.tier}" if new.accepted else f"refused ({short_repr(new.reason)})"
+    return Refusal("assignment_changed", f"assignment {said} after admission to tier {held.tier}")

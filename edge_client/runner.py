@@ -5,10 +5,17 @@ global adapter) and replies (assignment, nacks) to handlers that only record the
 then decides what to do next from that state. Because the schedule, manifests and adapter
 are retained, a client that reconnects or restarts learns the current round at once.
 
-Nothing received is trusted: every message is decoded, must come from the coordinator, and
-is checked (:mod:`edge_client.inbound`) before it replaces what the client holds; a bad or
-stale one is refused (logged as ``refused message on <topic>: [<reason>] <detail>`` and
+Nothing received is trusted: every message must be signed by the coordinator key the client
+pinned (checked before its bytes are even unpacked, :mod:`shared.signing`), is decoded, must
+come from the coordinator, and is checked (:mod:`edge_client.inbound`) before it replaces
+what the client holds; a bad, unsigned, forged or stale one is refused (logged as ``refused message on <topic>: [<reason>] <detail>`` and
 counted in ``ClientOutcome.refused``) and the client carries on with what it had.
+
+No message after admission ends the client: a nack is recorded, a refused or stalled download
+is tried again with backoff (:data:`FETCH_ATTEMPTS` times per round, then the round is given
+up and the client waits for the next schedule). What still ends it comes from its own
+assignment (a refused hello), its own device (the tier does not fit, memory runs out) or the
+run itself (a finished or failed schedule; a task its data cannot take).
 
 What survives a crash lives in the state folder: verified sub-LLM chunks (so a broken
 download resumes), the rounds already sent (so a restart does not train twice), the
@@ -17,7 +24,7 @@ mid-round training checkpoint (so a restart resumes from the last saved step,
 yet (so a restart sends it again instead of losing it: a round counts as sent only once the
 broker has acknowledged its update, :mod:`edge_client.outbox`).
 
-This module is a little over 500 lines because the client is one class whose handlers and loop
+This module is over 600 lines because the client is one class whose handlers and loop
 share the state it holds; what it sent (:mod:`edge_client.outbox`), its checks
 (:mod:`edge_client.inbound`) and its training (:mod:`edge_client.trainer`) live elsewhere.
 """
@@ -25,8 +32,9 @@ share the state it holds; what it sent (:mod:`edge_client.outbox`), its checks
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +44,15 @@ import torch
 
 from edge_client.data import LocalDataset, LocalRows, build_dataset
 from edge_client.inbound import (
+    Refusal,
+    adapter_refusal,
+    assignment_refusal,
     check_adapter,
     check_addressed_to,
     check_manifest,
     check_schedule,
+    manifest_refusal,
+    schedule_refusal,
 )
 from edge_client.memory_cap import out_of_memory_guard
 from edge_client.outbox import Outbox
@@ -49,6 +62,7 @@ from edge_client.train_checkpoint import clear_checkpoint, load_checkpoint
 from edge_client.trainer import TrainOptions, TrainProgress, train_adapter
 from shared import codec, topics
 from shared.blob_fetcher import BlobFetcher, FetchProgress
+from shared.blob_server import DOWNLOAD_REFUSALS
 from shared.chunkstore import ChunkStore
 from shared.errors import (
     BlobError,
@@ -72,8 +86,9 @@ from shared.protocol import (
     Schedule,
     Update,
 )
+from shared.signing import SigningKey, VerifyKey
 from shared.subllm import load_package
-from shared.tensors import payloads_to_state, state_to_payloads
+from shared.tensors import payloads_digest, payloads_to_state, state_to_payloads
 from shared.transport import MqttTransport
 from shared.transport_types import (
     ConnectionEvent,
@@ -92,6 +107,12 @@ ACK_WAIT_SECONDS = 10.0
 """How long sending an update blocks for the broker's acknowledgement before the loop goes on waiting."""
 MAX_LEAVE_REASON_CHARS = 400
 """The offline presence of a client that stops on an error carries the error, cut to this length."""
+MAX_NACKS_KEPT = 100
+"""Nacks kept for the outcome (the latest ones): a flood of them must not grow the client's memory."""
+FETCH_ATTEMPTS = 3
+"""Downloads of one package tried per round before the client gives the round up and waits for the next schedule."""
+FETCH_RETRY_SECONDS = 5.0
+"""Wait before the second download attempt; it doubles for each further one (with jitter)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,11 @@ class ClientOptions:
         run_id: Run to join.
         client_id: This client's stable id.
         state_dir: Folder for the chunk cache, sent-round record and training checkpoints.
+        coordinator_key: The coordinator's public key: every message on a coordinator topic
+            must be signed by it (an unsigned or forged one is refused).
+        signing_key: This client's own key: it signs everything the client sends, and its
+            public key travels in the hello (the coordinator pins it). None sends unsigned
+            messages, as clients older than protocol 1.3 do (``join`` always has a key).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present and the profile says so).
         checkpoint_every: Save the mid-round training state every this many steps (0: never).
         idle_timeout: Seconds to wait with nothing to do before giving up (None: for ever).
@@ -113,6 +139,8 @@ class ClientOptions:
     run_id: str
     client_id: str
     state_dir: Path
+    coordinator_key: VerifyKey
+    signing_key: SigningKey | None = None
     device: str = "auto"
     checkpoint_every: int = 5
     idle_timeout: float | None = None
@@ -147,7 +175,8 @@ class ClientOutcome:
         bytes_received: Bytes this client received.
         chunks_fetched: Sub-LLM chunks downloaded.
         chunks_reused: Sub-LLM chunks found in the cache.
-        nacks: Refusals received, as ``{"round", "code", "reason"}``.
+        nacks: The latest refusals received (at most :data:`MAX_NACKS_KEPT`), as
+            ``{"round", "code", "reason"}``.
         refused: Inbound messages this client refused, by reason (error class, ``stale``,
             or ``internal_error``); each is also logged with its topic and detail.
     """
@@ -201,13 +230,18 @@ class EdgeClient:
         self.schedule: Schedule | None = None
         self.manifests: dict[str, Manifest] = {}
         self.adapter: GlobalAdapter | None = None
-        self.nacks: list[dict[str, Any]] = []
+        self.nacks: deque[dict[str, Any]] = deque(maxlen=MAX_NACKS_KEPT)
         self.refused: Counter[str] = Counter()
         self._fetching = False  # while a BlobFetcher runs, chunk messages are its own
         self.outbox = Outbox(options.state_dir, self.run_id, self.client_id, self.transport)
         self._schedule_seen: Schedule | None = None
         self._loaded: tuple[str, Any, Any, Any] | None = None  # (blob_id, model, tokenizer, PackageMeta)
         self._fetch_stats = [0, 0]
+        self._inbound: dict[str, Callable[[str, Any], None]] = {}  # topic filter -> handler
+        self._manifests_resynced: frozenset[tuple[str, str]] | None = None
+        # Failed downloads per (round, blob id), and when the next attempt may start.
+        self._fetch_failures: Counter[tuple[int, str]] = Counter()
+        self._fetch_retry_at = 0.0
         self._hello_at = 0.0
         self._hellos_sent = 0
         self._preflight_done = False
@@ -216,14 +250,14 @@ class EdgeClient:
 
     def _presence(self, online: bool, reason: str) -> bytes:
         body = Presence(client_id=self.client_id, online=online, reason=reason)
-        return codec.encode(MessageType.PRESENCE, body, run=self.run_id, round=-1, sender=self.client_id)
+        return codec.encode(MessageType.PRESENCE, body, run=self.run_id, round=-1, sender=self.client_id, signer=self.options.signing_key)
 
     def _announce(self, online: bool, reason: str) -> None:
         """Publish our retained presence (the Last Will carries the offline one)."""
         self.transport.publish(topics.presence(self.run_id, self.client_id), self._presence(online, reason), qos=1, retain=True)
 
     def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
-        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=self.client_id)
+        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=self.client_id, signer=self.options.signing_key)
         self.transport.publish(topic, payload, qos=1, retain=retain)
 
     def _subscribe(self) -> None:
@@ -234,6 +268,7 @@ class EdgeClient:
             topics.manifest(self.run_id, "+"): self._on_manifest,
             topics.adapter(self.run_id): self._on_adapter,
         }
+        self._inbound = handlers
         for topic_filter, handler in handlers.items():
             self.transport.subscribe(topic_filter, self._guarded(handler))
         # Chunks are the fetcher's while it runs; outside a download they are refused or ignored here.
@@ -241,11 +276,14 @@ class EdgeClient:
         self.transport.subscribe(topics.chunk(self.run_id, self.client_id), lambda m: None if self._fetching else on_chunk(m))
 
     def _guarded(self, handler: Callable[[str, Any], None]) -> Callable[[InboundMessage], None]:
-        """Decode, check the sender, and hand the envelope on; refuse (log, count) what fails."""
+        """Verify the signature, decode, check the sender, and hand the envelope on; refuse (log, count) what fails."""
 
         def run_handler(message: InboundMessage) -> None:
             try:
-                info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+                # Signed by the pinned key, or refused before a single field is read.
+                info, envelope = codec.decode_message(
+                    message.topic, message.payload, run=self.run_id, verify_key=self.options.coordinator_key
+                )
                 if envelope.sender != COORDINATOR_ID:
                     raise TopicError(f"{info.kind} messages come from the coordinator, not from {short_repr(envelope.sender)}")
                 handler(message.topic, envelope)
@@ -262,39 +300,66 @@ class EdgeClient:
         self.refused[reason] += 1
         log.warning("refused message on %s: [%s] %s", topic, reason, detail)
 
+    def _refused_against_state(self, topic: str, refusal: Refusal | None) -> bool:
+        """Refuse (log, count) a message that does not stand against what the client holds."""
+        if refusal is None:
+            return False
+        self._refuse(topic, refusal.reason, refusal.detail)
+        return True
+
+    def _resync(self, topic_filter: str) -> None:
+        """Subscribe to a filter afresh, so the broker sends its retained messages again."""
+        self.transport.unsubscribe(topic_filter)
+        self.transport.subscribe(topic_filter, self._guarded(self._inbound[topic_filter]))
+
     def _on_assignment(self, topic: str, envelope: Any) -> None:
-        check_addressed_to(envelope.body, self.client_id)
-        self.assignment = envelope.body
+        assignment: Assignment = envelope.body
+        check_addressed_to(assignment, self.client_id)
+        if self._refused_against_state(topic, assignment_refusal(assignment, self.assignment)):
+            return
+        self.assignment = assignment
 
     def _on_nack(self, topic: str, envelope: Any) -> None:
         nack: Nack = envelope.body
         check_addressed_to(nack, self.client_id)
         self.nacks.append({"round": nack.round, "code": nack.code, "reason": nack.reason})
-        if nack.code not in ("unknown_chunk", "unknown_blob"):  # the fetcher handles its own
+        if nack.code not in DOWNLOAD_REFUSALS:  # the fetcher handles its own
             self.events.on_status(f"coordinator refused our message ({nack.code}): {nack.reason}")
 
     def _on_schedule(self, topic: str, envelope: Any) -> None:
         schedule: Schedule = envelope.body
         check_schedule(schedule)
-        if self.schedule is not None and schedule.round < self.schedule.round:
-            self._refuse(topic, "stale", f"schedule of round {schedule.round} after one of round {self.schedule.round}")
+        if self._refused_against_state(topic, schedule_refusal(schedule, self.schedule)):
             return
         self.schedule = schedule
+        # What arrived before any schedule could bound it is checked now. An adapter ahead of
+        # the schedule is not the coordinator's: drop it and ask for the retained one again.
+        if self.adapter is not None and adapter_refusal(self.adapter, None, schedule) is not None:
+            self._refuse(topics.adapter(self.run_id), "implausible_round",
+                         f"held global adapter of round {self.adapter.round} is ahead of the schedule's round {schedule.round}")
+            self.adapter = None
+            self._resync(topics.adapter(self.run_id))
+        # A held manifest that kept the named package out as stale (a forged higher version):
+        # the retained one is taken now, as the schedule names it. Once per set of named
+        # packages, so a flood of schedules cannot make us resubscribe in a loop.
+        named = frozenset(schedule.manifests.items())
+        if named != self._manifests_resynced and any(
+            tier in self.manifests and self.manifests[tier].blob_id != blob_id for tier, blob_id in named
+        ):
+            self._manifests_resynced = named
+            self._resync(topics.manifest(self.run_id, "+"))
 
     def _on_manifest(self, topic: str, envelope: Any) -> None:
         manifest: Manifest = envelope.body
         check_manifest(manifest, topics.parse(topic).tier)
-        held = self.manifests.get(manifest.tier)
-        if held is not None and manifest.version < held.version:
-            self._refuse(topic, "stale", f"manifest v{manifest.version} of tier {manifest.tier} after v{held.version}")
+        if self._refused_against_state(topic, manifest_refusal(manifest, self.manifests.get(manifest.tier), self.schedule)):
             return
         self.manifests[manifest.tier] = manifest
 
     def _on_adapter(self, topic: str, envelope: Any) -> None:
         adapter: GlobalAdapter = envelope.body
         check_adapter(adapter)
-        if self.adapter is not None and adapter.round < self.adapter.round:
-            self._refuse(topic, "stale", f"global adapter of round {adapter.round} after one of round {self.adapter.round}")
+        if self._refused_against_state(topic, adapter_refusal(adapter, self.adapter, self.schedule)):
             return
         self.adapter = adapter
 
@@ -401,7 +466,8 @@ class EdgeClient:
         if time.monotonic() - self._hello_at < HELLO_RETRY_SECONDS:
             return
         self._hello_at = time.monotonic()
-        hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.rows), software_version=SOFTWARE_VERSION)
+        hello = Hello(client_id=self.client_id, profile=self.profile, num_examples=len(self.rows), software_version=SOFTWARE_VERSION,
+                      public_key=self.options.signing_key.public.text if self.options.signing_key else "")
         self._publish(topics.hello(self.run_id, self.client_id), MessageType.HELLO, hello)
         # Said once; the repeats (every few seconds while the coordinator prepares its tiers,
         # which can take minutes) are for the coordinator, not for the person watching.
@@ -431,6 +497,10 @@ class EdgeClient:
         manifest = self.manifests.get(tier)
         if manifest is None or manifest.blob_id != schedule.manifests.get(tier):
             return False  # the matching retained manifest has not arrived yet
+        if self._fetch_failures[(schedule.round, manifest.blob_id)] >= FETCH_ATTEMPTS:
+            return False  # given up for this round: the next schedule is another chance
+        if time.monotonic() < self._fetch_retry_at:
+            return False  # a failed download waits before its next attempt
         return self.adapter is not None and self.adapter.round == schedule.adapter_round
 
     def _model_for(self, manifest: Manifest) -> tuple[Any, Any, Any]:
@@ -439,6 +509,7 @@ class EdgeClient:
         self._loaded = None  # free the old version before loading the new one
         self.events.on_status(f"fetching sub-LLM {manifest.tier} v{manifest.version}")
         fetcher = BlobFetcher(self.transport, self.store, run=self.run_id, client_id=self.client_id,
+                              coordinator_key=self.options.coordinator_key, signer=self.options.signing_key,
                               progress=self.events.on_fetch, refused=self.refused)
         self._fetching = True
         try:
@@ -451,6 +522,24 @@ class EdgeClient:
         model, tokenizer, meta = load_package(folder, device=self._device())
         self._loaded = (manifest.blob_id, model, tokenizer, meta)
         return model, tokenizer, meta
+
+    def _download_failed(self, round_num: int, manifest: Manifest, exc: BlobError) -> None:
+        """Count a failed download of this round's package; retry later with backoff, or give the round up."""
+        key = (round_num, manifest.blob_id)
+        for old in [k for k in self._fetch_failures if k[0] < round_num]:
+            del self._fetch_failures[old]  # one entry per round at most, ever
+        self._fetch_failures[key] += 1
+        failures = self._fetch_failures[key]
+        what = f"round {round_num}: the download of sub-LLM {manifest.tier} v{manifest.version} failed ({exc})"
+        if failures >= FETCH_ATTEMPTS:
+            log.error("%s; gave up after %d attempts, waiting for the next schedule", what, failures)
+            self.events.on_status(f"{what}; gave up after {failures} attempts, waiting for the next schedule")
+            return
+        ceiling = FETCH_RETRY_SECONDS * 2 ** (failures - 1)
+        delay = random.uniform(ceiling / 2, ceiling)  # jitter: clients refused together do not return together
+        self._fetch_retry_at = time.monotonic() + delay
+        log.warning("%s; attempt %d of %d in %.0f s", what, failures + 1, FETCH_ATTEMPTS, delay)
+        self.events.on_status(f"{what}; trying again in {delay:.0f} s (attempt {failures + 1} of {FETCH_ATTEMPTS})")
 
     def _device(self) -> str:
         if self.options.device != "auto":
@@ -465,13 +554,23 @@ class EdgeClient:
     def _train_and_send(self, schedule: Schedule) -> None:
         round_num = schedule.round
         tier = schedule.participants[self.client_id]
-        with self._memory_guard(f"fetching and loading sub-LLM {tier}"):
-            model, tokenizer, meta = self._model_for(self.manifests[tier])
+        manifest = self.manifests[tier]
+        try:
+            with self._memory_guard(f"fetching and loading sub-LLM {tier}"):
+                model, tokenizer, meta = self._model_for(manifest)
+        except BlobError as exc:
+            # A refusal (a nack, perhaps forged), a transfer that stalled, chunks that keep
+            # failing verification: none is a reason to leave the run.
+            self._download_failed(round_num, manifest, exc)
+            return
         checkpoint_dir = self.options.state_dir / "train"
         resume = load_checkpoint(checkpoint_dir)
         if resume is not None and resume.round_num != round_num:
             resume = None  # a checkpoint of an earlier round is of no use now
         assert self.dataset is not None  # formatted when the schedule arrived
+        # The adapter may be replaced by the handler thread while we train: keep the one we start from.
+        base = self.adapter
+        assert base is not None  # _ready_to_train checked it is the schedule's
         self.events.on_status(f"round {round_num}: training {schedule.training.local_steps} steps on {len(self.dataset)} examples")
         with self._memory_guard(f"training round {round_num}"), ResourceTracker(device_class=self.profile.device_class) as tracker:
             result = train_adapter(
@@ -479,7 +578,7 @@ class EdgeClient:
                 tokenizer,
                 self.dataset,
                 schedule.training,
-                payloads_to_state(self.adapter.tensors),
+                payloads_to_state(base.tensors),
                 list(meta.layer_map),
                 meta.layers_prefix,
                 self._device(),
@@ -500,8 +599,12 @@ class EdgeClient:
             delta=state_to_payloads(result.delta),
             metrics=result.metrics,
             resources=report,
+            # What it started from: the coordinator refuses an update that names another adapter.
+            base_round=base.round,
+            base_digest=payloads_digest(base.tensors),
         )
-        self.outbox.send(round_num, codec.encode(MessageType.UPDATE, update, run=self.run_id, round=round_num, sender=self.client_id))
+        self.outbox.send(round_num, codec.encode(MessageType.UPDATE, update, run=self.run_id, round=round_num, sender=self.client_id,
+                                                 signer=self.options.signing_key))
         clear_checkpoint(checkpoint_dir)
         loss = result.metrics.get("loss_last", float("nan"))
         if self.outbox.check_acknowledged(timeout=ACK_WAIT_SECONDS) is not None:

@@ -3,8 +3,12 @@
 A :class:`BlobFetcher` asks the coordinator for the chunks of a manifest that its
 :class:`~shared.chunkstore.ChunkStore` lacks, a bounded window at a time, verifies each
 chunk, re-requests missing or corrupt ones, and finally materializes the folder atomically.
+Every chunk and nack must be signed by the pinned coordinator key: an unsigned or forged one
+(a stranger's nack could otherwise stop the download) is refused like a corrupt one.
 Because the store keeps every verified chunk, a broken transfer or a restart costs only the
-chunks not yet stored.
+chunks not yet stored. A refusal (a nack with a :data:`~shared.blob_server.DOWNLOAD_REFUSALS`
+code: rate limited, over budget, an unknown chunk) does not end the download: the fetcher
+pauses with backoff and asks again, within each chunk's ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared import codec, topics
+from shared.blob_server import DOWNLOAD_REFUSALS
 from shared.chunkstore import ChunkStore, is_materialized, materialize
 from shared.errors import BlobError, ChunkHashMismatchError, ProtocolError
 from shared.manifests import check_chunk, chunk_lengths, validate_manifest
 from shared.protocol import Chunk, ChunkRequest, Manifest, MessageType, Nack
+from shared.signing import SigningKey, VerifyKey
 from shared.transport_types import ConnectionEvent, InboundMessage, Transport
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,8 @@ class FetchStats:
         duplicates: Deliveries of a chunk already stored (QoS 1 repeats), ignored.
         corrupt: Deliveries whose sha256 did not match (re-requested).
         rejected: Messages on the chunk topic that failed decoding.
-        re_requests: Chunks asked for again (timeout, reconnect, corruption).
+        re_requests: Chunks asked for again (timeout, reconnect, corruption, refusal).
+        refusals: Nacks that refused a request of this fetch (each pauses the requests).
         requested: Every digest asked for, in order (for tests and diagnostics).
     """
 
@@ -75,6 +83,7 @@ class FetchStats:
     corrupt: int = 0
     rejected: int = 0
     re_requests: int = 0
+    refusals: int = 0
     requested: list[str] = field(default_factory=list)
 
 
@@ -85,16 +94,22 @@ class BlobFetcher:
     while it runs every other message still reaches its handlers. Each fetch keeps at most
     ``window`` chunks in flight; when no chunk arrives for ``request_timeout`` seconds, or
     the connection comes back, the in-flight ones are asked for again, up to
-    ``max_attempts`` times each.
+    ``max_attempts`` times each. A refusing nack pauses requests for ``nack_backoff``
+    seconds, doubling (with jitter, up to ``request_timeout``) for each refusal without a
+    chunk in between, then asks for the in-flight chunks again; nacks during a pause add
+    nothing, so a flood of them costs one re-request per pause.
 
     Args:
         transport: Connected transport (persistent session recommended).
         store: On-disk chunk cache.
         run: Run id.
         client_id: This client's id (its chunk topics).
+        coordinator_key: The pinned coordinator key every chunk and nack must be signed by.
+        signer: This client's own key, which signs its chunk requests (None: unsigned).
         window: Chunks in flight at most.
         request_timeout: Seconds without progress before re-requesting.
         max_attempts: Requests per chunk before giving up.
+        nack_backoff: Seconds the first refusal pauses requests.
         progress: Called with a :class:`FetchProgress` after each stored chunk.
         refused: Counts each refused chunk message by reason (the owner's refusal counters).
     """
@@ -106,9 +121,12 @@ class BlobFetcher:
         *,
         run: str,
         client_id: str,
+        coordinator_key: VerifyKey,
+        signer: SigningKey | None = None,
         window: int = 8,
         request_timeout: float = 20.0,
         max_attempts: int = 6,
+        nack_backoff: float = 1.0,
         progress: Callable[[FetchProgress], None] | None = None,
         refused: Counter[str] | None = None,
     ) -> None:
@@ -118,9 +136,12 @@ class BlobFetcher:
         self.store = store
         self.run = topics.check_id(run, "run id")
         self.client_id = topics.check_id(client_id, "client id")
+        self.coordinator_key = coordinator_key
+        self.signer = signer
         self.window = window
         self.request_timeout = request_timeout
         self.max_attempts = max_attempts
+        self.nack_backoff = nack_backoff
         self.progress = progress
         self.refused: Counter[str] = Counter() if refused is None else refused
         self.stats = FetchStats()
@@ -130,7 +151,10 @@ class BlobFetcher:
         self._done: set[str] = set()
         self._fresh: set[str] = set()
         self._blob_id = ""
-        self._refusal: str | None = None
+        self._paused_until = 0.0  # a refusal pauses requests until then
+        self._refusals_in_a_row = 0  # since the last stored chunk: sets the next pause
+        self._retry_after_pause = False
+        self._last_refusal = ""  # named when a chunk runs out of attempts
         self._last_activity = 0.0
         self._total_bytes = 0
         self._done_bytes = 0
@@ -150,8 +174,8 @@ class BlobFetcher:
 
         Raises:
             UnsafePathError: The manifest names a path outside the destination.
-            BlobError: The manifest is inconsistent, a chunk failed ``max_attempts`` times,
-                the coordinator refused the blob, or ``timeout`` passed.
+            BlobError: The manifest is inconsistent, a chunk failed ``max_attempts`` times
+                (timeouts, corruption and refusals all count), or ``timeout`` passed.
         """
         validate_manifest(manifest)
         dest = Path(dest) if dest is not None else self.store.root / "blobs" / manifest.blob_id
@@ -167,7 +191,8 @@ class BlobFetcher:
         self._fresh = set()
         chunk_topic = topics.chunk(self.run, self.client_id)
         nack_topic = topics.nack(self.run, self.client_id)
-        self._refusal = None
+        self._paused_until, self._refusals_in_a_row, self._retry_after_pause = 0.0, 0, False
+        self._last_refusal = ""
         self.transport.subscribe(chunk_topic, self._on_chunk_message)
         self.transport.subscribe(nack_topic, self._on_nack_message)
         try:
@@ -194,7 +219,13 @@ class BlobFetcher:
         self._last_activity = time.monotonic()
         link_lost = False
         while self._pending or self._inflight:
-            self._top_up()
+            paused = time.monotonic() < self._paused_until
+            if not paused:
+                if self._retry_after_pause:
+                    # What was refused is still in flight: ask again, each chunk within max_attempts.
+                    self._retry_after_pause = False
+                    self._re_request(list(self._inflight), "refused; asking again after the pause")
+                self._top_up()
             event = self.transport.poll(0.2)
             if isinstance(event, ConnectionEvent):
                 if not event.connected:
@@ -202,11 +233,12 @@ class BlobFetcher:
                 elif link_lost:
                     # Chunks in flight when the link dropped may be gone: ask again right away.
                     link_lost = False
-                    self._re_request(list(self._inflight), "reconnected")
-            if self._refusal:
-                raise BlobError(f"coordinator refused blob {self._blob_id[:12]}: {self._refusal}")
+                    if paused:
+                        self._retry_after_pause = True
+                    else:
+                        self._re_request(list(self._inflight), "reconnected")
             now = time.monotonic()
-            if now - self._last_activity > self.request_timeout and self._inflight:
+            if not paused and now - self._last_activity > self.request_timeout and self._inflight:
                 self._re_request(list(self._inflight), f"no chunk for {self.request_timeout:.0f} s")
             if deadline is not None and now > deadline:
                 raise BlobError(
@@ -232,6 +264,7 @@ class BlobFetcher:
             run=self.run,
             round=-1,
             sender=self.client_id,
+            signer=self.signer,
         )
         self.transport.publish(topics.chunkreq(self.run, self.client_id), payload, qos=1)
         self._last_activity = time.monotonic()
@@ -242,8 +275,9 @@ class BlobFetcher:
         for digest in digests:
             self._inflight[digest] += 1
             if self._inflight[digest] > self.max_attempts:
+                last = f" (last refusal: {self._last_refusal})" if self._last_refusal else ""
                 raise BlobError(
-                    f"chunk {digest[:12]} of blob {self._blob_id[:12]} still missing after {self.max_attempts} requests"
+                    f"chunk {digest[:12]} of blob {self._blob_id[:12]} still missing after {self.max_attempts} requests{last}"
                 )
         log.info("re-requesting %d chunks (%s)", len(digests), why)
         self.stats.re_requests += len(digests)
@@ -251,7 +285,7 @@ class BlobFetcher:
 
     def _on_chunk_message(self, message: InboundMessage) -> None:
         try:
-            _info, envelope = codec.decode_message(message.topic, message.payload, run=self.run)
+            _info, envelope = codec.decode_message(message.topic, message.payload, run=self.run, verify_key=self.coordinator_key)
             check_chunk(envelope)
         except (ProtocolError, BlobError) as exc:
             self.refused[type(exc).__name__] += 1
@@ -277,6 +311,7 @@ class BlobFetcher:
         self._pending.pop(digest, None)
         self._done.add(digest)
         self._fresh.add(digest)
+        self._refusals_in_a_row = 0  # the coordinator serves us: a next refusal pauses briefly again
         self._done_bytes += len(body.data)
         self.stats.fetched += 1
         self.stats.bytes_fetched += len(body.data)
@@ -291,13 +326,34 @@ class BlobFetcher:
 
     def _on_nack_message(self, message: InboundMessage) -> None:
         try:
-            _info, envelope = codec.decode_message(message.topic, message.payload, run=self.run)
+            _info, envelope = codec.decode_message(message.topic, message.payload, run=self.run, verify_key=self.coordinator_key)
         except ProtocolError as exc:
             log.warning("dropped a bad nack: %s", exc)
             return
         nack: Nack = envelope.body
-        if nack.code in ("unknown_blob", "unknown_chunk"):
-            self._refusal = f"{nack.code}: {nack.reason}"
+        if nack.code in DOWNLOAD_REFUSALS:
+            self._refused(nack)
+
+    def _refused(self, nack: Nack) -> None:
+        """Pause requests after a refusal; what is in flight is asked for again when the pause ends.
+
+        Never fatal by itself: a refusal may be a stranger's, a limit we hit, or a coordinator
+        that restarted. Only a chunk that stays missing ``max_attempts`` times ends the fetch.
+        """
+        self.stats.refusals += 1
+        self._last_refusal = f"{nack.code}: {nack.reason[:300]}"  # a stranger's nack must not flood the log
+        now = time.monotonic()
+        if now < self._paused_until:
+            return  # this pause covers it
+        ceiling = min(self.request_timeout, self.nack_backoff * 2 ** min(self._refusals_in_a_row, 30))
+        delay = random.uniform(ceiling / 2, ceiling)
+        self._refusals_in_a_row += 1
+        self._paused_until = now + delay
+        self._retry_after_pause = True
+        log.warning(
+            "blob %s: coordinator refused a chunk request (%s); asking again in %.1f s",
+            self._blob_id[:12], self._last_refusal, delay,
+        )
 
     def _report(self) -> None:
         if self.progress is None:

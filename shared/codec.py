@@ -3,13 +3,16 @@
 Decoding untrusted bytes checks, in this order, so a hostile message costs little:
 
 1. the size cap, before anything is unpacked (:class:`PayloadTooLargeError`);
-2. msgpack limits on string, binary, array and map lengths (never more than the message's
+2. where the caller pinned a key (a client, on the coordinator's topics), the signature, on
+   the raw bytes before msgpack reads any of them (:class:`SignatureError`; see
+   :mod:`shared.signing`);
+3. msgpack limits on string, binary, array and map lengths (never more than the message's
    own size could hold), no ext types, str map keys, at most 1024 nesting levels
    (:class:`MalformedMessageError` for truncated or garbage bytes);
-3. the envelope's protocol major version (:class:`VersionError`), before any body field,
+4. the envelope's protocol major version (:class:`VersionError`), before any body field,
    so a newer peer's message fails on what matters;
-4. the message type (:class:`UnknownMessageTypeError`);
-5. every required field and type, recursively through the body dataclass
+5. the message type (:class:`UnknownMessageTypeError`);
+6. every required field and type, recursively through the body dataclass
    (:class:`MissingFieldError`, :class:`FieldTypeError`), with ``Any`` fields capped in
    nesting depth, and tensors checked (dtype allow-list, element count x item size ==
    byte length: :class:`TensorError`).
@@ -50,6 +53,7 @@ from shared.protocol import (
     Envelope,
     MessageType,
 )
+from shared.signing import SIGNATURE_FIELD, SigningKey, VerifyKey
 from shared.typed import (
     DEFAULT_MAX_DEPTH,
     INVALID,
@@ -81,7 +85,9 @@ MAX_STR_LEN = 1 << 20
 _SPLICE_MIN_BYTES = 64 * 1024
 
 _TYPE_VALUES = tuple(t.value for t in MessageType)
-_HEADER_FIELDS = ("version", "type", "run", "round", "sender", "message_id", "timestamp", "body")
+# The signature is checked on the raw bytes before unpacking, by whoever pinned a key
+# (shared.signing); once unpacked it is a known field with nothing left to check.
+_HEADER_FIELDS = ("version", "type", "run", "round", "sender", "message_id", "timestamp", "body", SIGNATURE_FIELD)
 _HEADER_HINTS = {k: v for k, v in field_hints(Envelope).items() if k not in ("type", "body")}
 
 _MAX_WARNED_UNKNOWN = 256
@@ -99,8 +105,9 @@ def encode(
     message_id: str | None = None,
     timestamp: float | None = None,
     version: str = PROTOCOL_VERSION,
+    signer: SigningKey | None = None,
 ) -> bytes:
-    """Build one envelope and pack it.
+    """Build one envelope and pack it (and sign it, given a key).
 
     Args:
         msg_type: The message type; must match ``body``'s class.
@@ -112,6 +119,8 @@ def encode(
         timestamp: Unix time; now when omitted.
         version: The protocol version in the header: ours, except to re-pack a received
             envelope as it was (:func:`encode_envelope`) or to play an older peer in tests.
+        signer: The coordinator's key: the envelope gets a ``signature`` header field
+            (:mod:`shared.signing`). None for clients, whose messages go unsigned.
 
     Returns:
         The msgpack bytes.
@@ -135,7 +144,10 @@ def encode(
         "message_id": message_id or uuid.uuid4().hex,
         "timestamp": time.time() if timestamp is None else float(timestamp),
     }
-    data = _pack(envelope, body)
+    parts = _pack(envelope, body)
+    if signer is not None:
+        parts = signer.sign_packed(parts)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
     if len(data) > MAX_MESSAGE_BYTES:
         raise PayloadTooLargeError(
             f"{msg_type.value} message is {len(data)} bytes, over the protocol cap of {MAX_MESSAGE_BYTES}; "
@@ -165,12 +177,13 @@ def encode_envelope(envelope: Envelope) -> bytes:
     )
 
 
-def _pack(header: dict[str, Any], body: Any) -> bytes:
-    """msgpack the envelope, copying each large bytes value once instead of twice.
+def _pack(header: dict[str, Any], body: Any) -> list[bytes]:
+    """msgpack the envelope as pieces to join, copying each large bytes value once instead of twice.
 
     msgpack copies a value into its buffer and the buffer into the result. Large values
     (chunk data, tensors) are packed as small unique placeholders instead, and spliced in
-    with a single join, which makes encoding run at memory-copy speed.
+    with the single join the caller does (after signing the pieces, if it signs), which
+    makes encoding run at memory-copy speed.
     """
     token = os.urandom(12)
     large: list[bytes] = []
@@ -184,7 +197,7 @@ def _pack(header: dict[str, Any], body: Any) -> bytes:
     plain = dict(header, body=to_plain(body, placeholder))
     packed = msgpack.packb(plain, use_bin_type=True)
     if not large:
-        return packed
+        return [packed]
     # Each placeholder is packed as bin8 of 16 bytes: 0xc4 0x10 token index.
     spots = sorted((packed.index(b"\xc4\x10" + token + i.to_bytes(4, "big")), i) for i in range(1, len(large) + 1))
     parts: list[bytes] = []
@@ -194,21 +207,27 @@ def _pack(header: dict[str, Any], body: Any) -> bytes:
         parts += (packed[pos:at], b"\xc6" + len(value).to_bytes(4, "big"), value)  # bin32 header + data
         pos = at + 18
     parts.append(packed[pos:])
-    return b"".join(parts)
+    return parts
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+def decode(
+    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES, verify_key: VerifyKey | None = None
+) -> Envelope:
     """Unpack and validate one envelope.
 
     Args:
         data: The received bytes.
         max_bytes: Size cap, checked before unpacking.
+        verify_key: The pinned coordinator key: the envelope must be signed by it, checked
+            right after the size cap. None accepts signed and unsigned envelopes alike
+            without checking (the coordinator reading what clients send).
 
     Returns:
         The envelope with a typed body.
 
     Raises:
         PayloadTooLargeError: ``data`` is longer than ``max_bytes``.
+        SignatureError: With ``verify_key``: unsigned, or not signed by that key.
         MalformedMessageError: Not a msgpack map, truncated, trailing bytes, or over a msgpack limit.
         VersionError: A protocol major version other than ours (or an unparsable version).
         UnknownMessageTypeError: A type this build does not know.
@@ -219,6 +238,8 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
     size = len(data)
     if size > max_bytes:
         raise PayloadTooLargeError(f"message is {size} bytes, over the cap of {max_bytes}; refusing to unpack it")
+    if verify_key is not None:
+        verify_key.verify(data)
     try:
         # msgpack allocates a container's declared length before reading its items, so a few
         # bytes could claim millions of slots at each of many nesting levels. Every item takes
@@ -335,6 +356,7 @@ def decode_message(
     *,
     run: str,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    verify_key: VerifyKey | None = None,
 ) -> tuple[topics.TopicInfo, Envelope]:
     """Parse a topic and decode its payload, checking that they agree.
 
@@ -347,16 +369,19 @@ def decode_message(
         payload: The payload bytes.
         run: The run this process serves.
         max_bytes: Size cap, checked before unpacking.
+        verify_key: The pinned coordinator key (see :func:`decode`); a client passes it for
+            every coordinator topic.
 
     Returns:
         (parsed topic, envelope).
 
     Raises:
         TopicError: Foreign topic or a topic/envelope disagreement.
+        SignatureError: With ``verify_key``: unsigned, or not signed by that key.
         ProtocolError: Any :func:`decode` error.
     """
     info = topics.parse(topic, run=run)
-    envelope = decode(payload, max_bytes=max_bytes)
+    envelope = decode(payload, max_bytes=max_bytes, verify_key=verify_key)
     if envelope.run != run:
         raise TopicError(f"envelope names run {short_repr(envelope.run)} but arrived on {topic!r} of run {run!r}")
     expected = topics.message_type_for(info.kind)

@@ -8,13 +8,16 @@ appears on a command line (where ``ps`` and shell history would show it). The fi
     username = "jetson-07"
     password = "..."
     broker = "coordinator.example:8883"
+    coordinator_key = "ed25519:..."
     ca_pem = '''
     -----BEGIN CERTIFICATE-----
     ...
     '''
 
 ``ca_pem`` (optional) is the CA certificate the broker's TLS certificate is signed with,
-embedded so a device needs this one file only.
+embedded so a device needs this one file only. ``coordinator_key`` is the coordinator's
+public signing key (:mod:`shared.signing`): the client pins it and refuses any message on a
+coordinator topic that it did not sign.
 
 Password hashes use mosquitto 2's ``$7$`` format (PBKDF2-SHA512), computed here with
 :mod:`hashlib`, so no mosquitto tools are needed on the machine that issues credentials.
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from shared.config import load_config
 from shared.errors import ConfigError, TopicError
+from shared.signing import KEY_PREFIX, SigningKey, parse_verify_key
 from shared.topics import check_id
 
 MOSQUITTO_SALT_BYTES = 12
@@ -83,6 +87,11 @@ class ClientCredentials:
         password: Broker password (plaintext: keep the file private).
         broker: ``HOST:PORT`` the device dials ("" = say it with ``--broker``).
         ca_pem: PEM of the CA that signed the broker's TLS certificate ("" = plaintext).
+        coordinator_key: The coordinator's public key, ``ed25519:<base64>`` ("" = none: the
+            client must be given it with ``--coordinator-key``).
+        client_key: The client's own private signing key, ``ed25519-private:<base64>`` ("" =
+            the client makes one in its state folder); the registry holds its public key, so
+            the coordinator knows it before the first hello.
     """
 
     client_id: str
@@ -90,6 +99,8 @@ class ClientCredentials:
     password: str
     broker: str = ""
     ca_pem: str = ""
+    coordinator_key: str = ""
+    client_key: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,6 +112,19 @@ class ClientCredentials:
             problems.append("username and password must not be empty")
         if self.ca_pem and "-----BEGIN CERTIFICATE-----" not in self.ca_pem:
             problems.append("ca_pem is not a PEM certificate")
+        if self.coordinator_key and not self.coordinator_key.startswith(KEY_PREFIX):
+            # The key itself, never a file name: the file must be self-contained.
+            problems.append(f"coordinator_key must be an '{KEY_PREFIX}<base64>' key")
+        elif self.coordinator_key:
+            try:
+                parse_verify_key(self.coordinator_key)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if self.client_key:
+            try:
+                SigningKey.from_private_text(self.client_key)
+            except ConfigError as exc:
+                problems.append(f"client_key: {exc}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -153,7 +177,9 @@ def write_client_credentials(path: str | os.PathLike[str], credentials: ClientCr
         The path written.
     """
     lines = [f"# {line}".rstrip() for line in comment.splitlines()]
-    for key in ("client_id", "username", "password", "broker"):
+    optional = tuple(k for k in ("coordinator_key", "client_key") if getattr(credentials, k))
+    keys = ("client_id", "username", "password", "broker", *optional)
+    for key in keys:
         lines.append(f"{key} = {json.dumps(getattr(credentials, key))}")  # a JSON string is a TOML basic string
     if credentials.ca_pem:
         # A literal multi-line string keeps the PEM readable (a PEM never contains ''').

@@ -15,6 +15,11 @@ before sending, so this never happens to fedsoda's own clients).
 The embedded broker always runs as a child process (``python -m shared.embedded_broker``),
 so a test can kill it, and it exits by itself when its parent dies.
 
+It takes anyone: no logins, no ACL (rumqttd's static ``auth`` table wants plaintext
+passwords, and the credentials folder keeps only their hashes; it has no per-client topic
+rules at all). So it listens on loopback only (:func:`check_loopback_host`): a federation
+across machines uses ``broker = "mosquitto"`` with a credentials folder.
+
 Run a broker for a multi-process demo with ``python -m shared.embedded_broker --port 1883``.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -29,10 +35,54 @@ import tempfile
 import threading
 from pathlib import Path
 
-from shared.broker import DEFAULT_MAX_PAYLOAD, BrokerHandle, broker_workdir, start_with_port_retry
+from shared.broker import (
+    DEFAULT_MAX_PAYLOAD,
+    BrokerHandle,
+    broker_workdir,
+    start_with_port_retry,
+)
 from shared.errors import BrokerError
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+
+LOOPBACK_ONLY = (
+    "the embedded broker takes anyone (no logins, no ACL), so it listens on loopback only "
+    "(127.0.0.0/8, ::1, localhost); for a federation across machines use broker mode \"mosquitto\" "
+    "(serve --broker-mode mosquitto, [broker] mode = \"mosquitto\") with a credentials folder "
+    "(fedsoda-coordinator credentials add ...)"
+)
+"""Why a non-loopback host is refused, and what to use instead."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface only.
+
+    Args:
+        host: A host name or IP address (IPv6 with or without brackets).
+
+    Returns:
+        True for ``localhost``, 127.0.0.0/8 and ::1; False for anything else, ``0.0.0.0`` included.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def check_loopback_host(host: str) -> None:
+    """Refuse to let the embedded broker listen beyond loopback.
+
+    Args:
+        host: The listen host asked for.
+
+    Raises:
+        BrokerError: ``host`` is not a loopback address (the message says what to use instead).
+    """
+    if not is_loopback_host(host):
+        raise BrokerError(f"refusing to listen on {host!r}: {LOOPBACK_ONLY}")
+
 
 def rumqttd_config(host: str, port: int, *, max_payload_bytes: int, mqtt_version: int) -> str:
     """The rumqttd TOML that :func:`start_embedded_broker` runs.
@@ -47,6 +97,9 @@ def rumqttd_config(host: str, port: int, *, max_payload_bytes: int, mqtt_version
         TOML text.
     """
     section = "v5" if mqtt_version == 5 else "v4"
+    # rumqttd parses a socket address: no host names, IPv6 in brackets.
+    host = "127.0.0.1" if host.lower() == "localhost" else host.strip("[]")
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # rumqttd keeps each topic's recent messages in a ring of segments: bound it (16 MiB x 4)
     # so a 300 MB blob moving through one chunk topic does not pile up in the broker.
     return f"""id = 0
@@ -60,7 +113,7 @@ max_segment_count = 4
 
 [{section}.1]
 name = "{section}-1"
-listen = "{host}:{port}"
+listen = "{listen}"
 next_connection_delay_ms = 1
 
 [{section}.1.connections]
@@ -94,8 +147,10 @@ def start_embedded_broker(
         A running :class:`BrokerHandle`.
 
     Raises:
-        BrokerError: iotcore is missing or the broker did not come up.
+        BrokerError: ``host`` is not a loopback address (:func:`check_loopback_host`), or
+            iotcore is missing, or the broker did not come up.
     """
+    check_loopback_host(host)
     if mqtt_version not in (4, 5):
         raise BrokerError(f"mqtt_version must be 4 (3.1.1) or 5, got {mqtt_version}")
     root, owned = broker_workdir(workdir, "fedsoda-broker-")
@@ -138,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m shared.embedded_broker", description="fedsoda's embedded MQTT broker (rumqttd via iotcore)."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address, loopback only (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="listen port (default 1883)")
     parser.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="largest publish in bytes")
     parser.add_argument("--mqtt-version", type=int, choices=(4, 5), default=5, help="5, or 4 for 3.1.1 only")
@@ -146,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         "--exit-with-parent", action="store_true", help="exit when stdin closes (used by start_embedded_broker)"
     )
     args = parser.parse_args(argv)
+    if not is_loopback_host(args.host):
+        parser.error(f"--host {args.host}: {LOOPBACK_ONLY}")
     try:
         from iotcore.iotcore import IotCoreBroker
     except ImportError as exc:

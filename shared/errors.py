@@ -58,6 +58,10 @@ class TensorError(ProtocolError):
     """An encoded tensor is invalid: unknown dtype, bad shape, or byte count mismatch."""
 
 
+class SignatureError(ProtocolError):
+    """A message is unsigned where its sender's key is pinned, or its signature does not verify against that key."""
+
+
 class TopicError(ProtocolError):
     """A topic is not fedsoda's, names another run or protocol major, or disagrees with its envelope."""
 
@@ -80,6 +84,10 @@ class BrokerError(FedSodaError):
     """The MQTT broker cannot be reached, refused us, or rejected a publish."""
 
     exit_code = 5
+
+
+class OutgoingQueueFullError(BrokerError):
+    """A publish found the outgoing queue full (unacknowledged bytes at their bound) and it stayed full."""
 
 
 class ModelError(FedSodaError):

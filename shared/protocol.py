@@ -19,12 +19,19 @@ from typing import Any, Literal
 from shared.errors import TensorError
 from shared.tasks import TaskSpec
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 """``major.minor``: a peer refuses a newer major; a newer minor only adds optional fields.
 1.1: the schedule carries the run's task (:class:`shared.tasks.TaskSpec`); the coordinator
 refuses the hello of a 1.0 client, which would format its data without it.
 1.2: the training parameters may name FedKRSO subspaces (``subspace_rank``, ``subspace_seeds``);
-a FedKRSO run refuses the hello of a 1.1 client, which would train LoRA instead."""
+a FedKRSO run refuses the hello of a 1.1 client, which would train LoRA instead.
+1.3: the coordinator signs every envelope it publishes (an optional ``signature`` header
+field, first in the map; :mod:`shared.signing`) and clients refuse what its pinned key did
+not sign; clients sign theirs with keys of their own, whose public half the hello carries
+(``public_key``), and the coordinator refuses what a pinned client key did not sign; a 1.2
+peer drops the field with a warning, and unsigned messages omit it. An update names the
+global adapter it started from (``base_round``, ``base_digest``), and the coordinator refuses
+one that names another (a replay); it refuses the hello of a client older than 1.3."""
 
 PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
 """The major version, which topics carry as ``v{major}``."""
@@ -108,12 +115,16 @@ class Hello:
         profile: Its hardware.
         num_examples: Size of its local training set (FedAvg weight).
         software_version: fedsoda version string of the client.
+        public_key: The client's Ed25519 public key, ``ed25519:<base64>`` (1.3; "" from older
+            clients): the hello is signed by it, and once the coordinator pins it (at the first
+            accepted hello, or from the credentials registry) everything the client sends must be.
     """
 
     client_id: str
     profile: DeviceProfile
     num_examples: int
     software_version: str
+    public_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -323,8 +334,9 @@ class ResourceReport:
         peak_gpu_bytes: Peak CUDA memory allocated, 0 on CPU.
         wall_seconds: Wall time of the round's local work.
         cpu_seconds: Process CPU time of the round's local work.
-        bytes_sent: MQTT payload + topic bytes sent this round.
-        bytes_received: MQTT payload + topic bytes received this round.
+        bytes_sent: MQTT payload + topic bytes this client has sent so far in the run (cumulative,
+            not per round); bytes_received likewise for what it received.
+        bytes_received: See ``bytes_sent``.
         device_class: Catalog class of the device.
     """
 
@@ -348,6 +360,11 @@ class Update:
         delta: Canonical full-LLM PEFT keys -> (local - global) tensors.
         metrics: e.g. ``{"loss": 0.71}``.
         resources: What the round cost.
+        base_round: Round of the global adapter the client started from (the schedule's
+            ``adapter_round``); -1 from clients older than protocol 1.3.
+        base_digest: :func:`shared.tensors.payloads_digest` of that adapter, so an update
+            re-labelled for a later round (a replay) names an adapter that is not the
+            round's and is refused.
     """
 
     client_id: str
@@ -356,6 +373,8 @@ class Update:
     delta: dict[str, TensorPayload]
     metrics: dict[str, float]
     resources: ResourceReport
+    base_round: int = -1
+    base_digest: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ targets), read straight from the CPU tensor's storage and rebuilt with
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import sys
+from collections.abc import Mapping
 
 import torch
 
@@ -102,6 +104,27 @@ def state_to_payloads(state: dict[str, torch.Tensor]) -> dict[str, TensorPayload
         Name -> payload, same keys and order.
     """
     return {name: to_payload(t) for name, t in state.items()}
+
+
+def payloads_digest(payloads: Mapping[str, TensorPayload]) -> str:
+    """sha256 of a set of tensors as they travel: names (sorted), dtypes, shapes and bytes.
+
+    Both sides compute it from the payloads, so it names one exact adapter whatever the
+    order of its keys.
+
+    Args:
+        payloads: Name -> payload (e.g. a global adapter's tensors).
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    for name in sorted(payloads):
+        p = payloads[name]
+        header = f"{len(name)}:{name}|{p.dtype}|{','.join(map(str, p.shape))}|{len(p.data)}|"
+        h.update(header.encode())
+        h.update(p.data)
+    return h.hexdigest()
 
 
 def payloads_to_state(payloads: dict[str, TensorPayload]) -> dict[str, torch.Tensor]:

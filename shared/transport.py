@@ -15,6 +15,10 @@ Design:
   renewed whenever the broker has lost the session.
 - :meth:`MqttTransport.publish` refuses a payload over the size limit before sending it:
   paho would otherwise re-send an oversize QoS 1 message on every reconnect, forever.
+- The outgoing queue is bounded: once the messages the broker has not acknowledged hold
+  ``max_queued_bytes``, a publish waits for acknowledgements (backpressure) and, after
+  ``queue_full_timeout``, raises :class:`~shared.errors.OutgoingQueueFullError` rather than
+  letting paho's queue grow with whatever the caller publishes.
 - Bytes sent and received (payload + topic) are counted for the resource report.
 
 The connection settings, the events and the :class:`~shared.transport_types.Transport`
@@ -41,8 +45,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared.errors import BrokerError, PayloadTooLargeError
-from shared.transport_types import ConnectionEvent, Event, Handler, InboundMessage, TransportConfig, Will
+from shared.errors import BrokerError, OutgoingQueueFullError, PayloadTooLargeError
+from shared.transport_types import (
+    ConnectionEvent,
+    Event,
+    Handler,
+    InboundMessage,
+    TransportConfig,
+    Will,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +141,8 @@ class MqttTransport:
         self._broker_max_packet: int | None = None
         self._ack_lock = threading.Lock()
         self._ack_cond = threading.Condition(self._ack_lock)
-        self._unacked: set[int] = set()
+        self._unacked: dict[int, int] = {}  # mid -> bytes, until the broker acknowledges it
+        self._queued_bytes = 0
         self._early_acks: set[int] = set()
         self._suback_waiters: dict[int, tuple[threading.Event, list[str]]] = {}
         self._early_subacks: dict[int, str] = {}
@@ -268,6 +280,8 @@ class MqttTransport:
 
         Raises:
             PayloadTooLargeError: Over :attr:`max_payload_bytes` (refused before sending).
+            OutgoingQueueFullError: The unacknowledged messages held ``max_queued_bytes`` for
+                ``queue_full_timeout`` seconds (never raised in a paho callback: none publishes).
             BrokerError: Never connected, closed, or paho refused the publish.
         """
         if not self._ever_connected or self._closing or self._client is None:
@@ -279,6 +293,8 @@ class MqttTransport:
                 f"refusing to publish {len(payload)} bytes on {topic!r}: over the {limit}-byte limit "
                 "(broker maximum packet size or max_payload_bytes); send it as a chunked blob or raise the limit"
             )
+        size = len(payload) + topic_bytes
+        self._wait_for_room(topic, size)
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish on {topic!r} failed: {mqtt.error_string(info.rc)}")
@@ -290,9 +306,29 @@ class MqttTransport:
             elif info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
             else:
-                self._unacked.add(info.mid)
-        self.bytes_sent += len(payload) + topic_bytes
+                self._unacked[info.mid] = size
+                self._queued_bytes += size
+        self.bytes_sent += size
         self.messages_sent += 1
+
+    def _wait_for_room(self, topic: str, size: int) -> None:
+        """Backpressure: wait while the unacknowledged messages hold ``max_queued_bytes``.
+
+        An empty queue always takes the message, so one publish larger than the bound goes out.
+        """
+        limit = self.config.max_queued_bytes
+        deadline = time.monotonic() + self.config.queue_full_timeout
+        with self._ack_cond:
+            while self._unacked and self._queued_bytes + size > limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OutgoingQueueFullError(
+                        f"cannot publish {size} bytes on {topic!r}: {len(self._unacked)} messages "
+                        f"({self._queued_bytes} bytes) still wait for the broker's acknowledgement, the "
+                        f"max_queued_bytes bound of {limit}, after waiting {self.config.queue_full_timeout:g} s; "
+                        "the link is down or slower than what is being published"
+                    )
+                self._ack_cond.wait(min(left, 0.5))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every QoS 1 message published so far is acknowledged by the broker.
@@ -610,8 +646,9 @@ class MqttTransport:
         if reason_code.is_failure:
             log.warning("broker refused publish (mid %s): %s (reason code 0x%02X)", mid, reason_code, reason_code.value)
         with self._ack_cond:
-            if mid in self._unacked:
-                self._unacked.discard(mid)
+            size = self._unacked.pop(mid, None)
+            if size is not None:
+                self._queued_bytes -= size
                 self._ack_cond.notify_all()
             else:
                 self._early_acks.add(mid)

@@ -39,6 +39,11 @@ class TransportConfig:
         max_payload_bytes: Largest payload this side publishes (further capped by the broker's
             v5 Maximum Packet Size).
         max_inflight: QoS 1 messages in flight at once.
+        max_queued_bytes: Bytes of published messages the broker has not acknowledged yet
+            (in flight, or queued while the link is down) that :meth:`publish` lets pile up;
+            beyond it a publish waits for acknowledgements.
+        queue_full_timeout: Seconds a publish waits for room before it raises
+            :class:`~shared.errors.OutgoingQueueFullError`.
     """
 
     host: str = "127.0.0.1"
@@ -58,6 +63,8 @@ class TransportConfig:
     reconnect_max_delay: float = 30.0
     max_payload_bytes: int = MAX_MESSAGE_BYTES
     max_inflight: int = 20
+    max_queued_bytes: int = 512 * 1024 * 1024
+    queue_full_timeout: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,14 @@
 
 :func:`broker_for` starts what ``broker.mode`` asks for (and stops it after the run) and says
 how the coordinator logs in; :mod:`coordinator.launch` connects the server through it.
+
+The coordinator's MQTT client id is not its envelope sender name (``coordinator``): a broker
+hands a persistent session, and the QoS 1 messages queued in it, to whoever connects with its
+client id, so a guessable id lets a stranger take the coordinator's session over and swallow
+the clients' updates. :func:`coordinator_client_id` draws ``coordinator-<128-bit hex>`` once
+per run and keeps it in the run folder, so a resumed coordinator gets its session back. On the
+local mosquitto the broker forces each login's user name as its client id; there the
+coordinator's password is what protects the session.
 """
 
 from __future__ import annotations
@@ -9,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +28,7 @@ from coordinator.run.credentials import CredentialStore
 from coordinator.settings import BrokerSettings
 from shared.broker import BrokerHandle
 from shared.embedded_broker import start_embedded_broker
+from shared.errors import RunStateError
 from shared.mosquitto import start_mosquitto
 from shared.protocol import COORDINATOR_ID
 from shared.transport_types import TransportConfig
@@ -24,6 +36,55 @@ from shared.transport_types import TransportConfig
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+CLIENT_ID_FILE = "coordinator-mqtt-id"
+"""The run folder's file holding the coordinator's MQTT client id (mode 0600)."""
+_CLIENT_ID_RE = re.compile(rf"{COORDINATOR_ID}-[0-9a-f]{{32}}")
+
+
+def new_coordinator_client_id() -> str:
+    """A fresh unguessable MQTT client id for the coordinator.
+
+    Returns:
+        ``coordinator-`` followed by 128 random bits in hex.
+    """
+    return f"{COORDINATOR_ID}-{secrets.token_hex(16)}"
+
+
+def coordinator_client_id(run_dir: Path) -> str:
+    """The coordinator's MQTT client id for this run: drawn on first use, then read back.
+
+    Reusing it after a restart lets the broker hand the resumed coordinator its persistent
+    session, with the updates clients sent while it was down.
+
+    Args:
+        run_dir: The run folder (exists).
+
+    Returns:
+        The client id.
+
+    Raises:
+        RunStateError: The file exists but does not hold such an id.
+    """
+    path = Path(run_dir) / CLIENT_ID_FILE
+    if path.is_file():
+        client_id = path.read_text().strip()
+        if not _CLIENT_ID_RE.fullmatch(client_id):
+            raise RunStateError(
+                f"{path} does not hold a coordinator MQTT client id ({COORDINATOR_ID}-<32 hex digits>); "
+                "delete it to draw a new one (the broker's session of the old id is then lost)"
+            )
+        return client_id
+    client_id = new_coordinator_client_id()
+    # Whoever reads it can take the session over, like a password: owner only. O_EXCL: two
+    # coordinators started on one folder at once must not end up with different ids.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return coordinator_client_id(run_dir)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(client_id + "\n")
+    return client_id
 
 
 def transport_config(broker: BrokerSettings, host: str, port: int, client_id: str) -> TransportConfig:
@@ -66,7 +127,9 @@ class BrokerEndpoint:
 
 
 @contextlib.contextmanager
-def broker_for(settings: BrokerSettings, progress: Progress, workdir: Path | None = None) -> Iterator[BrokerEndpoint]:
+def broker_for(
+    settings: BrokerSettings, progress: Progress, workdir: Path | None = None, *, client_id: str | None = None
+) -> Iterator[BrokerEndpoint]:
     """Yield the broker to use, starting one for the block if ``settings.mode`` asks for it.
 
     Args:
@@ -74,6 +137,8 @@ def broker_for(settings: BrokerSettings, progress: Progress, workdir: Path | Non
         progress: Status messages.
         workdir: Folder for a started mosquitto's config, log and persistence (a temp folder
             if None).
+        client_id: The coordinator's MQTT client id (:func:`coordinator_client_id`); None
+            draws a fresh one. The local mosquitto ignores it: it uses the login's user name.
 
     Yields:
         The broker's endpoint.
@@ -82,8 +147,10 @@ def broker_for(settings: BrokerSettings, progress: Progress, workdir: Path | Non
         BrokerError: The broker could not be started.
         ConfigError: Bad credentials folder.
     """
+    client_id = client_id or new_coordinator_client_id()
     if settings.mode == "external":
-        login = transport_config(settings, settings.host, settings.port, COORDINATOR_ID)
+        # A broker of yours with use_username_as_clientid replaces the id with the user name.
+        login = transport_config(settings, settings.host, settings.port, client_id)
         if settings.credentials_dir and not settings.username:
             # Your own broker on the credentials folder's passwd and acl: log in as their coordinator.
             own = CredentialStore(settings.credentials_dir).coordinator_credentials()
@@ -94,11 +161,11 @@ def broker_for(settings: BrokerSettings, progress: Progress, workdir: Path | Non
         with _local_mosquitto(settings, progress, workdir) as endpoint:
             yield endpoint
         return
-    # Listens where the settings say: 127.0.0.1 keeps it private, 0.0.0.0 lets other machines in.
+    # Loopback only (BrokerSettings refuses another host): it has no logins.
     handle: BrokerHandle = start_embedded_broker(port=settings.port, host=settings.host)
     progress(f"embedded MQTT broker listening on {handle.host}:{handle.port}")
     try:
-        yield BrokerEndpoint(handle.host, handle.port, TransportConfig(handle.host, handle.port, COORDINATOR_ID))
+        yield BrokerEndpoint(handle.host, handle.port, TransportConfig(handle.host, handle.port, client_id))
     finally:
         handle.close()
 
@@ -148,7 +215,8 @@ def _local_mosquitto(settings: BrokerSettings, progress: Progress, workdir: Path
             handle.host,
             handle.port,
             TransportConfig(
-                "127.0.0.1", handle.local_port, COORDINATOR_ID,
+                # use_username_as_clientid: the broker names the session after the user anyway.
+                "127.0.0.1", handle.local_port, login.username,
                 username=login.username, password=login.password,
             ),
         )

@@ -6,6 +6,8 @@ Layout of a run directory::
     updates/round_0003/<client>.safetensors  an accepted update's delta
     updates/round_0003/<client>.json         its metadata (client, round, n, metrics, ...)
     global/round_0000.safetensors            the initial global adapter; one file per round
+    influence/round_0003.json                each update's weight and clip factors in that
+                                             round's aggregate (RoundInfluence.to_json())
     round_evaluations.json                   the global adapter's metric every few rounds
 
 Every file is written to a temporary name in the same folder, fsynced, and moved into
@@ -35,6 +37,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from coordinator.run.aggregation.bounds import RoundInfluence, delta_norms
 from coordinator.run.round_events import UpdateReceived
 from coordinator.run.round_state import RoundState
 from coordinator.run.rounds import admission, step
@@ -110,6 +113,8 @@ class PersistedUpdate:
         resources: The client's resource report as a plain dict.
         tensors_path: The safetensors file of the delta.
         sha256: Hex digest of that file, checked on load.
+        norm: L2 norm of the whole delta (None in runs persisted before norms were kept).
+        key_norms: L2 norm of each key (likewise).
     """
 
     round: int
@@ -120,6 +125,14 @@ class PersistedUpdate:
     resources: dict[str, Any]
     tensors_path: Path
     sha256: str
+    norm: float | None = None
+    key_norms: dict[str, float] | None = None
+
+    def norms(self) -> tuple[float, dict[str, float]]:
+        """L2 norm of the whole delta and of each key (read from the delta when not recorded)."""
+        if self.norm is not None and self.key_norms is not None:
+            return self.norm, self.key_norms
+        return delta_norms(self.load_delta())
 
     def load_delta(self) -> dict[str, torch.Tensor]:
         """Read the delta from disk.
@@ -228,6 +241,7 @@ class RunDir:
         message_id: str,
         metrics: Mapping[str, float] | None = None,
         resources: Mapping[str, Any] | None = None,
+        norms: tuple[float, Mapping[str, float]] | None = None,
     ) -> bool:
         """Persist an accepted update durably (call before counting it in the round loop).
 
@@ -239,6 +253,7 @@ class RunDir:
             message_id: Envelope message id.
             metrics: Client metrics (JSON-serializable floats).
             resources: Resource report as a plain dict.
+            norms: The delta's L2 norm and per-key norms (computed here when not given).
 
         Returns:
             True if written, False if an update of this client for this round was already
@@ -253,7 +268,10 @@ class RunDir:
         tensors_path = folder / f"{stem}.safetensors"
         data = _tensors_bytes(delta, {"client_id": client_id, "round": str(round_)})
         atomic_write_bytes(tensors_path, data)
+        norm, key_norms = norms if norms is not None else delta_norms(delta)
         meta = {
+            "norm": norm,
+            "key_norms": dict(key_norms),
             "client_id": client_id,
             "round": round_,
             "num_examples": num_examples,
@@ -299,6 +317,8 @@ class RunDir:
                         resources=dict(m["resources"]),
                         tensors_path=folder / str(m["tensors"]),
                         sha256=str(m["sha256"]),
+                        norm=float(m["norm"]) if "norm" in m else None,
+                        key_norms={str(k): float(v) for k, v in m["key_norms"].items()} if "key_norms" in m else None,
                     )
                 )
             except (ValueError, KeyError, TypeError) as exc:
@@ -325,6 +345,30 @@ class RunDir:
         path = self.global_path(round_)
         atomic_write_bytes(path, _tensors_bytes(tensors, {"round": str(round_)}))
         return path
+
+    def influence_path(self, round_: int) -> Path:
+        """File of the factors each update of ``round_`` was aggregated with."""
+        return self.path / "influence" / f"round_{round_:04d}.json"
+
+    def save_influence(self, round_: int, influence: RoundInfluence) -> None:
+        """Record one round's aggregation factors (atomically; a re-aggregation replaces them)."""
+        path = self.influence_path(round_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(influence.to_json(), indent=1, sort_keys=True).encode())
+
+    def load_influence(self, round_: int) -> RoundInfluence | None:
+        """The factors of ``round_`` (None for a round aggregated before they were recorded).
+
+        Raises:
+            RunStateError: The file is corrupt.
+        """
+        path = self.influence_path(round_)
+        if not path.is_file():
+            return None
+        try:
+            return RoundInfluence.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunStateError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
 
     @property
     def round_evaluations_path(self) -> Path:

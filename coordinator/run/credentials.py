@@ -14,6 +14,11 @@ device enrolled once may join any run on that broker.
   assign, chunk and nack topics; the coordinator alone writes schedules, manifests, adapters,
   assignments, chunks and nacks;
 * ``coordinator.toml``: the coordinator's own login (created with the folder; mode 0600);
+* ``coordinator-signing.key`` and ``coordinator.pub``: the coordinator's Ed25519 signing key
+  (mode 0600) and its public key, which every credentials file carries as
+  ``coordinator_key`` so the client pins it (:mod:`shared.signing`); created on first use.
+  Each client also gets a signing key of its own: the private key goes into its credentials
+  file (``client_key``), the public key into the registry, where the coordinator pins it;
 * ``broker.json``: while ``serve`` runs a local mosquitto on these files, its pid and config,
   so ``add`` and ``revoke`` can make it reload (SIGHUP).
 
@@ -36,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import topics
 from shared.broker import BrokerHandle
@@ -50,7 +55,11 @@ from shared.credentials import (
 )
 from shared.errors import ConfigError, TopicError
 from shared.protocol import COORDINATOR_ID
+from shared.signing import SigningKey, load_or_create_signing_key
 from shared.topics import CLIENT_PUBLISHED, TopicKind
+
+if TYPE_CHECKING:
+    from coordinator.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +70,60 @@ PASSWD_FILE = "passwd"
 ACL_FILE = "acl"
 COORDINATOR_FILE = "coordinator.toml"
 BROKER_RECORD_FILE = "broker.json"
+SIGNING_KEY_FILE = "coordinator-signing.key"
+RUN_SIGNING_KEY_FILE = "coordinator.key"
+"""The signing key's name in a run directory, where a run without a credentials folder keeps it."""
 
 CLIENT_READS = tuple(k for k in TopicKind if k not in CLIENT_PUBLISHED)
 """Kinds a client may read (its own topic for per-client kinds): schedule, manifest, adapter, assign, chunk, nack."""
 
 CLIENT_WRITES = tuple(k for k in TopicKind if k in CLIENT_PUBLISHED)
 """Kinds a client may publish, each on its own topic only: hello, chunkreq, update, presence."""
+
+
+def signing_key_file(broker: BrokerSettings, run_dir: str | os.PathLike[str]) -> Path:
+    """Where the coordinator's signing key lives for a run.
+
+    Args:
+        broker: The run's broker settings.
+        run_dir: The run directory.
+
+    Returns:
+        ``broker.signing_key`` when set; else the credentials folder's
+        ``coordinator-signing.key`` when the broker uses that folder (``mosquitto`` mode, or
+        ``external`` with ``credentials_dir``), so the key the credentials files carry is
+        the one that signs; else ``coordinator.key`` in the run directory (a resumed run
+        keeps its key).
+    """
+    if broker.signing_key:
+        return Path(broker.signing_key).expanduser()
+    if uses_credentials_folder(broker):
+        return CredentialStore(broker.credentials_dir or None).signing_key_file
+    return Path(run_dir) / RUN_SIGNING_KEY_FILE
+
+
+def uses_credentials_folder(broker: BrokerSettings) -> bool:
+    """Whether the run's broker logs clients in with the credentials folder's registry.
+
+    True in ``mosquitto`` mode, and in ``external`` mode with ``credentials_dir`` (your own
+    broker on the folder's ``passwd`` and ``acl``).
+    """
+    return broker.mode == "mosquitto" or (broker.mode == "external" and bool(broker.credentials_dir))
+
+
+def registry_client_keys(broker: BrokerSettings) -> dict[str, str]:
+    """The public keys of the registry's active clients, when the run's broker uses the registry.
+
+    Args:
+        broker: The run's broker settings.
+
+    Returns:
+        Client id -> ``ed25519:<base64>``; empty without a credentials folder (keys are then
+        pinned at each client's first accepted hello).
+    """
+    if not uses_credentials_folder(broker):
+        return {}
+    return CredentialStore(broker.credentials_dir or None).client_public_keys()
 
 
 def default_store_dir() -> Path:
@@ -168,6 +225,23 @@ class CredentialStore:
         """mosquitto ACL file."""
         return self.directory / ACL_FILE
 
+    @property
+    def signing_key_file(self) -> Path:
+        """The coordinator's signing key (its public key is ``coordinator.pub`` beside it)."""
+        return self.directory / SIGNING_KEY_FILE
+
+    def signing_key(self) -> SigningKey:
+        """The coordinator's signing key, created on first use.
+
+        Returns:
+            The key; :attr:`SigningKey.public` is what credentials files carry.
+
+        Raises:
+            ConfigError: The key file cannot be read or created.
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return load_or_create_signing_key(self.signing_key_file)
+
     # ------------------------------------------------------------------ changes
 
     def add(self, client_id: str, *, broker: str = "", ca_pem: str = "") -> ClientCredentials:
@@ -181,7 +255,8 @@ class CredentialStore:
             ca_pem: CA certificate (PEM) the device verifies the broker with, put in its credentials.
 
         Returns:
-            The credentials, password included: the only time it is known.
+            The credentials, password included: the only time it is known, and the
+            coordinator's public key, which the client pins.
 
         Raises:
             ConfigError: Bad or reserved id, or the client already has active credentials.
@@ -193,6 +268,8 @@ class CredentialStore:
         if client_id == COORDINATOR_ID:
             raise ConfigError(f"client id {COORDINATOR_ID!r} is the coordinator's own user; pick another")
         password = generate_password()
+        coordinator_key = self.signing_key().public.text
+        client_key = SigningKey.generate()  # its private half exists only in the client's credentials file
         with self._locked() as registry:
             current = registry["clients"].get(client_id)
             if current is not None and not current.get("revoked"):
@@ -200,9 +277,14 @@ class CredentialStore:
                     f"client {client_id!r} already has credentials (added {current['added']}); "
                     "revoke them first to issue new ones"
                 )
-            registry["clients"][client_id] = {"hash": mosquitto_password_hash(password), "added": _now(), "revoked": ""}
+            registry["clients"][client_id] = {
+                "hash": mosquitto_password_hash(password), "added": _now(), "revoked": "", "public_key": client_key.public.text,
+            }
         log.info("added credentials for %s in %s", client_id, self.directory)
-        return ClientCredentials(client_id=client_id, username=client_id, password=password, broker=broker, ca_pem=ca_pem)
+        return ClientCredentials(
+            client_id=client_id, username=client_id, password=password, broker=broker, ca_pem=ca_pem,
+            coordinator_key=coordinator_key, client_key=client_key.private_text,
+        )
 
     def revoke(self, client_id: str) -> EnrolledClient:
         """Revoke a client: it is removed from the password file and ACL.
@@ -238,6 +320,17 @@ class CredentialStore:
         return [
             EnrolledClient(cid, e["added"], e.get("revoked", "")) for cid, e in sorted(registry["clients"].items())
         ]
+
+    def client_public_keys(self) -> dict[str, str]:
+        """The signing keys of the active clients (issued by :meth:`add`), which the coordinator pins.
+
+        Returns:
+            Client id -> ``ed25519:<base64>`` (clients enrolled before keys were issued have none).
+        """
+        registry = self._read()
+        return {
+            cid: e["public_key"] for cid, e in sorted(registry["clients"].items()) if not e.get("revoked") and e.get("public_key")
+        }
 
     def coordinator_credentials(self) -> ClientCredentials:
         """The coordinator's own login (created with the store); also rewrites ``passwd`` and ``acl``.

@@ -10,12 +10,13 @@ The server calls :func:`validate_update` for every update the round loop would a
 :class:`~shared.errors.UpdateRejectedError` with a machine ``code`` that the server puts in
 the Nack and feeds to the round loop as ``UpdateReceived(ok=False, code=..., reason=...)``.
 Checks run cheapest first, and tensor bytes are decoded only after every key's dtype and
-shape were checked against the expected map, so a forged shape costs nothing to refuse.
+shape were checked against the expected map, so a forged shape costs nothing to refuse. The
+one exception is the base adapter an update names (a replay names an old one): it is checked
+last, so a malformed update is refused for its own fault.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from coordinator.run.aggregation.bounds import delta_norms
 from shared.errors import FieldTypeError, TensorError, TopicError, UpdateRejectedError
 from shared.protocol import Envelope, Hello, Update
 from shared.tensors import from_payload
@@ -37,7 +39,8 @@ REJECT_CODES: dict[str, str] = {
     "late": "the update is for a round that is over",
     "round": "the update is for a round that has not started",
     "not_assigned": "the client is not assigned to this round",
-    "examples": "num_examples is not a positive int within the cap",
+    "examples": "num_examples is not a positive int within the cap and what the client declared at hello",
+    "base": "the update names another adapter than the one its round started from (a replay)",
     "keys": "the delta is empty or holds keys the client's tier does not have",
     "dtype": "a tensor's dtype is not an allowed floating dtype",
     "shape": "a tensor's shape differs from the global adapter's (or its bytes do not match)",
@@ -93,6 +96,10 @@ class RoundContext:
         participants: Assigned clients of that round, client id -> tier.
         expected_shapes: Tier -> adapter key -> shape the client's delta must use (the
             global adapter's keys for the layers that tier holds).
+        declared_examples: Client id -> the example count it declared at hello: an update
+            claiming more is refused (its weight comes from what it was admitted with).
+        base_round: The round of the global adapter this round's schedule named.
+        base_digest: :func:`shared.tensors.payloads_digest` of that adapter.
         limits: Norm, example and dtype bounds.
     """
 
@@ -100,7 +107,25 @@ class RoundContext:
     round: int
     participants: Mapping[str, str]
     expected_shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+    declared_examples: Mapping[str, int] = field(default_factory=dict)
+    base_round: int = 0
+    base_digest: str = ""
     limits: UpdateLimits = field(default_factory=UpdateLimits)
+
+
+@dataclass(frozen=True)
+class ValidatedUpdate:
+    """An update that passed every check.
+
+    Attributes:
+        delta: Key -> tensor in its wire dtype, shaped as expected.
+        norm: L2 norm of the whole delta.
+        key_norms: L2 norm of each key (the influence bounds clip against them).
+    """
+
+    delta: dict[str, torch.Tensor]
+    norm: float
+    key_norms: dict[str, float]
 
 
 def shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -115,7 +140,7 @@ def shapes_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ..
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def validate_update(envelope: Envelope, *, topic_client_id: str, context: RoundContext) -> dict[str, torch.Tensor]:
+def validate_update(envelope: Envelope, *, topic_client_id: str, context: RoundContext) -> ValidatedUpdate:
     """Check an update and decode its delta.
 
     Args:
@@ -125,7 +150,7 @@ def validate_update(envelope: Envelope, *, topic_client_id: str, context: RoundC
         context: The round it must belong to and the shapes it must have.
 
     Returns:
-        The delta, key -> tensor in its wire dtype, shaped as expected.
+        The delta and its norms.
 
     Raises:
         UpdateValidationError: The first failed check, with its code and reason.
@@ -141,8 +166,20 @@ def validate_update(envelope: Envelope, *, topic_client_id: str, context: RoundC
         raise UpdateValidationError("keys", f"no adapter shapes are known for tier {tier!r}")
     _check_declared_tensors(update, expected, context.limits)
     delta = _decode(update)
-    _check_values(delta, context.limits)
-    return delta
+    norm, key_norms = _check_values(delta, context.limits)
+    # Last, though cheap: a replay is otherwise a sound update of the right client, and a
+    # malformed one is refused for what is wrong with it, whatever adapter it names.
+    _check_base(update, context)
+    return ValidatedUpdate(delta, norm, key_norms)
+
+
+def _check_base(update: Update, ctx: RoundContext) -> None:
+    if (update.base_round, update.base_digest) != (ctx.base_round, ctx.base_digest):
+        raise UpdateValidationError(
+            "base",
+            f"the update starts from the adapter of round {update.base_round} ({update.base_digest[:12] or 'no digest'}); "
+            f"round {ctx.round} started from round {ctx.base_round}'s ({ctx.base_digest[:12]})",
+        )
 
 
 def _check_header(envelope: Envelope, update: Update, topic_client_id: str, ctx: RoundContext) -> None:
@@ -170,6 +207,11 @@ def _check_header(envelope: Envelope, update: Update, topic_client_id: str, ctx:
     if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= ctx.limits.max_examples:
         raise UpdateValidationError(
             "examples", f"num_examples={n!r}; it must be an int in 1..{ctx.limits.max_examples}"
+        )
+    declared = ctx.declared_examples.get(update.client_id)
+    if declared is not None and n > declared:
+        raise UpdateValidationError(
+            "examples", f"num_examples={n} is more than the {declared} {update.client_id} declared at hello"
         )
 
 
@@ -205,19 +247,17 @@ def _decode(update: Update) -> dict[str, torch.Tensor]:
     return delta
 
 
-def _check_values(delta: Mapping[str, torch.Tensor], limits: UpdateLimits) -> None:
-    sq_sum = 0.0
+def _check_values(delta: Mapping[str, torch.Tensor], limits: UpdateLimits) -> tuple[float, dict[str, float]]:
     for key, tensor in delta.items():
-        t = tensor.to(torch.float64)
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise UpdateValidationError("nan", f"{key} holds {bad} NaN/Inf value(s)")
-        sq_sum += float(t.square().sum())
-    norm = math.sqrt(sq_sum)
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            raise UpdateValidationError("nan", f"{key} holds {int((~finite).sum())} NaN/Inf value(s)")
+    norm, key_norms = delta_norms(delta)
     if not norm < limits.max_norm:
         raise UpdateValidationError(
             "norm", f"delta L2 norm {norm:.4g} is not below the bound {limits.max_norm:.4g}"
         )
+    return norm, key_norms
 
 
 # --------------------------------------------------------------------------- hellos
@@ -263,32 +303,28 @@ def check_hello(hello: Hello, topic_client: str | None, *, max_examples: int) ->
         raise FieldTypeError(f"hello software_version is longer than {_MAX_NAME_CHARS} characters")
 
 
-#: The oldest protocol a client may speak: 1.1 clients format their rows with the schedule's task.
-MIN_CLIENT_PROTOCOL = (1, 1)
+#: The oldest protocol a client may speak: 1.3 clients format their rows with the schedule's task
+#: (1.1), train the FedKRSO subspaces it names (1.2), verify the coordinator's signature and bind
+#: each update to the adapter it started from (1.3).
+MIN_CLIENT_PROTOCOL = (1, 3)
 
-#: The oldest protocol a client of a FedKRSO run may speak: 1.2 clients train the schedule's subspaces.
-MIN_SUBSPACE_CLIENT_PROTOCOL = (1, 2)
 
-
-def client_too_old(envelope_version: str, *, subspaces: bool = False) -> str | None:
+def client_too_old(envelope_version: str) -> str | None:
     """Why a client speaking ``envelope_version`` cannot take part (None if it can).
 
-    A 1.0 client ignores the task in the schedule and would train on its rows with its own
-    label words and template, silently; a 1.1 client would train LoRA where a FedKRSO run
-    (``subspaces``) asks for subspace coordinates. Either is refused at hello with the reason
-    (it prints it and exits) rather than admitted.
+    An older client would do one of: format its rows with its own label words (1.0), train
+    LoRA where the run asks for subspace coordinates (1.1), or send updates that name no
+    base adapter, which the coordinator cannot tell from a replay (1.2). Each is refused at
+    hello with the reason (it prints it and exits) rather than admitted.
     """
     major, minor = (int(x) for x in envelope_version.split("."))  # the codec checked the form
-    needed = MIN_SUBSPACE_CLIENT_PROTOCOL if subspaces else MIN_CLIENT_PROTOCOL
-    if (major, minor) >= needed:
+    if (major, minor) >= MIN_CLIENT_PROTOCOL:
         return None
-    wanted = ".".join(map(str, needed))
-    what = (
-        "trains in FedKRSO's random subspaces named in the schedule"
-        if subspaces
-        else "sends its task (prompt template, label words, metric) in the schedule"
+    wanted = ".".join(map(str, MIN_CLIENT_PROTOCOL))
+    return (
+        f"this client speaks protocol {envelope_version}; this coordinator binds every update to the adapter it "
+        f"started from, which needs protocol {wanted} or newer: upgrade fedsoda on the client"
     )
-    return f"this client speaks protocol {envelope_version}; this run {what}, which needs protocol {wanted} or newer: upgrade fedsoda on the client"
 
 
 # --------------------------------------------------------------------------- chunk requests

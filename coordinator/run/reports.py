@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from shared.errors import RunStateError
 
 if TYPE_CHECKING:
+    from coordinator.run.aggregation.bounds import ClientInfluence, RoundInfluence
     from coordinator.run.checkpoint import RunDir
     from coordinator.run.round_state import RoundRecord, RoundState
 
@@ -66,16 +67,33 @@ def update_entries(run_dir: RunDir, rounds: Iterable[int]) -> list[dict[str, Any
         rounds: Round numbers, in the order wanted.
 
     Returns:
-        One dict per update (round, client, examples, metrics, resources), by round then client.
+        One dict per update (round, client, examples, metrics, resources, and, for an
+        aggregated round, the weight and clip factor it was aggregated with), by round then
+        client.
 
     Raises:
-        RunStateError: An update's metadata file is corrupt.
+        RunStateError: An update's or a round's influence file is corrupt.
     """
-    return [
-        {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
-        for round_ in rounds
-        for u in run_dir.updates(round_)
-    ]
+    entries = []
+    for round_ in rounds:
+        influence = run_dir.load_influence(round_)
+        for u in run_dir.updates(round_):
+            entry = {"round": u.round, "client_id": u.client_id, "num_examples": u.num_examples, "metrics": u.metrics, "resources": u.resources}
+            factors = _factors_of(influence, u.client_id)
+            if factors is not None:
+                entry |= {"weight": factors.weight, "clip_scale": factors.scale, "keys_clipped_harder": len(factors.key_scales)}
+            entries.append(entry)
+    return entries
+
+
+def _factors_of(influence: RoundInfluence | None, client_id: str) -> ClientInfluence | None:
+    """The factors ``client_id``'s update was aggregated with (None: not aggregated, or not recorded)."""
+    if influence is None:
+        return None
+    try:
+        return influence.client(client_id)
+    except KeyError:
+        return None
 
 
 def write_report(
@@ -84,6 +102,7 @@ def write_report(
     *,
     method: str,
     aggregation: str,
+    aggregation_settings: Mapping[str, Any],
     task: Mapping[str, Any],
     assignments: Mapping[str, Any],
     tiers: Mapping[str, Any],
@@ -97,6 +116,8 @@ def write_report(
         state: The round machine's state at the end.
         method: The run's method.
         aggregation: The aggregation strategy's name.
+        aggregation_settings: The ``[aggregation]`` section in force (strategy options and
+            influence bounds), so an audit can recompute every aggregate.
         task: The run's task (:class:`shared.tasks.TaskSpec` as plain types).
         assignments: Client id -> its assignment (accepted, tier, reason, plan).
         tiers: Tier name -> its description (layers, version, package bytes).
@@ -112,6 +133,7 @@ def write_report(
         "fail_reason": state.fail_reason,
         "method": method,
         "aggregation": aggregation,
+        "aggregation_settings": dict(aggregation_settings),
         "task": dict(task),
         "rounds": [round_record_dict(rec) for rec in state.records],
         "assignments": dict(assignments),

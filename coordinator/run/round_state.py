@@ -71,6 +71,8 @@ class ClientRecord:
         accepted: Whether the planner accepted the client at hello.
         num_examples: Examples the client declared at hello.
         online: Last known presence (hello sets it; Last Will clears it).
+        missed: Rounds in a row it was assigned to and did not report in (hello and a late
+            update reset it; see ``RoundConfig.max_missed``).
     """
 
     client_id: str
@@ -78,6 +80,7 @@ class ClientRecord:
     accepted: bool
     num_examples: int
     online: bool
+    missed: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,12 @@ class RoundState:
     def eligible_online(self) -> list[str]:
         """Sorted ids of clients that were accepted at hello and are online."""
         return [c.client_id for c in self.clients if c.accepted and c.online]
+
+    def awaited(self) -> set[str]:
+        """Ids of the clients a round waits for: accepted, online, and not ``config.max_missed``
+        rounds in a row without a report since they last showed life."""
+        limit = self.config.max_missed
+        return {c.client_id for c in self.clients if c.accepted and c.online and not (limit and c.missed >= limit)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dict for JSON (see :meth:`from_dict`)."""

@@ -265,12 +265,12 @@ def _next_phase_after_round(state: RoundState) -> Phase:
 
 
 def _maybe_close(state: RoundState) -> RoundState:
-    """Close the collecting round when every live assigned client reported and quorum is met."""
+    """Close the collecting round when every awaited assigned client reported and quorum is met
+    (a client that missed ``max_missed`` rounds in a row is not waited for, see ``awaited``)."""
     if state.phase is not Phase.COLLECTING:
         return state
     rec = _current(state)
-    live = {c.client_id for c in state.clients if c.online and c.accepted}
-    pending_live = (rec.assigned & live) - set(rec.reported)
+    pending_live = (rec.assigned & state.awaited()) - set(rec.reported)
     if len(rec.reported) >= rec.quorum and not pending_live:
         return _close(state, rec)
     return state
@@ -283,7 +283,28 @@ def _close(state: RoundState, rec: RoundRecord) -> RoundState:
         dropouts=len(rec.assigned - set(rec.reported)),
         outcome="closed",
     )
-    return replace(_with_record(state, rec), phase=Phase.AGGREGATING)
+    return replace(_count_missed(_with_record(state, rec), rec), phase=Phase.AGGREGATING)
+
+
+def _count_missed(state: RoundState, rec: RoundRecord) -> RoundState:
+    """A closed round's participants: a report clears a client's missed count; no report from
+    a client still online adds one. One that went offline kept the round from waiting on it
+    (its Last Will), so it is not counted: it is selectable again once it is back online."""
+    reported = set(rec.reported)
+
+    def counted(c: ClientRecord) -> ClientRecord:
+        if c.client_id not in rec.assigned:
+            return c
+        if c.client_id in reported:
+            return replace(c, missed=0)
+        return replace(c, missed=c.missed + 1) if c.online else c
+
+    clients = tuple(counted(c) for c in state.clients)
+    left_out = [c.client_id for c in clients if state.config.max_missed and c.missed == state.config.max_missed]
+    if left_out:
+        logger.info("round %d: rounds no longer wait for %s until they show life (missed %d round(s) in a row)",
+                    rec.round, ", ".join(left_out), state.config.max_missed)
+    return replace(state, clients=clients)
 
 
 def _fail(state: RoundState, reason: str) -> RoundState:
@@ -433,7 +454,12 @@ def _on_update(state: RoundState, event: UpdateReceived) -> tuple[RoundState, li
         logger.info("ignoring duplicate update: %s", verdict.reason)
         return bump("duplicates"), []
     if verdict.verdict == "late":
-        return bump("late"), [nack("late", verdict.reason)]
+        # Late is still alive: it counts as life, so the client is selectable again.
+        late = bump("late")
+        client = late.client(event.client_id)
+        if client is not None and client.missed:
+            late = _set_client(late, replace(client, missed=0))
+        return late, [nack("late", verdict.reason)]
     if verdict.verdict in ("not_assigned", "round"):
         return bump("rejected"), [nack(verdict.verdict, verdict.reason)]
     if not event.ok:

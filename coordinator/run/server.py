@@ -37,8 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.run import rounds
-from coordinator.run.aggregation import get_strategy
+from coordinator.run.aggregation import (
+    InfluenceLimits,
+    RoundInfluence,
+    aggregate_round,
+    get_strategy,
+)
 from coordinator.run.checkpoint import RunDir, load_run
+from coordinator.run.credentials import registry_client_keys, signing_key_file
 from coordinator.run.inbound import (
     RoundContext,
     UpdateLimits,
@@ -72,7 +78,9 @@ from coordinator.settings import RunConfig
 from shared import codec, topics
 from shared.blob_server import BlobServer
 from shared.errors import (
+    ConfigError,
     FedSodaError,
+    FieldTypeError,
     ProtocolError,
     RunStateError,
     TopicError,
@@ -87,7 +95,9 @@ from shared.protocol import (
     Presence,
     Schedule,
 )
-from shared.tensors import state_to_payloads
+from shared.rate import TokenBucket
+from shared.signing import VerifyKey, key_from_text, load_or_create_signing_key
+from shared.tensors import payloads_digest, state_to_payloads
 from shared.topics import TopicKind
 from shared.transport import MqttTransport
 from shared.transport_types import ConnectionEvent, InboundMessage
@@ -96,12 +106,24 @@ from shared.typed import short_repr
 log = logging.getLogger(__name__)
 
 ASSIGNMENTS_FILE = "assignments.json"
+CLIENT_KEYS_FILE = "client_keys.json"
+"""Client id -> the public key pinned at its first accepted hello (kept with the run, so a resumed run keeps them)."""
 TICK_SECONDS = 0.2
 FAULT_PAUSE_ENV = "FEDSODA_FAULT_PAUSE"
 """Test hook for fault injection: ``FEDSODA_FAULT_PAUSE=aggregation:<round>`` makes the server
 stop itself (SIGSTOP) in the middle of aggregating that round (FedAvg done, new global adapter
 not yet saved), so a test can SIGKILL it at exactly that point (tests/faults). Unset, it costs
 one dictionary lookup per aggregation; after SIGCONT the server carries on normally."""
+
+
+def _bounded_note(influence: RoundInfluence) -> str:
+    """What the influence bounds changed in a round, for the log (empty when nothing)."""
+    capped = [c.client_id for c in influence.clients if c.weight < c.claimed_weight]
+    clipped = [c.client_id for c in influence.clients if c.scale < 1.0 or c.key_scales]
+    parts = [f"weight capped: {', '.join(capped)}"] * bool(capped) + [f"clipped: {', '.join(clipped)}"] * bool(clipped)
+    if influence.skipped_keys:
+        parts.append(f"{len(influence.skipped_keys)} key(s) held by too few clients left unchanged")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _fault_pause(point: str) -> None:
@@ -173,13 +195,28 @@ class CoordinatorServer:
         self.clock = clock
         self.run_id = config.run_id
         self.counters = ServerCounters()
-        self.strategy = get_strategy(config.aggregation.strategy)
+        self._hellos = TokenBucket(config.validation.hellos_per_second, config.validation.hello_burst, clock=time.monotonic)
+        self.strategy = get_strategy(config.aggregation.strategy, **config.aggregation.strategy_options())
+        settings = config.aggregation
+        self.influence_limits = InfluenceLimits(
+            weight_cap=settings.weight_cap, clip=settings.clip,
+            clip_per_key=settings.clip_per_key, min_holders=settings.min_holders,
+        )
         self.task = config.task.spec()
-        self.blobs = BlobServer(transport, run=self.run_id, sender=COORDINATOR_ID, refused=self.counters.refused)
+        # Everything we publish is signed: clients pin this key and refuse what it did not sign.
+        self.signer = load_or_create_signing_key(signing_key_file(config.broker, run_dir))
+        self.blobs = BlobServer(transport, run=self.run_id, signer=self.signer, sender=COORDINATOR_ID, refused=self.counters.refused)
         self._events: deque = deque()
         self._outcome: RunOutcome | None = None
         self._retained: dict[str, bytes] = {}  # topic -> our latest retained payload on it
         self.assignments = self._load_assignments(run_dir)
+        # Once a client's key is pinned, all it sends must be signed by it: a stranger can no
+        # longer say hello (and evict it), go offline or ask for chunks in its name.
+        self._pinned_at_hello: dict[str, str] = self._load_client_keys(run_dir)
+        self._registry_keys = registry_client_keys(config.broker)  # known before any hello: these win
+        self.client_keys: dict[str, VerifyKey] = {
+            cid: key_from_text(text, owner=f"client {cid}") for cid, text in {**self._pinned_at_hello, **self._registry_keys}.items()
+        }
         if resume:
             resumed = load_run(run_dir)
             self.run_dir, self.state = resumed.run_dir, resumed.state
@@ -197,6 +234,47 @@ class CoordinatorServer:
             self.state = state
             self.global_state = pipeline.initial_adapter()
             self.run_dir.save_global(0, self.global_state)
+
+    @staticmethod
+    def _load_client_keys(run_dir: Path) -> dict[str, str]:
+        path = Path(run_dir) / CLIENT_KEYS_FILE
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as exc:
+            raise RunStateError(f"{path} is not the JSON of pinned client keys: {exc}") from None
+
+    def _decode(self, message: InboundMessage) -> tuple[topics.TopicInfo, Any]:
+        """Decode a client's message; once its key is pinned it must be signed by it.
+
+        A hello that brings a key the coordinator has not pinned yet must be signed by that
+        key, so nobody gets a key pinned for a client that cannot sign with it.
+
+        Raises:
+            SignatureError: Unsigned or badly signed where a key is pinned or brought.
+            ProtocolError: Any other decoding or topic failure.
+        """
+        client = topics.client_of(message.topic)
+        key = self.client_keys.get(client) if client is not None else None
+        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id, verify_key=key)
+        if key is None and info.kind is TopicKind.HELLO and envelope.body.public_key:
+            try:
+                brought = key_from_text(envelope.body.public_key, owner=f"client {info.client}")
+            except ConfigError as exc:
+                raise FieldTypeError(f"hello message: public_key: {exc}") from None
+            brought.verify(message.payload)
+        return info, envelope
+
+    def _pin_client_key(self, hello: Hello, accepted: bool) -> None:
+        """Pin the key a client's first accepted hello brings (persisted before the answer goes out)."""
+        if not accepted or not hello.public_key or hello.client_id in self.client_keys:
+            return
+        self.client_keys[hello.client_id] = key_from_text(hello.public_key, owner=f"client {hello.client_id}")
+        self._pinned_at_hello[hello.client_id] = hello.public_key
+        path = self.run_dir.path / CLIENT_KEYS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self._pinned_at_hello, indent=2, sort_keys=True))
+        os.replace(tmp, path)  # a crash leaves the old pins or the new ones, never half a file
+        log.info("pinned the signing key of %s: %s", hello.client_id, hello.public_key)
 
     @staticmethod
     def _load_assignments(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -309,7 +387,7 @@ class CoordinatorServer:
             raise RunStateError(f"unknown action {action!r}")
 
     def _publish(self, topic: str, msg_type: MessageType, body: Any, *, round_: int = -1, retain: bool = False) -> None:
-        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=COORDINATOR_ID)
+        payload = codec.encode(msg_type, body, run=self.run_id, round=round_, sender=COORDINATOR_ID, signer=self.signer)
         self.transport.publish(topic, payload, qos=1, retain=retain)
         if retain:
             self._retained[topic] = payload
@@ -349,6 +427,8 @@ class CoordinatorServer:
 
     def _publish_adapter(self, adapter_round: int) -> None:
         body = GlobalAdapter(round=adapter_round, tensors=state_to_payloads(self.global_state))
+        # Updates of the next round must name this adapter (RoundContext.base_digest).
+        self._base_adapter = (adapter_round, payloads_digest(body.tensors))
         self._publish(topics.adapter(self.run_id), MessageType.GLOBAL_ADAPTER, body, round_=adapter_round, retain=True)
 
     def _send_nack(self, client_id: str, round_: int, ref: str, code: str, reason: str) -> None:
@@ -359,12 +439,12 @@ class CoordinatorServer:
     def _aggregate(self, round_: int, client_ids: tuple[str, ...]) -> None:
         wanted = set(client_ids)
         persisted = [u for u in self.run_dir.updates(round_) if u.client_id in wanted]
-        # A generator: FedAvg streams, so only one client's delta is in memory at a time.
-        deltas = ((u.num_examples, u.load_delta()) for u in persisted)
-        self.global_state = self.strategy.aggregate(self.global_state, deltas)
+        self.global_state, influence = aggregate_round(self.strategy, self.global_state, persisted, self.influence_limits)
         _fault_pause(f"aggregation:{round_}")
+        # The factors first: an audit of a saved adapter always finds the factors it was made with.
+        self.run_dir.save_influence(round_, influence)
         self.run_dir.save_global(round_, self.global_state)
-        log.info("round %d aggregated from %d updates", round_, len(persisted))
+        log.info("round %d aggregated from %d updates%s", round_, len(persisted), _bounded_note(influence))
         # Publish the adapter before AggregationDone lets the next round's schedule out, so a
         # client never waits on a schedule whose adapter has not been sent.
         self._publish_adapter(round_)
@@ -400,25 +480,31 @@ class CoordinatorServer:
         )
         tiers = {name: tier.describe() for name, tier in self.pipeline.tiers.items()}
         write_report(
-            self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name, task=dataclasses.asdict(self.task),
+            self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name,
+            aggregation_settings=dataclasses.asdict(self.config.aggregation), task=dataclasses.asdict(self.task),
             assignments=self.assignments, tiers=tiers, totals=totals, results=results or {},
         )
 
     # ------------------------------------------------------------------ inbound
 
     def _on_hello(self, message: InboundMessage) -> None:
-        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        # Before decoding: a flood of hellos (each may run the planner and write the run's
+        # files) costs a token each. Refused ones get no answer; a real client says hello
+        # again until it has an assignment.
+        if not self._hellos.take():
+            self._refuse(TopicKind.HELLO, message.topic, "hello_rate", "more hellos a second than validation.hellos_per_second", level=logging.DEBUG)
+            return
+        info, envelope = self._decode(message)
         hello: Hello = envelope.body
         check_hello(hello, info.client, max_examples=self.config.validation.max_examples)
-        # A run whose schedules name subspace seeds trains FedKRSO: its clients need protocol 1.2.
-        subspaces = bool(self.pipeline.round_training(self.state.round).subspace_seeds)
-        too_old = client_too_old(envelope.version, subspaces=subspaces)
+        too_old = client_too_old(envelope.version)
         if too_old is not None:
             assignment = Assignment(client_id=hello.client_id, accepted=False, tier="", reason=too_old, plan={})
         else:
             assignment = self.pipeline.assign(hello.client_id, hello.profile)
         self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
         (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
+        self._pin_client_key(hello, assignment.accepted)
         log.info(
             "hello from %s (%s): %s",
             hello.client_id,
@@ -431,7 +517,7 @@ class CoordinatorServer:
         self._publish(topics.assign(self.run_id, hello.client_id), MessageType.ASSIGNMENT, assignment)
 
     def _on_presence(self, message: InboundMessage) -> None:
-        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        info, envelope = self._decode(message)
         presence: Presence = envelope.body
         if presence.client_id != info.client:
             raise TopicError(f"presence on {message.topic} names another client {short_repr(presence.client_id)}")
@@ -439,17 +525,20 @@ class CoordinatorServer:
         self._post(ClientOnline(info.client) if presence.online else ClientOffline(info.client))
 
     def _on_chunk_request(self, message: InboundMessage) -> None:
-        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        info, envelope = self._decode(message)
         assert info.client is not None  # chunkreq topics are per-client
-        refusal = check_chunk_request(self.state.client(info.client), info.client)
+        client = self.state.client(info.client)
+        refusal = check_chunk_request(client, info.client)
         if refusal is not None:
             self._refuse(TopicKind.CHUNKREQ, message.topic, refusal.code, refusal.detail)
             self._send_nack(info.client, envelope.round, envelope.message_id, refusal.code, refusal.advice)
             return
-        self.blobs.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round)
+        assert client is not None  # check_chunk_request refuses a client that never said hello
+        # Its own tier's packages only: the byte budget then bounds what one client can pull.
+        self.blobs.serve(info.client, envelope.body, ref_message_id=envelope.message_id, round=envelope.round, tier=client.tier)
 
     def _on_update(self, message: InboundMessage) -> None:
-        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id)
+        info, envelope = self._decode(message)
         client_id = info.client
         update = envelope.body
         # The sender is the topic's client (decode_message); it must also be assigned to the
@@ -464,7 +553,7 @@ class CoordinatorServer:
             self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=verdict.verdict, reason=verdict.reason))
             return
         try:
-            delta = validate_update(envelope, topic_client_id=client_id, context=self._round_context())
+            valid = validate_update(envelope, topic_client_id=client_id, context=self._round_context())
         except UpdateValidationError as exc:
             self._refuse(TopicKind.UPDATE, message.topic, exc.code, exc.reason)
             self._post(UpdateReceived(client_id, update.round, envelope.message_id, update.num_examples, ok=False, code=exc.code, reason=exc.reason))
@@ -472,8 +561,9 @@ class CoordinatorServer:
         self.run_dir.save_update(
             update.round,
             client_id,
-            delta,
+            valid.delta,
             num_examples=update.num_examples,
+            norms=(valid.norm, valid.key_norms),
             message_id=envelope.message_id,
             metrics=dict(update.metrics),
             resources=dataclasses.asdict(update.resources),
@@ -489,6 +579,11 @@ class CoordinatorServer:
             round=self.state.round,
             participants=participants,
             expected_shapes=self.pipeline.expected_shapes(self.state.round),
+            declared_examples={
+                cid: client.num_examples for cid in participants if (client := self.state.client(cid)) is not None
+            },
+            base_round=self._base_adapter[0],
+            base_digest=self._base_adapter[1],
             limits=UpdateLimits(
                 max_norm=self.config.validation.max_delta_norm,
                 max_examples=self.config.validation.max_examples,

@@ -231,7 +231,7 @@ def test_status_and_the_final_report_agree_on_traffic_and_memory(tmp_path: Path)
     finished_run(tmp_path / "run")
     run = RunDir(tmp_path / "run")
     totals = ServingTotals(chunks_served=0, bytes_served=0, refused={}, ignored={}, bytes_sent=0, bytes_received=0)
-    write_report(run, run.load_state(), method="fedsoda", aggregation="fedavg", task={}, assignments={}, tiers={},
+    write_report(run, run.load_state(), method="fedsoda", aggregation="fedavg", aggregation_settings={}, task={}, assignments={}, tiers={},
                  totals=totals, results={})
     rows = load_report(tmp_path / "run")["per_client_round"]
     for c in read_status(tmp_path / "run").clients:

@@ -23,6 +23,7 @@ from coordinator.simulate import (
 )
 from hardware_profiles.profile import GIB, load_catalog
 from shared.errors import BrokerError, ConfigError, InsufficientMemoryError
+from shared.signing import SigningKey
 
 MIB = 1 << 20
 
@@ -101,7 +102,7 @@ def test_the_fleet_starts_capped_clients_and_reports_a_failed_one_with_its_error
         path.parent.mkdir(parents=True)
         path.write_text('{"text": "fine", "label": 1}\n')
         data.append(path)
-    fleet = ClientFleet(RunConfig(), options, data, tmp_path)
+    fleet = ClientFleet(RunConfig(), options, data, tmp_path, SigningKey.generate().public.text)
     try:
         fleet.start("127.0.0.1", 1)  # no broker there
         outcomes = fleet.wait(120.0)

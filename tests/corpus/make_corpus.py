@@ -11,6 +11,13 @@ test's scripted client ``probe`` (assigned to round 1), and the tier ``L2`` that
 4-layer SmolLM2 cut with ``pruning.depths = [2]`` yields (layers 0 and 3; LoRA rank 4 on
 ``q_proj`` / ``v_proj``; hidden size 576, key/value size 192).
 
+Client-bound messages are signed with the corpus coordinator key (:data:`CORPUS_KEY`, which
+the live test's coordinator signs with and its client pins), so each still reaches the check
+it is about, behind the signature: they play a coordinator that is buggy or whose key leaked.
+Garbage that is no msgpack map is signed inside a map frame, so the client's parser meets it.
+The ``signature`` entries are what a stranger can send: unsigned, altered, or signed by
+another key; each must be refused as a ``SignatureError`` before anything else is read.
+
 Regenerate after a protocol change (the corpus test fails until the files match)::
 
     .venv/bin/python -m tests.corpus.make_corpus
@@ -52,6 +59,7 @@ from shared.protocol import (
     TrainingParams,
     Update,
 )
+from shared.signing import SigningKey
 from shared.typed import to_plain
 
 CORPUS_DIR = Path(__file__).parent
@@ -71,6 +79,12 @@ KEY_QA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # sha
 KEY_VB = "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"  # shape (KV, RANK)
 KEY_PRUNED = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"  # a layer L2 does not hold
 TIMESTAMP = 1_750_000_000.0
+CORPUS_SIGNING_SEED = b"fedsoda corpus coordinator key.."
+"""Seed of :data:`CORPUS_KEY` (Ed25519 signs deterministically, so the files are reproducible)."""
+CORPUS_KEY = SigningKey.from_seed(CORPUS_SIGNING_SEED)
+"""The live test's coordinator key: client-bound corpus messages are signed with it."""
+MALLORY_KEY = SigningKey.from_seed(b"fedsoda corpus mallory's key....")
+"""A stranger's own key: what it signs, a client pinning :data:`CORPUS_KEY` refuses."""
 
 
 @dataclass(frozen=True)
@@ -407,8 +421,52 @@ def _coordinator_entries() -> list[tuple[str, str, str, str, str, str, bytes]]:
     return out
 
 
+def _as_coordinator(payload: bytes) -> bytes:
+    """``payload`` signed with :data:`CORPUS_KEY`, whatever it holds.
+
+    An envelope (a msgpack fixmap) gets its signature as the first entry; anything else is
+    framed as a map of the signature and two more entries that are ``payload``, so that
+    after the signature the client's parser meets the garbage as it is.
+    """
+    framed = payload if payload and 0x80 <= payload[0] < 0x8F else b"\x82" + payload
+    return b"".join(CORPUS_KEY.sign_packed([framed]))
+
+
 def _client_entries() -> list[tuple[str, str, str, str, str, str, bytes]]:
-    """(slug, topic, category, reason, detail, what, payload) of every client-bound message."""
+    """(slug, topic, category, reason, detail, what, payload) of every client-bound message.
+
+    All are signed with :data:`CORPUS_KEY` but the ``signature`` ones, which come last.
+    """
+    signed = [(*row[:6], _as_coordinator(row[6])) for row in _client_checks()]
+    schedule_topic, adapter_topic = _topic("schedule"), _topic("adapter")
+    nack_topic, chunk_topic = _topic("nack", CLIENT), _topic("chunk", CLIENT)
+    finished = _encode(MessageType.SCHEDULE, _schedule(round=ROUND + 1, status="finished"), sender=COORDINATOR, round_=ROUND + 1)
+    altered = bytearray(_as_coordinator(finished))
+    altered[-1] ^= 0x01
+    far_future = GlobalAdapter(round=10**9, tensors={})
+    nack = Nack(CLIENT, ROUND, "", "unknown_blob", "forged")
+    forged_chunk = Chunk(blob_id="a" * 64, hash=hashlib.sha256(b"x").hexdigest(), data=b"x")
+
+    def by(key: SigningKey, msg_type: MessageType, body: Any, round_: int = -1) -> bytes:
+        return codec.encode(msg_type, body, run=RUN, round=round_, sender=COORDINATOR, message_id="c0" * 16,
+                            timestamp=TIMESTAMP, signer=key)
+
+    return signed + [
+        ("schedule-unsigned-finished", schedule_topic, "signature", "SignatureError", "not signed",
+         "an unsigned 'finished' schedule (it used to end every client)", finished),
+        ("schedule-altered-finished", schedule_topic, "signature", "SignatureError", "does not verify",
+         "a signed 'finished' schedule with its last byte flipped", bytes(altered)),
+        ("adapter-mallory-key", adapter_topic, "signature", "SignatureError", "does not verify",
+         "a global adapter of round 10**9 signed by a stranger's key", by(MALLORY_KEY, MessageType.GLOBAL_ADAPTER, far_future, 10**9)),
+        ("nack-unsigned", nack_topic, "signature", "SignatureError", "not signed",
+         "an unsigned unknown_blob nack (it used to stop a download)", _encode(MessageType.NACK, nack, sender=COORDINATOR, round_=ROUND)),
+        ("chunk-mallory-key", chunk_topic, "signature", "SignatureError", "does not verify",
+         "a well-formed chunk signed by a stranger's key", by(MALLORY_KEY, MessageType.CHUNK, forged_chunk)),
+    ]
+
+
+def _client_checks() -> list[tuple[str, str, str, str, str, str, bytes]]:
+    """The client-bound messages about checks behind the signature (unsigned here; signed by the caller)."""
     schedule_topic, adapter_topic = _topic("schedule"), _topic("adapter")
     assign_topic, nack_topic, chunk_topic = _topic("assign", CLIENT), _topic("nack", CLIENT), _topic("chunk", CLIENT)
     schedule = _encode(MessageType.SCHEDULE, _schedule(), sender=COORDINATOR, round_=ROUND)

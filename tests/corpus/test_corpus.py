@@ -7,7 +7,10 @@ assigns it (updates from it reach content validation), then publishes every corp
 on its topic, checks that each one was refused with its reason and detail and counted, and
 finally sends a good update that must be averaged into round 1's global adapter. Along the
 way it also slips a corrupt chunk into the client's real download: refused, and the chunk is
-fetched from the coordinator instead.
+fetched from the coordinator instead. The coordinator signs with the corpus key
+(``make_corpus.CORPUS_KEY``) and the client pins it, so the client-bound messages signed with
+it reach the checks behind the signature, and the unsigned or wrongly signed ones are refused
+as forgeries.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
@@ -39,8 +44,17 @@ from shared.chunkstore import ChunkStore, materialize, resolve_inside
 from shared.config import load_config
 from shared.errors import UnsafePathError
 from shared.manifests import chunk_lengths, compute_blob_id
-from shared.protocol import COORDINATOR_ID, Chunk, FileEntry, Hello, Manifest, MessageType, ResourceReport, Update
-from shared.tensors import state_to_payloads
+from shared.protocol import (
+    COORDINATOR_ID,
+    Chunk,
+    FileEntry,
+    Hello,
+    Manifest,
+    MessageType,
+    ResourceReport,
+    Update,
+)
+from shared.tensors import payloads_digest, state_to_payloads
 from shared.transport import MqttTransport
 from shared.transport_types import InboundMessage, TransportConfig
 from tests.corpus import make_corpus
@@ -62,7 +76,7 @@ LIVE_TIMEOUT = 240.0
 
 CATEGORIES = {
     "truncated", "garbage", "huge-length", "deep-nesting", "wrong-type", "unknown-type", "version", "tensor",
-    "nan-inf", "shape-keys", "norm", "chunk-hash", "path", "sender", "stale", "inconsistent",
+    "nan-inf", "shape-keys", "norm", "chunk-hash", "path", "sender", "stale", "inconsistent", "signature",
 }
 
 
@@ -116,6 +130,10 @@ def test_symlinks_never_let_a_package_write_outside_its_folder(tmp_path: Path) -
 
 
 def _config(path: Path, model_dir: Path, port: int) -> RunConfig:
+    key_file = path.parent / "corpus-coordinator.key"  # the coordinator signs with the corpus key
+    key_file.write_bytes(Ed25519PrivateKey.from_private_bytes(make_corpus.CORPUS_SIGNING_SEED).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_file.chmod(0o600)
     path.write_text(f"""
 run_id = "{RUN}"
 seed = 1
@@ -160,6 +178,7 @@ enabled = false
 [broker]
 host = "127.0.0.1"
 port = {port}
+signing_key = "{key_file}"
 """)
     return load_config(RunConfig, path, env={})
 
@@ -278,7 +297,7 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
     profile = detect_profile()
     statuses: list[str] = []
     client = EdgeClient(
-        ClientOptions(run_id=RUN, client_id=CLIENT, state_dir=tmp_path / "client"),
+        ClientOptions(run_id=RUN, client_id=CLIENT, state_dir=tmp_path / "client", coordinator_key=make_corpus.CORPUS_KEY.public),
         TransportConfig(host="127.0.0.1", port=broker.port, client_id=CLIENT),
         profile,
         load_rows(data),
@@ -308,11 +327,13 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
         assert any("local rows formatted for the task rotten_tomatoes" in s for s in statuses)
 
         # A forged copy of the last chunk the client will need, slipped in as its download starts:
-        # refused on arrival, never stored; the real chunk comes from the coordinator.
+        # refused on arrival, never stored; the real chunk comes from the coordinator. It is signed
+        # with the coordinator's key, so the check it meets is the chunk's hash.
         last_chunk = list(chunk_lengths(tester.latest["manifest"]))[-1]
         _wait(lambda: bool(tester.chunk_requests), "the client's first chunk request", tester, workers)
         forged = Chunk(blob_id=tester.latest["manifest"].blob_id, hash=last_chunk, data=b"forged bytes")
-        tester.send(topics.chunk(RUN, CLIENT), codec.encode(MessageType.CHUNK, forged, run=RUN, round=-1, sender=COORDINATOR_ID))
+        tester.send(topics.chunk(RUN, CLIENT), codec.encode(MessageType.CHUNK, forged, run=RUN, round=-1, sender=COORDINATOR_ID,
+                                                            signer=make_corpus.CORPUS_KEY))
 
         tester.watching = False
         for entry in to_coordinator:
@@ -326,7 +347,8 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
         # Both processes still serve: a good update from the probe is accepted and averaged.
         adapter = tester.latest["adapter"]
         probe_delta = {key: torch.full(tuple(p.shape), 0.01) for key, p in adapter.tensors.items()}
-        good = Update(PROBE, ROUND, 8, state_to_payloads(probe_delta), {"loss_last": 1.0}, ResourceReport(0, 0, 1.0, 1.0, 0, 0, "cpu"))
+        good = Update(PROBE, ROUND, 8, state_to_payloads(probe_delta), {"loss_last": 1.0}, ResourceReport(0, 0, 1.0, 1.0, 0, 0, "cpu"),
+                      base_round=adapter.round, base_digest=payloads_digest(adapter.tensors))
         tester.send_as_probe(MessageType.UPDATE, good, topics.update(RUN, PROBE), round_=ROUND)
         _wait(lambda: not coordinator_thread.is_alive(), "the run to finish", tester, [])
         client_thread.join(timeout=60)
@@ -357,16 +379,21 @@ def test_live_coordinator_and_client_refuse_the_corpus_and_keep_serving(
     assert outcome.status == "finished" and outcome.rounds_sent == [ROUND], outcome
     assert outcome.refused == dict(client.refused)
 
-    # The good update is in round 1's average: global_1 = global_0 + weighted mean of the deltas.
+    # The good update is in round 1's average: global_1 = global_0 + weighted mean of the deltas,
+    # each with the weight and clip factor the influence bounds recorded for it.
     run = RunDir(run_dir)
     persisted = {u.client_id: u for u in run.updates(ROUND)}
     assert sorted(persisted) == [CLIENT, PROBE]
     before, after = run.load_global(0), run.load_global(ROUND)
-    total = sum(u.num_examples for u in persisted.values())
+    influence = run.load_influence(ROUND)
+    assert influence is not None and {c.client_id for c in influence.clients} == {CLIENT, PROBE}
+    total = sum(c.weight for c in influence.clients)
     deltas = {c: u.load_delta() for c, u in persisted.items()}
     for key, value in probe_delta.items():
         assert torch.equal(deltas[PROBE][key], value)
-        mean = sum(persisted[c].num_examples * deltas[c][key].float() for c in persisted) / total
+        factors = {c: influence.client(c).factor(key) for c in persisted}
+        assert factors[PROBE] > 0
+        mean = sum(influence.client(c).weight * factors[c] * deltas[c][key].float() for c in persisted) / total
         assert torch.allclose(after[key], before[key] + mean, atol=1e-6), key
 
     # The report keeps the refusal counts, and `fedsoda-coordinator report` shows them.

@@ -18,7 +18,7 @@ from shared.errors import DataError, RunStateError
 from shared.protocol import COORDINATOR_ID, MessageType, Schedule
 from shared.tasks import TaskSpec
 from shared.transport_types import InboundMessage, TransportConfig
-from tests.shared.helpers import connect, drain, wait_for
+from tests.shared.helpers import COORDINATOR_KEY, connect, drain, wait_for
 from tests.shared.samples import profile, training
 
 
@@ -39,7 +39,7 @@ def test_presence_says_joined_on_the_first_connection_and_reconnected_after_a_dr
         reconnect_min_delay=0.1, reconnect_max_delay=1.0,
     )
     rows = rows_from_records([{"prompt": "2+2=", "answer": "4"}], source="inline")
-    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path), transport_config, profile(), rows)
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path, COORDINATOR_KEY.public), transport_config, profile(), rows)
     started = time.monotonic()
     before_drop: list[str] = []
 
@@ -78,7 +78,7 @@ def test_a_client_waiting_for_its_assignment_says_so_once_while_its_hello_repeat
     transport_config = TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port, client_id=client_id)
     rows = rows_from_records([{"prompt": "2+2=", "answer": "4"}], source="inline")
     events = runner.ClientEvents(on_status=statuses.append)
-    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path), transport_config, profile(), rows, events)
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path, COORDINATOR_KEY.public), transport_config, profile(), rows, events)
     started = time.monotonic()
 
     def stop() -> bool:
@@ -93,11 +93,11 @@ def test_a_client_waiting_for_its_assignment_says_so_once_while_its_hello_repeat
 
 
 def _publish_schedule(broker: BrokerHandle, run_id: str, task, unique_id) -> None:
-    """Play the coordinator: a retained waiting schedule, with ``task`` (None: a 1.0 coordinator's)."""
+    """Play the coordinator: a retained waiting schedule, with ``task`` (None: a 1.0 coordinator's), signed."""
     schedule = Schedule(round=0, status="waiting", deadline=0.0, quorum=1, participants={}, training=training(),
                         manifests={}, adapter_round=0, task=task)
     coordinator = connect(broker, unique_id("coordinator-stand-in"))
-    coordinator.publish(topics.schedule(run_id), codec.encode(MessageType.SCHEDULE, schedule, run=run_id, round=0, sender=COORDINATOR_ID), retain=True)
+    coordinator.publish(topics.schedule(run_id), codec.encode(MessageType.SCHEDULE, schedule, run=run_id, round=0, sender=COORDINATOR_ID, signer=COORDINATOR_KEY), retain=True)
     coordinator.flush()
     coordinator.close()
 
@@ -110,7 +110,7 @@ def test_rows_that_do_not_fit_the_schedule_task_stop_the_client_with_file_and_li
     data.write_text('{"text": "fine", "label": 1}\n{"text": "odd", "label": "meh"}\n')
     _publish_schedule(mosquitto_broker, run_id, TaskSpec(), unique_id)
     transport_config = TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port, client_id=client_id)
-    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path / "state"), transport_config, profile(), load_rows(data))
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path / "state", COORDINATOR_KEY.public), transport_config, profile(), load_rows(data))
     started = time.monotonic()
     with pytest.raises(DataError, match=rf"{data}:2: label 'meh' is not one of the task's labels"):
         client.run(stop=lambda: time.monotonic() - started > 30.0)
@@ -124,7 +124,7 @@ def test_a_schedule_without_a_task_is_from_a_1_0_coordinator_and_says_so(
     _publish_schedule(mosquitto_broker, run_id, None, unique_id)
     transport_config = TransportConfig(host=mosquitto_broker.host, port=mosquitto_broker.port, client_id=client_id)
     rows = rows_from_records([{"prompt": "2+2=", "answer": "4"}], source="inline")
-    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path), transport_config, profile(), rows)
+    client = EdgeClient(ClientOptions(run_id, client_id, tmp_path, COORDINATOR_KEY.public), transport_config, profile(), rows)
     started = time.monotonic()
     with pytest.raises(RunStateError, match="speaks protocol 1.0.*upgrade the coordinator"):
         client.run(stop=lambda: time.monotonic() - started > 30.0)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from benchmarks.harness import Processes, check_ledger, wait_until, write_rows
 from coordinator.model.datasets import movie_reviews, train_test_split
+from shared.signing import load_or_create_signing_key
 from tests.runlib import ScheduleWatch
 
 pytestmark = pytest.mark.integration
@@ -91,11 +92,15 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
     data = {name: write_rows(tmp_path / name / "data.jsonl", train[i * 40:(i + 1) * 40]) for i, name in enumerate(["alice", "bob", "carol"])}
     procs = Processes(tmp_path)
     serve = ["-m", "coordinator", "serve", "--config", str(config), "--run-dir", str(run_dir)]
+    # The key serve uses by default (coordinator.key in the run directory), made first so the
+    # clients can pin its coordinator.pub before the coordinator has started.
+    pinned = load_or_create_signing_key(run_dir / "coordinator.key").public.text
 
     def join(name: str) -> subprocess.Popen:
         return procs.start(name, [
             "-m", "edge_client", "join", "--broker", f"127.0.0.1:{mosquitto_broker.port}", "--run", run_id,
-            "--client-id", name, "--data", str(data[name]), "--state-dir", str(tmp_path / name / "state"), "--json",
+            "--client-id", name, "--data", str(data[name]), "--state-dir", str(tmp_path / name / "state"),
+            "--coordinator-key", pinned, "--json",
         ])
 
     watch = ScheduleWatch(mosquitto_broker.port, run_id)
@@ -127,6 +132,10 @@ def test_three_clients_dropout_late_join_and_coordinator_resume(tmp_path, mosqui
         procs.kill_all()
 
     report = json.loads((run_dir / "report.json").read_text())
+    # Every client signed what it sent with the key its first hello brought, across the coordinator's restart.
+    pinned_keys = json.loads((run_dir / "client_keys.json").read_text())
+    assert sorted(pinned_keys) == ["alice", "bob", "carol"] and len(set(pinned_keys.values())) == 3
+    assert "SignatureError" not in report["refused"], report["refused"]
     rounds = {r["round"]: r for r in report["rounds"]}
     assert sorted(rounds) == [1, 2, 3]
     assert sorted(rounds[1]["reported"]) == ["alice", "bob"]

@@ -25,6 +25,7 @@ import pytest
 from benchmarks.harness import Federation, light_settings
 from hardware_profiles.profile import load_catalog
 from shared.errors import InsufficientMemoryError
+from shared.signing import SigningKey
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,7 +80,8 @@ def test_join_with_a_cap_below_what_the_process_already_uses_stops_at_once_with_
     # Port 1 is never a broker: the refusal must come before any connection is tried.
     proc = subprocess.run(
         [sys.executable, "-m", "edge_client", "join", "--data", str(data), "--broker", "127.0.0.1:1",
-         "--state-dir", str(tmp_path / "state"), "--memory-limit", "64MiB"],
+         "--state-dir", str(tmp_path / "state"), "--memory-limit", "64MiB",
+         "--coordinator-key", SigningKey.generate().public.text],
         capture_output=True, text=True, timeout=120,
     )
     said = " ".join(proc.stderr.split())

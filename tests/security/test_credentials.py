@@ -29,6 +29,7 @@ from shared.credentials import (
 )
 from shared.errors import ConfigError
 from shared.protocol import COORDINATOR_ID
+from shared.signing import SigningKey, load_or_create_signing_key
 
 runner = CliRunner()
 
@@ -147,6 +148,9 @@ def test_cli_add_list_revoke(tmp_path: Path, pki: Path) -> None:
     shown = json.loads(result.stdout)
     creds = load_client_credentials(out)
     assert shown["password"] == creds.password and creds.broker == "coord.example:8883" and creds.ca_pem
+    # The file pins the coordinator's signing key, the one in the credentials folder.
+    assert creds.coordinator_key == shown["coordinator_key"] == (store / "coordinator.pub").read_text().strip()
+    assert load_or_create_signing_key(store / "coordinator-signing.key").public.text == creds.coordinator_key
     assert "no local broker runs on these files" in result.stderr
 
     again = runner.invoke(coordinator_app, ["credentials", "add", "alice", "--broker", "x:1", "--dir", str(store), "--out", str(out)])
@@ -172,6 +176,13 @@ def test_join_takes_the_login_from_the_credentials_file_only(tmp_path: Path) -> 
     (tmp_path / "broken.toml").write_text("client_id = \n")
     result = runner.invoke(client_app, ["join", "--data", "x.jsonl", "--credentials", str(tmp_path / "broken.toml")])
     assert result.exit_code == ConfigError.exit_code and "broken.toml" in result.output
+    # The file carries no coordinator key and none is given: refused, naming both ways to pin one.
+    result = runner.invoke(client_app, base, env={"FEDSODA_COORDINATOR_KEY": ""})
+    assert result.exit_code == ConfigError.exit_code and "no coordinator key is pinned" in " ".join(result.output.split())
+    pinned = write_client_credentials(tmp_path / "k.toml", ClientCredentials(
+        "jetson-07", "jetson-07", "pw", broker="127.0.0.1:1", coordinator_key=SigningKey.generate().public.text))
+    result = runner.invoke(client_app, ["join", "--data", str(tmp_path / "none.jsonl"), "--credentials", str(pinned)])
+    assert result.exit_code == 9 and "none.jsonl" in result.output  # past the key: the data file is what is missing
 
 
 def test_broker_settings_are_checked(tmp_path: Path) -> None:

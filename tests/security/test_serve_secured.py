@@ -33,8 +33,16 @@ from shared import codec, topics
 from shared.broker import free_port, port_open
 from shared.credentials import ClientCredentials, load_client_credentials
 from shared.errors import BrokerError
-from shared.protocol import Hello, MessageType, Presence, ResourceReport, Update
-from shared.tensors import state_to_payloads
+from shared.protocol import (
+    GlobalAdapter,
+    Hello,
+    MessageType,
+    Presence,
+    ResourceReport,
+    Update,
+)
+from shared.signing import SigningKey
+from shared.tensors import payloads_digest, state_to_payloads
 from shared.transport import MqttTransport
 from shared.transport_types import InboundMessage, TransportConfig
 
@@ -117,13 +125,14 @@ class Inbox:
         raise AssertionError(f"nothing on {topic} within {timeout:.0f} s:\n{self.log.read_text()[-4000:]}")
 
 
-def _update(run: str, client: str, shapes: dict[str, list[int]], value: float, examples: int, loss: float) -> bytes:
-    delta = {key: torch.full(shape, value) for key, shape in shapes.items()}
+def _update(run: str, client: str, base: GlobalAdapter, value: float, examples: int, loss: float, signer: SigningKey) -> bytes:
+    delta = {key: torch.full(tuple(t.shape), value) for key, t in base.tensors.items()}
     resources = ResourceReport(peak_rss_bytes=1, peak_gpu_bytes=0, wall_seconds=1.0, cpu_seconds=1.0,
                                bytes_sent=0, bytes_received=0, device_class="unknown")
     body = Update(client_id=client, round=1, num_examples=examples, delta=state_to_payloads(delta),
-                  metrics={"loss": loss}, resources=resources)
-    return codec.encode(MessageType.UPDATE, body, run=run, round=1, sender=client)
+                  metrics={"loss": loss}, resources=resources,
+                  base_round=base.round, base_digest=payloads_digest(base.tensors))
+    return codec.encode(MessageType.UPDATE, body, run=run, round=1, sender=client, signer=signer)
 
 
 def test_serve_with_local_mosquitto_tls_acl_and_revocation(tmp_path, tiny_model_dir, pki, unique_id) -> None:
@@ -159,13 +168,15 @@ def test_serve_with_local_mosquitto_tls_acl_and_revocation(tmp_path, tiny_model_
         m.subscribe(f"{topics.run_prefix(run)}/#")
 
         adapter = inbox_a.wait(topics.adapter(run))  # retained: the coordinator is subscribed and serving
-        shapes = {key: list(t.shape) for key, t in adapter.tensors.items()}
         profile = detect_profile()
+        # Each signs with the key its credentials file carries: the coordinator pinned it from the registry.
+        keys = {c.client_id: SigningKey.from_private_text(c.client_key) for c in (alice, mallory)}
         for who, transport, examples in (("alice", a, 7), ("mallory", m, 5)):
             presence = Presence(client_id=who, online=True, reason="joined")
-            transport.publish(topics.presence(run, who), codec.encode(MessageType.PRESENCE, presence, run=run, round=-1, sender=who), retain=True)
-            hello = Hello(client_id=who, profile=profile, num_examples=examples, software_version="test")
-            transport.publish(topics.hello(run, who), codec.encode(MessageType.HELLO, hello, run=run, round=-1, sender=who))
+            transport.publish(topics.presence(run, who), codec.encode(MessageType.PRESENCE, presence, run=run, round=-1, sender=who,
+                                                                      signer=keys[who]), retain=True)
+            hello = Hello(client_id=who, profile=profile, num_examples=examples, software_version="test", public_key=keys[who].public.text)
+            transport.publish(topics.hello(run, who), codec.encode(MessageType.HELLO, hello, run=run, round=-1, sender=who, signer=keys[who]))
             inbox = inbox_a if who == "alice" else inbox_m
             assert inbox.wait(topics.assign(run, who)).accepted
         # Alice's assignment went out before mallory's, on the same connection: nothing of
@@ -185,7 +196,7 @@ def test_serve_with_local_mosquitto_tls_acl_and_revocation(tmp_path, tiny_model_
         raw.connect("127.0.0.1", port)
         raw.loop_start()
         try:
-            forged = raw.publish(topics.update(run, "alice"), _update(run, "alice", shapes, 0.1, 999, 666.0), qos=1)
+            forged = raw.publish(topics.update(run, "alice"), _update(run, "alice", adapter, 0.1, 999, 666.0, keys["mallory"]), qos=1)
             assert acks.get(timeout=30) == (forged.mid, 0x87)
 
             # Revoked while connected: the broker reloads and cuts her off.
@@ -204,7 +215,7 @@ def test_serve_with_local_mosquitto_tls_acl_and_revocation(tmp_path, tiny_model_
         assert result.exit_code == BrokerError.exit_code and "Not authorized" in result.output, result.output
 
         # Alice's own update closes the round; the run finishes.
-        a.publish(topics.update(run, "alice"), _update(run, "alice", shapes, 0.001, 7, 1.0))
+        a.publish(topics.update(run, "alice"), _update(run, "alice", adapter, 0.001, 7, 1.0, keys["alice"]))
         assert a.flush(30)
         serve.wait(TIMEOUT)
         assert serve.returncode == 0, log.read_text()[-4000:]

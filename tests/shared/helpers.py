@@ -15,9 +15,19 @@ from shared.broker import BrokerHandle
 from shared.chunkstore import ChunkStore
 from shared.errors import ProtocolError
 from shared.manifests import MARKER_NAME
+from shared.signing import SigningKey
 from shared.topics import TopicKind
 from shared.transport import MqttTransport
-from shared.transport_types import ConnectionEvent, Event, InboundMessage, TransportConfig, Will
+from shared.transport_types import (
+    ConnectionEvent,
+    Event,
+    InboundMessage,
+    TransportConfig,
+    Will,
+)
+
+COORDINATOR_KEY = SigningKey.from_seed(b"tests/shared coordinator key....")
+"""The coordinator key of the blob-transfer tests: :func:`serving` signs with it, :func:`fetcher_for` pins it."""
 
 
 def connect(broker: BrokerHandle, client_id: str, *, will: Will | None = None, **overrides: object) -> MqttTransport:
@@ -97,6 +107,7 @@ def serving(
     name (the coordinator's refusal counters, which it shares with its BlobServer).
     """
     transport = connect(broker, f"coord-{run}")
+    kwargs.setdefault("signer", COORDINATOR_KEY)
     server = server_cls(transport, run=run, **kwargs)  # type: ignore[arg-type]
 
     def on_chunk_request(message: InboundMessage) -> None:
@@ -133,6 +144,10 @@ def serving(
 def fetcher_for(
     broker: BrokerHandle, run: str, client: str, cache: Path, **kwargs: object
 ) -> tuple[MqttTransport, BlobFetcher]:
-    """A connected client transport and a BlobFetcher on it with its chunk store in ``cache``."""
+    """A connected client transport and a BlobFetcher on it with its chunk store in ``cache``.
+
+    The fetcher pins :data:`COORDINATOR_KEY` unless ``kwargs`` pass another ``coordinator_key``.
+    """
     transport = connect(broker, client)
+    kwargs.setdefault("coordinator_key", COORDINATOR_KEY.public)
     return transport, BlobFetcher(transport, ChunkStore(cache), run=run, client_id=client, **kwargs)  # type: ignore[arg-type]

@@ -164,3 +164,21 @@ def newer_samples() -> dict[str, tuple[MessageType, object]]:
         "schedule-1.1": (MessageType.SCHEDULE, with_task),
         "schedule-1.2": (MessageType.SCHEDULE, dataclasses.replace(with_task, training=subspaces)),
     }
+
+
+GOLDEN_SIGNING_SEED = b"fedsoda golden coordinator key.."
+"""Seed of the coordinator key that signed the ``signed-*`` golden files (Ed25519 signs deterministically)."""
+
+
+def signed_samples() -> dict[str, tuple[MessageType, object]]:
+    """Golden file stem -> a body the coordinator signs (protocol 1.3 added the ``signature`` header).
+
+    The stem ends in the version that wrote it. The global adapter is large enough (over the
+    codec's 64 KiB splice threshold) that its tensor bytes are spliced in after signing, so
+    the file pins that path too.
+    """
+    big = torch.linspace(-1, 1, 64 * 512, dtype=torch.float32).reshape(64, 512)
+    return {
+        "signed-schedule-1.3": (MessageType.SCHEDULE, newer_samples()["schedule-1.2"][1]),
+        "signed-global_adapter-1.3": (MessageType.GLOBAL_ADAPTER, GlobalAdapter(round=2, tensors={KEY_A: to_payload(big)})),
+    }

@@ -107,20 +107,56 @@ def test_corrupt_chunk_is_refetched_and_duplicate_ignored(
     assert fetcher.stats.duplicates == 1 and fetcher.stats.fetched == 8
 
 
-def test_refusals_end_the_fetch_quickly(
+class RefusingServer(BlobServer):
+    """Nacks the first ``refusals`` chunk requests (``unknown_chunk``) and serves after that."""
+
+    def __init__(self, *args: object, refusals: int = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.refusals_left = refusals
+
+    def serve(self, client_id: str, request: ChunkRequest, **kwargs: object) -> int:
+        if self.refusals_left > 0:
+            self.refusals_left -= 1
+            self._nack(client_id, str(kwargs.get("ref_message_id", "")), -1, "unknown_chunk", "not now")
+            return 0
+        return super().serve(client_id, request, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_refusal_pauses_the_fetch_then_it_asks_again_and_completes(
+    any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path
+) -> None:
+    run, client = unique_id("run"), unique_id("edge")
+    files = {"x.bin": os.urandom(20_000)}
+    src = write_folder(tmp_path / "src", files)
+    m = build_manifest(src, "pkg", 1, "t", chunk_size=4096)
+    with serving(any_broker, run, RefusingServer, refusals=2) as server:
+        server.add(m, src)
+        transport, fetcher = fetcher_for(any_broker, run, client, tmp_path / "cache", window=2, nack_backoff=0.2)
+        try:
+            assert folder_tree(fetcher.fetch(m, timeout=30)) == files
+        finally:
+            transport.close()
+    assert fetcher.stats.refusals == 2 and fetcher.stats.re_requests >= 2
+    assert server.refused["unknown_chunk"] == 2
+
+
+def test_refusals_that_never_stop_end_the_fetch_within_its_attempts(
     any_broker: BrokerHandle, unique_id: Callable[[str], str], tmp_path: Path
 ) -> None:
     run, client = unique_id("run"), unique_id("edge")
     src = write_folder(tmp_path / "src", {"x.bin": b"x" * 100})
     m = build_manifest(src, "pkg", 1, "t")
     with serving(any_broker, run) as server:
-        transport, fetcher = fetcher_for(any_broker, run, client, tmp_path / "cache")
+        transport, fetcher = fetcher_for(
+            any_broker, run, client, tmp_path / "cache", max_attempts=3, nack_backoff=0.05, request_timeout=5.0
+        )
         try:
-            with pytest.raises(BlobError, match=r"refused blob.*unknown_blob"):
+            with pytest.raises(BlobError, match=r"still missing after 3 requests \(last refusal: unknown_blob"):
                 fetcher.fetch(m, timeout=30)
+            assert fetcher.stats.refusals == 3
             server.add(m, src)
             (src / "x.bin").write_bytes(b"y" * 101)  # the source changes after the manifest was added
-            with pytest.raises(BlobError, match=r"refused blob.*unknown_chunk.*changed since its manifest"):
+            with pytest.raises(BlobError, match=r"last refusal: unknown_chunk: .*changed since its manifest"):
                 fetcher.fetch(m, timeout=30)
         finally:
             transport.close()

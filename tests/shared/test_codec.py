@@ -32,6 +32,7 @@ from tests.shared.samples import (
     SENDER,
     newer_samples,
     samples,
+    signed_samples,
 )
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -66,7 +67,7 @@ def test_golden_samples_keep_decoding(msg_type: MessageType) -> None:
 
 
 def test_golden_files_cover_every_message_type() -> None:
-    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {t.value for t in MessageType} | set(newer_samples())
+    assert {p.stem for p in GOLDEN_DIR.glob("*.msgpack")} == {t.value for t in MessageType} | set(newer_samples()) | set(signed_samples())
 
 
 @pytest.mark.parametrize("stem", sorted(newer_samples()))

@@ -19,6 +19,7 @@ from shared.errors import (
     FieldTypeError,
     MalformedMessageError,
     MissingFieldError,
+    OutgoingQueueFullError,
     PayloadTooLargeError,
     ProtocolError,
     TensorError,
@@ -29,7 +30,12 @@ from shared.errors import (
 from shared.protocol import MessageType, Presence
 from shared.topics import TopicKind
 from shared.transport import MqttTransport
-from shared.transport_types import ConnectionEvent, InboundMessage, TransportConfig, Will
+from shared.transport_types import (
+    ConnectionEvent,
+    InboundMessage,
+    TransportConfig,
+    Will,
+)
 from tests.shared.helpers import connect, drain, wait_connected, wait_for, wait_message
 from tests.shared.samples import SENDER, samples
 
@@ -418,3 +424,28 @@ def test_credentials_and_mutual_tls(
                 broker.host, broker.port, client_id="x", username="edge", password="s3cret", connect_timeout=2
             )
         ).connect()
+
+
+def test_the_outgoing_queue_is_bounded_while_the_broker_is_away(
+    broker_factory: Callable[..., BrokerHandle], unique_id: Callable[[str], str]
+) -> None:
+    broker = broker_factory("embedded")
+    pub = connect(broker, unique_id("pub"), max_queued_bytes=100_000, queue_full_timeout=0.5)
+    try:
+        topic = topics.nack(unique_id("run"), "c")
+        broker.kill()
+        wait_for(pub, lambda e: isinstance(e, ConnectionEvent) and not e.connected)
+        for i in range(2):
+            pub.publish(topic, bytes([i]) * 40_000)  # QoS 1: queued for the reconnect, 80 KB of 100 KB
+        started = time.monotonic()
+        with pytest.raises(OutgoingQueueFullError, match=r"2 messages \(\d+ bytes\) still wait.*max_queued_bytes bound of 100000"):
+            pub.publish(topic, b"one too many" * 4_000)
+        assert 0.4 < time.monotonic() - started < 5.0  # it waited for room, then refused
+        broker.start()
+        wait_connected(pub)
+        assert pub.flush(15.0)  # acknowledged after the reconnect: room again
+        pub.publish(topic, b"after the reconnect")
+        assert pub.flush(10.0)
+        assert pub.messages_sent == 3
+    finally:
+        pub.close()

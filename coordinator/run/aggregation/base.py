@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import ClassVar, TypeVar
 
 import torch
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, UpdateRejectedError
 
 StateDict = dict[str, torch.Tensor]
 """Adapter tensors keyed by canonical full-LLM adapter key (see ``shared.adapters``)."""
@@ -17,9 +18,11 @@ StateDict = dict[str, torch.Tensor]
 class AggregationStrategy(ABC):
     """Combines client deltas into a new global adapter.
 
-    Implementations must stream: ``updates`` may be a generator that loads one delta at a
-    time from disk, and a strategy keeps only per-key running sums, never a client's
-    tensors, so memory stays flat in the number of clients.
+    ``updates`` may be a generator that loads one delta at a time from disk. A strategy that
+    can stream (FedAvg) keeps only per-key running sums, so memory stays flat in the number
+    of clients; order statistics (median, trimmed mean) hold every client's delta at once.
+    Influence bounds (``coordinator.run.aggregation.bounds``) are applied before a strategy
+    sees the deltas, so every strategy gets capped weights and clipped deltas.
 
     Attributes:
         name: Registry name the CLI selects the strategy by.
@@ -31,13 +34,14 @@ class AggregationStrategy(ABC):
     def aggregate(
         self,
         global_state: Mapping[str, torch.Tensor],
-        updates: Iterable[tuple[int, Mapping[str, torch.Tensor]]],
+        updates: Iterable[tuple[float, Mapping[str, torch.Tensor]]],
     ) -> StateDict:
         """Return the next global adapter.
 
         Args:
             global_state: Current global adapter, key -> tensor (any shape); not modified.
-            updates: ``(num_examples, delta)`` per accepted client, where ``delta`` maps a
+            updates: ``(weight, delta)`` per accepted client (the weight: its example
+                count, capped by the influence bounds), where ``delta`` maps a
                 subset of adapter keys (the layers the client's tier holds, possibly keys
                 not yet in ``global_state``) to tensors shaped like the global ones.
                 Consumed once.
@@ -47,9 +51,24 @@ class AggregationStrategy(ABC):
             each tensor in the dtype of the global one (or of the first delta for new keys).
 
         Raises:
-            UpdateRejectedError: An update is inconsistent (non-positive example count, a
+            UpdateRejectedError: An update is inconsistent (a weight that is not a positive
+                finite number, a
                 shape that disagrees with the global adapter or another client).
         """
+
+
+def check_weight(weight: object, index: int) -> None:
+    """Refuse a weight no accepted update has (strategies call it for each update).
+
+    Args:
+        weight: The update's aggregation weight.
+        index: Its position in the round, for the message.
+
+    Raises:
+        UpdateRejectedError: It is not a positive finite number.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise UpdateRejectedError(f"update {index} has weight {weight!r}; it must be a positive finite number")
 
 
 _REGISTRY: dict[str, type[AggregationStrategy]] = {}

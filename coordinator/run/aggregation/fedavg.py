@@ -10,6 +10,7 @@ import torch
 from coordinator.run.aggregation.base import (
     AggregationStrategy,
     StateDict,
+    check_weight,
     register_strategy,
 )
 from shared.errors import UpdateRejectedError
@@ -32,19 +33,16 @@ class FedAvg(AggregationStrategy):
     def aggregate(
         self,
         global_state: Mapping[str, torch.Tensor],
-        updates: Iterable[tuple[int, Mapping[str, torch.Tensor]]],
+        updates: Iterable[tuple[float, Mapping[str, torch.Tensor]]],
     ) -> StateDict:
         """See :meth:`AggregationStrategy.aggregate`."""
         sums: dict[str, torch.Tensor] = {}
-        weights: dict[str, int] = {}
+        weights: dict[str, float] = {}
         dtypes: dict[str, torch.dtype] = {k: v.dtype for k, v in global_state.items()}
         n_updates = 0
-        for num_examples, delta in updates:
-            if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
-                raise UpdateRejectedError(
-                    f"update {n_updates} has num_examples={num_examples!r}; it must be a positive int"
-                )
-            _accumulate(sums, weights, dtypes, global_state, delta, num_examples, n_updates)
+        for weight, delta in updates:
+            check_weight(weight, n_updates)
+            _accumulate(sums, weights, dtypes, global_state, delta, float(weight), n_updates)
             n_updates += 1
             # Drop our reference before pulling the next update, so a generator that loads
             # deltas from disk can free this one.
@@ -61,14 +59,14 @@ class FedAvg(AggregationStrategy):
 
 def _accumulate(
     sums: dict[str, torch.Tensor],
-    weights: dict[str, int],
+    weights: dict[str, float],
     dtypes: dict[str, torch.dtype],
     global_state: Mapping[str, torch.Tensor],
     delta: Mapping[str, torch.Tensor],
-    num_examples: int,
+    weight: float,
     index: int,
 ) -> None:
-    """Add ``num_examples * delta`` into the running float32 sums (a function so no local
+    """Add ``weight * delta`` into the running float32 sums (a function so no local
     outlives the call and keeps a client's tensor alive)."""
     for key, tensor in delta.items():
         ref = sums.get(key, global_state.get(key))
@@ -78,8 +76,8 @@ def _accumulate(
             )
         if key in sums:
             # In place with alpha: no temporary per tensor (add_ upcasts bf16/fp16 into fp32).
-            sums[key].add_(tensor.detach(), alpha=float(num_examples))
+            sums[key].add_(tensor.detach(), alpha=weight)
         else:
-            sums[key] = tensor.detach().to(torch.float32) * float(num_examples)
+            sums[key] = tensor.detach().to(torch.float32) * weight
             dtypes.setdefault(key, tensor.dtype)
-        weights[key] = weights.get(key, 0) + num_examples
+        weights[key] = weights.get(key, 0.0) + weight

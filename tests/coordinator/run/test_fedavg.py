@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from collections.abc import Iterator
 
@@ -99,10 +100,17 @@ def test_no_updates_returns_an_unchanged_copy() -> None:
     assert out[key(0, "A")] is not g[key(0, "A")]
 
 
-@pytest.mark.parametrize("n", [0, -3, True, 2.5])
-def test_bad_example_count_is_rejected(n: object) -> None:
-    with pytest.raises(UpdateRejectedError, match="num_examples"):
-        FedAvg().aggregate({}, [(n, {key(0, "A"): t(1.0)})])  # type: ignore[list-item]
+@pytest.mark.parametrize("weight", [0, -3, True, math.nan, math.inf, "3"])
+def test_bad_weight_is_rejected(weight: object) -> None:
+    with pytest.raises(UpdateRejectedError, match="update 0 has weight"):
+        FedAvg().aggregate({}, [(weight, {key(0, "A"): t(1.0)})])  # type: ignore[list-item]
+
+
+def test_capped_weights_may_be_fractional() -> None:
+    # The influence bounds cap a weight at k x the median, which need not be a whole number.
+    k = key(0, "A")
+    out = FedAvg().aggregate({k: t(0.0)}, [(2.5, {k: t(1.0)}), (7.5, {k: t(5.0)})])
+    assert torch.allclose(out[k], t(4.0))
 
 
 def test_shape_disagreements_are_rejected() -> None:

@@ -19,13 +19,14 @@ from coordinator.run.inbound import (
 from shared.codec import decode, encode
 from shared.errors import UpdateRejectedError
 from shared.protocol import Envelope, MessageType, ResourceReport, Update
-from shared.tensors import to_payload
+from shared.tensors import payloads_digest, state_to_payloads, to_payload
 
 A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 A5 = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"
 
 GLOBAL = {A0: torch.zeros(4, 16), B0: torch.zeros(16, 4), A5: torch.zeros(4, 16)}
+BASE_DIGEST = payloads_digest(state_to_payloads(GLOBAL))  # round 3 started from round 2's adapter
 SMALL = shapes_of({k: v for k, v in GLOBAL.items() if k != A5})  # the small tier lacks layer 5
 
 
@@ -35,6 +36,8 @@ def context(**kw: object) -> RoundContext:
         "round": 3,
         "participants": {"alice": "small", "bob": "big"},
         "expected_shapes": {"small": SMALL, "big": shapes_of(GLOBAL)},
+        "base_round": 2,
+        "base_digest": BASE_DIGEST,
         "limits": UpdateLimits(max_norm=100.0, max_examples=1000),
     }
     base.update(kw)
@@ -55,6 +58,7 @@ def envelope(
     round_: int = 3,
     body_round: int | None = None,
     n: int = 50,
+    base: tuple[int, str] = (2, BASE_DIGEST),
 ) -> Envelope:
     body = Update(
         client_id=client,
@@ -62,6 +66,8 @@ def envelope(
         num_examples=n,
         delta={k: to_payload(v) for k, v in (good_delta() if delta is None else delta).items()},
         metrics={"loss": 1.25},
+        base_round=base[0],
+        base_digest=base[1],
         resources=ResourceReport(
             peak_rss_bytes=1, peak_gpu_bytes=0, wall_seconds=1.0, cpu_seconds=1.0,
             bytes_sent=0, bytes_received=0, device_class="unknown",
@@ -84,15 +90,19 @@ def test_valid_update_is_decoded_exactly() -> None:
     sent = good_delta()
     sent[B0] = sent[B0].to(torch.bfloat16)
     got = validate_update(envelope(sent), topic_client_id="alice", context=context())
-    assert set(got) == {A0, B0}
+    assert set(got.delta) == {A0, B0}
     for k in sent:
-        assert got[k].dtype == sent[k].dtype and torch.equal(got[k], sent[k])
+        assert got.delta[k].dtype == sent[k].dtype and torch.equal(got.delta[k], sent[k])
+    # The norms the influence bounds clip against come with it, per key and overall.
+    for k in sent:
+        assert got.key_norms[k] == pytest.approx(float(sent[k].double().norm()))
+    assert got.norm == pytest.approx(math.sqrt(sum(v * v for v in got.key_norms.values())))
 
 
 def test_a_tier_may_send_a_subset_of_its_keys() -> None:
     env = envelope({A5: torch.ones(4, 16) * 0.1}, client="bob")
     got = validate_update(env, topic_client_id="bob", context=context())
-    assert set(got) == {A5}
+    assert set(got.delta) == {A5}
 
 
 def test_wrong_run() -> None:
@@ -124,6 +134,24 @@ def test_not_assigned() -> None:
 def test_example_count_bounds(n: int) -> None:
     err = rejected(envelope(n=n))
     assert err.code == "examples" and "1..1000" in err.reason
+
+
+def test_an_update_may_not_claim_more_examples_than_its_hello_declared() -> None:
+    # Its weight comes from what it was admitted with: 1,000 claimed after a hello of 40 is refused.
+    err = rejected(envelope(n=1000), declared_examples={"alice": 40})
+    assert err.code == "examples" and "more than the 40 alice declared at hello" in err.reason
+    for n in (40, 12):  # as declared, or fewer (it trained on less)
+        assert validate_update(envelope(n=n), topic_client_id="alice", context=context(declared_examples={"alice": 40}))
+
+
+def test_an_update_must_name_the_adapter_its_round_started_from() -> None:
+    # A replay: an earlier round's update re-labelled for this round names that round's adapter.
+    err = rejected(envelope(base=(1, "0" * 64)))
+    assert err.code == "base" and "adapter of round 1" in err.reason and "started from round 2's" in err.reason
+    # The right round but another adapter (a forged or stale copy): refused too.
+    assert rejected(envelope(base=(2, "0" * 64))).code == "base"
+    # A pre-1.3 update names none.
+    assert rejected(envelope(base=(-1, ""))).code == "base"
 
 
 def test_unknown_keys_empty_delta_and_unknown_tier() -> None:
@@ -170,7 +198,7 @@ def test_norm_of_the_whole_delta_is_bounded() -> None:
     err = rejected(envelope(d), limits=UpdateLimits(max_norm=100.0))
     assert err.code == "norm" and "113.1" in err.reason
     ok = validate_update(envelope(d), topic_client_id="alice", context=context(limits=UpdateLimits(max_norm=114.0)))
-    assert set(ok) == {A0, B0}
+    assert set(ok.delta) == {A0, B0}
     assert validate_update(
         envelope(d), topic_client_id="alice", context=context(limits=UpdateLimits(max_norm=math.inf))
     )
@@ -193,10 +221,10 @@ def test_body_must_be_an_update() -> None:
         )
 
 
-def test_a_fedkrso_run_needs_clients_that_speak_protocol_1_2() -> None:
-    # A 1.1 client would ignore the schedule's subspaces and train LoRA: refused at hello.
-    assert client_too_old("1.1") is None and client_too_old("1.2", subspaces=True) is None
-    reason = client_too_old("1.1", subspaces=True)
-    assert reason is not None and "speaks protocol 1.1" in reason and "needs protocol 1.2" in reason
-    assert "FedKRSO" in reason and "upgrade fedsoda on the client" in reason
-    assert "needs protocol 1.1" in (client_too_old("1.0") or "")
+def test_clients_older_than_protocol_1_3_are_refused_at_hello() -> None:
+    # A 1.2 client sends updates naming no base adapter (indistinguishable from a replay).
+    assert client_too_old("1.3") is None and client_too_old("1.9") is None
+    reason = client_too_old("1.2")
+    assert reason is not None and "speaks protocol 1.2" in reason and "needs protocol 1.3" in reason
+    assert "upgrade fedsoda on the client" in reason
+    assert "speaks protocol 1.0" in (client_too_old("1.0") or "")

@@ -528,3 +528,67 @@ def test_every_transition_in_the_table_is_exercised() -> None:
     missing = set(TRANSITIONS) - d.seen
     assert not missing, f"transitions never exercised: {sorted((a.value, b.value) for a, b in missing)}"
     assert d.seen <= set(TRANSITIONS)
+
+
+# ------------------------------------------------------------------ liveness
+
+
+def _next_round(d: Driver, s: RoundState, *reporters: str) -> RoundState:
+    """Close the collecting round at its deadline with ``reporters``' updates, aggregate, publish the next."""
+    s, _ = d.run(s, *(upd(c, round_=s.round) for c in reporters), Tick(s.current.deadline))
+    s, _ = d.run(s, AggregationDone(s.round))
+    if s.phase is Phase.PUBLISHING:
+        s, _ = d.run(s, PublishDone(s.round))
+    return s
+
+
+def test_a_live_client_that_never_reports_is_not_waited_for_until_it_shows_life(d: Driver) -> None:
+    s = collecting(d, cfg(rounds=6, quorum=2))  # min_clients = 3: a, b and c
+    deadline = s.current.deadline
+    s = _next_round(d, s, "a", "b")  # c stayed online and sent nothing: round 1 waited for it
+    assert s.record(1).closed_at == deadline and s.client("c").missed == 1
+    assert s.current.assigned == {"a", "b", "c"}  # still selected, and still counts for min_clients
+    s, _ = d.run(s, upd("a", round_=2), upd("b", round_=2))
+    assert s.phase is Phase.AGGREGATING and s.record(2).closed_at == s.now  # round 2 did not wait for c
+    s, _ = d.run(s, AggregationDone(2), PublishDone(3))
+    # A late update of a round it missed is life: round 3 waits for it again.
+    s, acts = d.run(s, upd("c", round_=2, mid="c-late"))
+    assert of(acts, SendNack)[0].code == "late" and s.client("c").missed == 0
+    s, _ = d.run(s, upd("a", round_=3), upd("b", round_=3))
+    assert s.phase is Phase.COLLECTING
+    s, _ = d.run(s, upd("c", round_=3))  # and an update in time counts
+    assert s.phase is Phase.AGGREGATING and s.client("c").missed == 0
+    s, _ = d.run(s, AggregationDone(3), PublishDone(4))
+    # So is a new hello, after missing again.
+    s = _next_round(d, s, "a", "b")
+    assert s.client("c").missed == 1 and "c" not in s.awaited()
+    s, _ = d.run(s, hello("c"))
+    assert s.client("c").missed == 0 and "c" in s.awaited()
+
+
+def test_a_client_that_went_offline_is_not_counted_as_missing(d: Driver) -> None:
+    s = collecting(d, cfg(rounds=3, quorum=2))
+    s, _ = d.run(s, ClientOffline("c"))
+    s, _ = d.run(s, upd("a"), upd("b"))  # closes at once: c is offline, nobody waits for it
+    assert s.phase is Phase.AGGREGATING and s.client("c").missed == 0
+    s, _ = d.run(s, AggregationDone(1), ClientOnline("c"))
+    assert "c" in s.eligible_online() and s.phase is Phase.PUBLISHING
+
+
+def test_max_missed_zero_never_leaves_a_client_out(d: Driver) -> None:
+    s = collecting(d, cfg(rounds=3, quorum=2, max_missed=0))
+    s = _next_round(d, s, "a", "b")
+    assert s.client("c").missed == 1 and "c" in s.awaited()
+    s, _ = d.run(s, upd("a", round_=2), upd("b", round_=2))
+    assert s.phase is Phase.COLLECTING  # round 2 still waits for c
+    with pytest.raises(ConfigError, match="max_missed must be >= 0"):
+        cfg(max_missed=-1)
+
+
+def test_a_state_saved_before_missed_counts_loads_with_none_missed() -> None:
+    s = initial_state(cfg(), run_id="r", seed=0, now=T0)
+    s, _ = step(s, hello("a"))
+    d = s.to_dict()
+    for c in d["clients"]:
+        del c["missed"]
+    assert RoundState.from_dict(d).client("a").missed == 0
