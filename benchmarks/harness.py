@@ -418,7 +418,9 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
 
     run = RunDir(run_dir)
     report = json.loads((Path(run_dir) / "report.json").read_text())
-    settings = AggregationSettings(**report["aggregation_settings"])
+    recorded = dict(report["aggregation_settings"])
+    uniform = bool(recorded.pop("uniform_weights", False))  # DP-FedAvg weighs every update 1
+    settings = AggregationSettings(**recorded)
     strategy = get_strategy(settings.strategy, **settings.strategy_options())
     limits = InfluenceLimits(
         weight_cap=settings.weight_cap, clip=settings.clip, clip_per_key=settings.clip_per_key, min_holders=settings.min_holders
@@ -442,7 +444,9 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
             problems.append(f"round {r}: counted {sorted(reported)} but persisted {[u.client_id for u in persisted]}")
         if rec["examples"] != sum(u.num_examples for u in persisted):
             problems.append(f"round {r}: {rec['examples']} examples counted, {sum(u.num_examples for u in persisted)} persisted")
-        expected, influence = aggregate_round(strategy, {k: v.clone() for k, v in previous.items()}, persisted, limits)
+        expected, influence = aggregate_round(
+            strategy, {k: v.clone() for k, v in previous.items()}, persisted, limits, uniform_weights=uniform
+        )
         if run.load_influence(r) != influence:
             problems.append(f"round {r}: the recorded aggregation factors are not those its updates and settings give")
         saved = run.load_global(r)

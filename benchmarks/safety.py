@@ -1,6 +1,6 @@
-"""The cost of safety: the demo with the bounded aggregator on and off, and what signing costs.
+"""The cost of safety: the demo with the bounded aggregator on and off, with DP-FedAvg, and what signing costs.
 
-Two measurements, each side by side in one run:
+Three measurements, each side by side in one run:
 
 - **The influence bounds** (``[aggregation]`` weight cap, clipping overall and per key): the
   ``make demo`` preset (FedSODA, Rotten Tomatoes, 3 clients) on several seeds, once with the
@@ -8,6 +8,8 @@ Two measurements, each side by side in one run:
   two runs of a seed one after the other. Reported: accuracy of the full model with the final
   adapter per setting, the seed-paired difference with a t confidence interval, bytes per
   client, and how many updates the bounds clipped in the honest runs.
+- **DP-FedAvg** (``[privacy]``): the same runs with clients clipping their deltas to 0.5 and
+  adding Gaussian noise of multiplier 1, and the privacy budget each run reports.
 - **Signing** (every coordinator message is Ed25519-signed and clients verify it): the wire
   bytes a signature adds to each message, and encode+decode time of real message shapes (a
   1 MiB chunk, a global adapter of the demo's size, a schedule) signed-and-verified against
@@ -35,13 +37,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.paper import MiB, one_run, run_settings  # noqa: E402
+from coordinator.run.reports import load_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "safety"
 SETTINGS = {
     "on": {},
     "off": {"aggregation.weight_cap": math.inf, "aggregation.clip": math.inf, "aggregation.clip_per_key": False},
+    "dp": {"privacy.enabled": True, "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0},
 }
-"""The two aggregations compared: the defaults, and the bounds switched off (plain FedAvg)."""
+"""The aggregations compared: the defaults, the bounds switched off (plain FedAvg), and
+DP-FedAvg (clip 0.5, about the norm of an honest demo delta, and noise multiplier 1)."""
+TITLES = {"on": "bounded (defaults)", "off": "plain FedAvg", "dp": "DP-FedAvg (C 0.5, z 1)"}
 
 # Two-sided 95% t quantiles by degrees of freedom (small samples; 1.96 beyond the table).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -127,14 +133,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "bytes_per_client": statistics.mean(r["bytes_per_client"] for r in mine),
                 "clipped": {k: sum(r["clipped"][k] for r in mine) for k in mine[0]["clipped"]},
             }
-    paired = sorted({r["seed"] for r in runs if r["setting"] == "on"} & {r["seed"] for r in runs if r["setting"] == "off"})
-    if paired:
-        by = {(r["setting"], r["seed"]): r for r in runs}
-        diffs = [by["on", s]["accuracy_after"] - by["off", s]["accuracy_after"] for s in paired]
-        out["paired"] = {
-            "seeds": paired, "differences": diffs, "difference": mean_ci(diffs),
-            "bytes_ratio": statistics.mean(by["on", s]["bytes_per_client"] / by["off", s]["bytes_per_client"] for s in paired),
-        }
+    by = {(r["setting"], r["seed"]): r for r in runs}
+    for label, key in (("on", "paired"), ("dp", "paired_dp")):
+        paired = sorted({r["seed"] for r in runs if r["setting"] == label} & {r["seed"] for r in runs if r["setting"] == "off"})
+        if paired:
+            diffs = [by[label, s]["accuracy_after"] - by["off", s]["accuracy_after"] for s in paired]
+            out[key] = {
+                "seeds": paired, "differences": diffs, "difference": mean_ci(diffs),
+                "bytes_ratio": statistics.mean(by[label, s]["bytes_per_client"] / by["off", s]["bytes_per_client"] for s in paired),
+            }
+    private = [r["privacy"] for r in runs if r["setting"] == "dp" and r.get("privacy")]
+    if private:
+        out["dp"]["epsilon_aggregate"] = max(p["epsilon_aggregate"] for p in private)
+        out["dp"]["epsilon_coordinator"] = max(p["epsilon_coordinator"] for p in private)
+        out["dp"]["delta"] = private[0]["delta"]
     return out
 
 
@@ -151,18 +163,23 @@ def write_markdown(summary: dict[str, Any], signing: dict[str, Any], meta: dict[
         "| aggregation | accuracy after (mean [95% CI]) | MiB per client | updates weight-capped / clipped / clipped per key |",
         "| --- | --- | --- | --- |",
     ]
-    for label, title in (("on", "bounded (defaults)"), ("off", "plain FedAvg")):
+    for label, title in TITLES.items():
         row = summary.get(label)
         if row:
             m, lo, hi = row["accuracy"]
             c = row["clipped"]
             lines.append(f"| {title} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {row['bytes_per_client'] / MiB:.1f} | "
                          f"{c['weight_capped']} / {c['clipped']} / {c['clipped_per_key']} of {c['updates']} |")
-    if "paired" in summary:
-        p = summary["paired"]
-        m, lo, hi = p["difference"]
-        lines += ["", f"Seed-paired difference bounded − plain: {100 * m:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-                      f"(per seed {', '.join(f'{100 * d:+.1f}' for d in p['differences'])}); bytes ratio {p['bytes_ratio']:.4f}."]
+    for key, what in (("paired", "bounded"), ("paired_dp", "DP-FedAvg")):
+        if key in summary:
+            p = summary[key]
+            m, lo, hi = p["difference"]
+            lines += ["", f"Seed-paired difference {what} − plain: {100 * m:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                          f"(per seed {', '.join(f'{100 * d:+.1f}' for d in p['differences'])}); bytes ratio {p['bytes_ratio']:.4f}."]
+    dp = summary.get("dp", {})
+    if "epsilon_aggregate" in dp:
+        lines += ["", f"DP-FedAvg's budget (delta {dp['delta']:g}): epsilon {dp['epsilon_aggregate']:.3g} against anyone who sees "
+                      f"the published adapters, {dp['epsilon_coordinator']:.3g} against the coordinator."]
     lines += ["", "## Signing (Ed25519, every coordinator message)", "",
               "| message | bytes unsigned | + signature | encode+decode time, signed / unsigned | signed encode+decode MiB/s |",
               "| --- | --- | --- | --- | --- |"]
@@ -182,14 +199,16 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     means = [summary[label]["accuracy"][0] for label in labels]
     errors = [[m - summary[label]["accuracy"][1] for label, m in zip(labels, means)],
               [summary[label]["accuracy"][2] - m for label, m in zip(labels, means)]]
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.bar(["bounded" if label == "on" else "plain FedAvg" for label in labels], means, yerr=errors, capsize=6, color=["tab:green", "tab:gray"][: len(labels)])
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    names = {"on": "bounded", "off": "plain FedAvg", "dp": "DP-FedAvg"}
+    colors = {"on": "tab:green", "off": "tab:gray", "dp": "tab:purple"}
+    ax.bar([names[label] for label in labels], means, yerr=errors, capsize=6, color=[colors[label] for label in labels])
     if labels:
         ax.axhline(summary[labels[0]]["accuracy_before"], color="k", linestyle=":", label="zero-shot")
         ax.legend()
     ax.set_ylabel("accuracy after (95% CI)")
     ax.set_ylim(0.5, 1.0)
-    ax.set_title("Influence bounds: the demo's accuracy")
+    ax.set_title("Safety settings: the demo's accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,14 +233,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "machine": f"{sys.platform} CPU, Python {sys.version.split()[0]}"}
     with tempfile.TemporaryDirectory(prefix="fedsoda-safety-") as tmp:
         for seed in seeds:
-            for label, extra in SETTINGS.items():  # the two runs of a seed side by side
+            for label, extra in SETTINGS.items():  # the runs of a seed side by side
                 overrides = run_settings("rotten_tomatoes", "fedsoda", seed, args.clients, args.quick, "bundled",
                                          {**extra, "run_id": f"safety-{label}-{seed}"})
                 done = next((r for r in previous if r["overrides"] == json.loads(json.dumps(overrides))), None)
                 if done is None:
                     print(f"{time.strftime('%H:%M:%S')} running {label} seed {seed}", flush=True)
                     done = one_run(overrides, args.clients, args.examples_per_client, Path(tmp))
-                    done.update({"setting": label, "seed": seed, "clipped": clipped_updates(Path(tmp) / f"safety-{label}-{seed}")})
+                    run_dir = Path(tmp) / f"safety-{label}-{seed}"
+                    done.update({"setting": label, "seed": seed, "clipped": clipped_updates(run_dir),
+                                 "privacy": load_report(run_dir)["results"].get("privacy")})
                 runs.append(done)
                 meta.update(rounds=done["overrides"].get("rounds.rounds"), test_examples=done["test_examples"])
                 print(f"  {label} seed {seed}: accuracy {done['accuracy_after']:.3f}, clipped {done['clipped']}", flush=True)

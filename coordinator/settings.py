@@ -21,7 +21,7 @@ from coordinator.model.methods import METHODS, get_method
 from coordinator.model.presets import task_preset
 from shared.embedded_broker import LOOPBACK_ONLY, is_loopback_host
 from shared.errors import ConfigError
-from shared.protocol import TrainingParams
+from shared.protocol import MAX_ROUND, TrainingParams
 from shared.tasks import TaskSpec
 
 #: ``model.device`` / ``--device`` values (resolved by :mod:`coordinator.model.placement`).
@@ -80,8 +80,8 @@ class RoundConfig:
         problems: list[str] = []
         if self.max_missed < 0:
             problems.append(f"max_missed must be >= 0 (0 = always wait), got {self.max_missed}")
-        if self.rounds < 1:
-            problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if not 1 <= self.rounds <= MAX_ROUND:
+            problems.append(f"rounds must be in 1..{MAX_ROUND} (clients refuse later rounds), got {self.rounds}")
         if self.min_clients < 1:
             problems.append(f"min_clients must be >= 1, got {self.min_clients}")
         if self.clients_per_round is not None and self.clients_per_round < 1:
@@ -320,6 +320,37 @@ class AlignmentSettings:
         if self.batch_size < 1 or self.chunk_tokens < 1:
             raise ConfigError(
                 f"alignment.batch_size and alignment.chunk_tokens must be >= 1, got {self.batch_size} and {self.chunk_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """DP-FedAvg with noise added on the clients (distributed Gaussian mechanism).
+
+    Each client clips its delta to ``clip_norm`` and adds Gaussian noise of standard deviation
+    ``noise_multiplier * clip_norm / sqrt(n)`` (n: the round's participants), and the round is
+    averaged with equal weights, so the average carries the noise of one Gaussian mechanism of
+    multiplier ``noise_multiplier`` on a sensitivity of ``clip_norm / n``. The run's report gives
+    the privacy budget (epsilon at ``delta``) against anyone who sees only the global adapters,
+    and against the coordinator, which sees each update with its own noise only.
+
+    Attributes:
+        enabled: Train with DP-FedAvg.
+        clip_norm: The L2 bound of each client's delta.
+        noise_multiplier: z, the noise of the round's sum in units of ``clip_norm``.
+        delta: The delta of the reported (epsilon, delta) budget.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 0.5
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (self.clip_norm > 0 and self.noise_multiplier > 0 and 0 < self.delta < 1):
+            raise ConfigError(
+                "privacy.clip_norm and privacy.noise_multiplier must be > 0 and privacy.delta in (0, 1); got "
+                f"{self.clip_norm}, {self.noise_multiplier} and {self.delta}"
             )
 
 
@@ -568,6 +599,7 @@ class RunConfig:
         training: Local training parameters sent to clients each round.
         aggregation: How deltas are combined.
         subspace: FedKRSO's subspaces (used only by ``method = "fedkrso"``).
+        privacy: DP-FedAvg (off unless ``privacy.enabled``).
         validation: Update validation bounds.
         broker: MQTT broker.
         task: The task clients train for and the run is judged on.
@@ -593,6 +625,7 @@ class RunConfig:
     training: TrainingParams = field(default_factory=_default_training)
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     task: TaskSettings = field(default_factory=TaskSettings)
@@ -605,6 +638,11 @@ class RunConfig:
             raise ConfigError(
                 "training.subspace_rank and training.subspace_seeds are filled in by the coordinator each round; "
                 "set subspace.rank and subspace.seeds_per_round instead"
+            )
+        if self.training.dp_clip_norm or self.training.dp_noise_multiplier:
+            raise ConfigError(
+                "training.dp_clip_norm and training.dp_noise_multiplier are filled in by the coordinator; "
+                "set [privacy] enabled, clip_norm and noise_multiplier instead"
             )
 
 

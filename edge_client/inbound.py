@@ -28,6 +28,7 @@ from shared.adapters import PEFT_PREFIX
 from shared.errors import FieldTypeError, TensorError, TopicError
 from shared.manifests import validate_manifest
 from shared.protocol import (
+    MAX_ROUND,
     Assignment,
     GlobalAdapter,
     Manifest,
@@ -42,8 +43,6 @@ from shared.typed import short_repr
 ADAPTER_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 """Wire dtypes a global adapter's tensors may use."""
 
-MAX_ROUND = 1_000_000
-"""No run has more rounds: a schedule or adapter beyond it is refused before it is held."""
 MAX_ROUND_JUMP = 1_000
 """A schedule may be at most this many rounds ahead of the one the client holds (a client that
 was away misses rounds; none misses a thousand)."""
@@ -86,6 +85,8 @@ def check_training(training: TrainingParams) -> None:
         raise FieldTypeError(f"training.lora_dropout={training.lora_dropout!r} is outside [0, 1)")
     _bounded("training.mu", training.mu, 0.0, 1e6)
     _bounded("training.seed", training.seed, 0, 2**63 - 1)
+    _bounded("training.dp_clip_norm", training.dp_clip_norm, 0.0, 1e6)
+    _bounded("training.dp_noise_multiplier", training.dp_noise_multiplier, 0.0, 1e3)
     if not training.target_modules or not all(_MODULE_RE.fullmatch(m) for m in training.target_modules):
         raise FieldTypeError(
             f"training.target_modules={short_repr(training.target_modules)} must be a non-empty list of module names"

@@ -57,6 +57,7 @@ from edge_client.inbound import (
 from edge_client.memory_cap import out_of_memory_guard
 from edge_client.outbox import Outbox
 from edge_client.preflight import preflight
+from edge_client.privacy import privatize
 from edge_client.resources import ResourceTracker
 from edge_client.train_checkpoint import clear_checkpoint, load_checkpoint
 from edge_client.trainer import TrainOptions, TrainProgress, train_adapter
@@ -85,6 +86,7 @@ from shared.protocol import (
     Presence,
     Schedule,
     Update,
+    dp_noise_std,
 )
 from shared.signing import SigningKey, VerifyKey
 from shared.subllm import load_package
@@ -592,11 +594,17 @@ class EdgeClient:
                 ),
             )
         report = tracker.report(bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received)
+        delta = result.delta
+        training = schedule.training
+        if training.dp_clip_norm > 0:  # DP-FedAvg: the noise is ours to add, before anything leaves
+            std = dp_noise_std(training.dp_clip_norm, training.dp_noise_multiplier, len(schedule.participants))
+            delta, factor = privatize(delta, training.dp_clip_norm, std)
+            self.events.on_status(f"round {round_num}: DP-FedAvg clipped the delta by {factor:.3g} and added noise of std {std:.3g}")
         update = Update(
             client_id=self.client_id,
             round=round_num,
             num_examples=result.num_examples,
-            delta=state_to_payloads(result.delta),
+            delta=state_to_payloads(delta),
             metrics=result.metrics,
             resources=report,
             # What it started from: the coordinator refuses an update that names another adapter.

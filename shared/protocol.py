@@ -33,6 +33,10 @@ peer drops the field with a warning, and unsigned messages omit it. An update na
 global adapter it started from (``base_round``, ``base_digest``), and the coordinator refuses
 one that names another (a replay); it refuses the hello of a client older than 1.3."""
 
+MAX_ROUND = 1_000_000
+"""No run has more rounds (the coordinator's config refuses more): a client refuses a schedule
+or adapter beyond it before holding it."""
+
 PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
 """The major version, which topics carry as ``v{major}``."""
 
@@ -166,6 +170,13 @@ class TrainingParams:
             classification only, cross-entropy over the label words' first-token logits at
             the answer position, the very scores evaluation compares; no step is spent
             teaching the model to emit *some* label word.
+        subspace_rank: FedKRSO's r (0 for LoRA methods); set by the coordinator each round.
+        subspace_seeds: FedKRSO's seeds of this round; set by the coordinator each round.
+        dp_clip_norm: DP-FedAvg: the client clips its whole delta to this L2 norm before adding
+            noise; 0 disables differential privacy.
+        dp_noise_multiplier: DP-FedAvg's z: each of the round's n participants adds Gaussian
+            noise of standard deviation ``z * dp_clip_norm / sqrt(n)`` to every coordinate, so
+            the sum of the round's updates carries noise ``z * dp_clip_norm``.
     """
 
     local_steps: int
@@ -181,6 +192,14 @@ class TrainingParams:
     objective: Literal["answer", "label_words"] = "answer"
     subspace_rank: int = 0
     subspace_seeds: list[int] = field(default_factory=list)
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+
+
+def dp_noise_std(clip_norm: float, noise_multiplier: float, participants: int) -> float:
+    """DP-FedAvg's noise per coordinate on each client: ``z C / sqrt(n)``, so the round's n
+    updates sum to noise ``z C`` (the client adds it, the coordinator bounds updates by it)."""
+    return noise_multiplier * clip_norm / math.sqrt(max(1, participants))
 
 
 ScheduleStatus = Literal["waiting", "running", "aligning", "finished", "failed"]

@@ -17,6 +17,7 @@ last, so a malformed update is refused for its own fault.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ REJECT_CODES: dict[str, str] = {
     "dtype": "a tensor's dtype is not an allowed floating dtype",
     "shape": "a tensor's shape differs from the global adapter's (or its bytes do not match)",
     "nan": "a tensor holds NaN or Inf",
-    "norm": "the L2 norm of the whole delta exceeds the bound",
+    "norm": "the L2 norm of the whole delta exceeds the bound (with DP-FedAvg: the clip bound plus the round's noise)",
+    "dp_noise": "a DP-FedAvg update without the round's noise: its norm is below what the noise alone gives",
 }
 """Every code :class:`UpdateValidationError` can carry, with what it means."""
 
@@ -77,10 +79,16 @@ class UpdateLimits:
         max_examples: Largest plausible ``num_examples`` (a client inflating its count
             would dominate the weighted average).
         allowed_dtypes: Wire dtypes a delta tensor may use.
+        dp_clip_norm: DP-FedAvg's clip bound (0: no DP). With it, ``max_norm`` is replaced
+            by what a clipped delta plus the round's noise can reach, and an update whose norm
+            is below what the noise alone gives is refused (its client added none).
+        dp_noise_std: The noise each client adds per coordinate.
     """
 
     max_norm: float = 1e3
     max_examples: int = 10_000_000
+    dp_clip_norm: float = 0.0
+    dp_noise_std: float = 0.0
     allowed_dtypes: frozenset[str] = field(
         default_factory=lambda: frozenset({"float32", "float16", "bfloat16"})
     )
@@ -253,11 +261,33 @@ def _check_values(delta: Mapping[str, torch.Tensor], limits: UpdateLimits) -> tu
         if not bool(finite.all()):
             raise UpdateValidationError("nan", f"{key} holds {int((~finite).sum())} NaN/Inf value(s)")
     norm, key_norms = delta_norms(delta)
-    if not norm < limits.max_norm:
+    if limits.dp_clip_norm > 0:
+        _check_dp_norm(norm, sum(t.numel() for t in delta.values()), limits)
+    elif not norm < limits.max_norm:
         raise UpdateValidationError(
             "norm", f"delta L2 norm {norm:.4g} is not below the bound {limits.max_norm:.4g}"
         )
     return norm, key_norms
+
+
+#: Slack on the noise's norm ``std * sqrt(d)``: it concentrates within about ``1 / sqrt(2 d)``
+#: of it, so 10% is over four standard deviations for any adapter of 1,000 numbers or more.
+DP_NORM_SLACK = 0.1
+
+
+def _check_dp_norm(norm: float, numel: int, limits: UpdateLimits) -> None:
+    """A DP-FedAvg update is a delta clipped to the bound plus the round's Gaussian noise."""
+    noise = limits.dp_noise_std * math.sqrt(numel)
+    high = limits.dp_clip_norm + (1 + DP_NORM_SLACK) * noise
+    if not norm <= high:
+        raise UpdateValidationError(
+            "norm", f"delta L2 norm {norm:.4g} is above the clip bound {limits.dp_clip_norm:g} plus the round's noise ({noise:.4g})"
+        )
+    low = (1 - DP_NORM_SLACK) * noise
+    if norm < low:
+        raise UpdateValidationError(
+            "dp_noise", f"delta L2 norm {norm:.4g} is below {low:.4g}, what the round's noise alone gives over {numel} numbers"
+        )
 
 
 # --------------------------------------------------------------------------- hellos

@@ -302,6 +302,14 @@ def render_summary(data: dict[str, Any]) -> None:
                 table.add_row(f"tier {name} + adapter", metric_text(score))
         for name, tier in data.get("tiers", {}).items():
             table.add_row(f"tier {name}", f"{tier['layers']} layers, package {tier['package_bytes'] / MIB:.1f} MiB, v{tier['version']}")
+        privacy = results.get("privacy")
+        if privacy:
+            table.add_row(
+                "privacy (DP-FedAvg)",
+                f"epsilon {privacy['epsilon_aggregate']:.3g} against the published adapters, "
+                f"{privacy['epsilon_coordinator']:.3g} against the coordinator (delta {privacy['delta']:g}, "
+                f"{privacy['rounds']} rounds, clip {privacy['clip_norm']:g}, z {privacy['noise_multiplier']:g})",
+            )
         console.print(table)
     curve = data.get("round_evaluations") or []
     if curve:

@@ -55,6 +55,7 @@ from coordinator.run.inbound import (
     validate_update,
 )
 from coordinator.run.model_side import ModelSide, TierLike
+from coordinator.run.privacy import privacy_report
 from coordinator.run.reports import ServingTotals, write_report
 from coordinator.run.round_events import (
     AggregationDone,
@@ -94,6 +95,8 @@ from shared.protocol import (
     Nack,
     Presence,
     Schedule,
+    TrainingParams,
+    dp_noise_std,
 )
 from shared.rate import TokenBucket
 from shared.signing import VerifyKey, key_from_text, load_or_create_signing_key
@@ -410,7 +413,7 @@ class CoordinatorServer:
             deadline=action.deadline,
             quorum=action.quorum,
             participants=dict(action.participants),
-            training=self.pipeline.round_training(action.round),
+            training=self._round_training(action.round),
             manifests={name: tier.manifest.blob_id for name, tier in self.pipeline.tiers.items()},
             adapter_round=action.adapter_round,
             task=self.task,
@@ -420,6 +423,14 @@ class CoordinatorServer:
             # Our publish is queued in order before anything a client sends in reply, so
             # collecting may start now; late acknowledgements change nothing.
             self._events.append(PublishDone(action.round))
+
+    def _round_training(self, round_: int) -> TrainingParams:
+        """The round's training parameters, with DP-FedAvg's bound and noise when ``[privacy]`` is on."""
+        training = self.pipeline.round_training(round_)
+        privacy = self.config.privacy
+        if not privacy.enabled:
+            return training
+        return dataclasses.replace(training, dp_clip_norm=privacy.clip_norm, dp_noise_multiplier=privacy.noise_multiplier)
 
     def _publish_tier(self, tier: TierLike) -> None:
         self.blobs.add(tier.manifest, tier.folder)
@@ -439,7 +450,9 @@ class CoordinatorServer:
     def _aggregate(self, round_: int, client_ids: tuple[str, ...]) -> None:
         wanted = set(client_ids)
         persisted = [u for u in self.run_dir.updates(round_) if u.client_id in wanted]
-        self.global_state, influence = aggregate_round(self.strategy, self.global_state, persisted, self.influence_limits)
+        self.global_state, influence = aggregate_round(
+            self.strategy, self.global_state, persisted, self.influence_limits, uniform_weights=self.config.privacy.enabled
+        )
         _fault_pause(f"aggregation:{round_}")
         # The factors first: an audit of a saved adapter always finds the factors it was made with.
         self.run_dir.save_influence(round_, influence)
@@ -466,6 +479,10 @@ class CoordinatorServer:
 
     def _finish(self, adapter_round: int) -> None:
         results = self.pipeline.finish(self.run_dir.load_global(adapter_round), self.run_dir.path)
+        if self.config.privacy.enabled:
+            results["privacy"] = privacy_report(self.config.privacy, self.state.records)
+            log.info("privacy budget: epsilon %.3g against the published adapters, %.3g against this coordinator (delta %g)",
+                     results["privacy"]["epsilon_aggregate"], results["privacy"]["epsilon_coordinator"], self.config.privacy.delta)
         self._write_report(results)
         self._outcome = RunOutcome("finished", "", self.run_dir.path, results)
 
@@ -481,7 +498,7 @@ class CoordinatorServer:
         tiers = {name: tier.describe() for name, tier in self.pipeline.tiers.items()}
         write_report(
             self.run_dir, self.state, method=self.config.method, aggregation=self.strategy.name,
-            aggregation_settings=dataclasses.asdict(self.config.aggregation), task=dataclasses.asdict(self.task),
+            aggregation_settings={**dataclasses.asdict(self.config.aggregation), "uniform_weights": self.config.privacy.enabled}, task=dataclasses.asdict(self.task),
             assignments=self.assignments, tiers=tiers, totals=totals, results=results or {},
         )
 
@@ -587,5 +604,14 @@ class CoordinatorServer:
             limits=UpdateLimits(
                 max_norm=self.config.validation.max_delta_norm,
                 max_examples=self.config.validation.max_examples,
+                **self._dp_limits(len(participants)),
             ),
         )
+
+    def _dp_limits(self, participants: int) -> dict[str, float]:
+        """DP-FedAvg's bound and each client's noise for a round of ``participants`` clients ({} without DP)."""
+        privacy = self.config.privacy
+        if not privacy.enabled:
+            return {}
+        return {"dp_clip_norm": privacy.clip_norm,
+                "dp_noise_std": dp_noise_std(privacy.clip_norm, privacy.noise_multiplier, participants)}

@@ -35,6 +35,14 @@ def test_paired_difference_and_interval() -> None:
     assert m == 2.0 and hi - m == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
 
 
+def test_dp_runs_are_paired_against_plain_fedavg_with_their_budget() -> None:
+    dp = {**_run("dp", 0, 0.6), "privacy": {"epsilon_aggregate": 9.8, "epsilon_coordinator": 18.9, "delta": 1e-5}}
+    summary = summarize([_run("off", 0, 0.78), dp])
+    assert summary["paired_dp"]["differences"] == pytest.approx([-0.18])
+    assert summary["dp"]["epsilon_aggregate"] == 9.8 and summary["dp"]["epsilon_coordinator"] == 18.9
+    assert "paired" not in summary  # no bounded run to pair
+
+
 def test_signing_cost_is_measured_on_real_messages(tmp_path) -> None:
     signing = signing_cost(repeats=2)
     assert {row["extra_bytes"] for row in signing.values()} == {76}  # the signature field, whatever the message

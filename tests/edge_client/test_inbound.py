@@ -17,7 +17,6 @@ import pytest
 import edge_client.runner as runner
 from edge_client.data import rows_from_records
 from edge_client.inbound import (
-    MAX_ROUND,
     MAX_ROUND_JUMP,
     REFUSALS,
     Refusal,
@@ -32,6 +31,7 @@ from shared.broker import BrokerHandle
 from shared.errors import BlobError
 from shared.protocol import (
     COORDINATOR_ID,
+    MAX_ROUND,
     Assignment,
     GlobalAdapter,
     Manifest,

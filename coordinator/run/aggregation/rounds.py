@@ -42,6 +42,8 @@ def aggregate_round(
     global_state: Mapping[str, torch.Tensor],
     updates: Sequence[StoredUpdate],
     limits: InfluenceLimits,
+    *,
+    uniform_weights: bool = False,
 ) -> tuple[StateDict, RoundInfluence]:
     """The next global adapter from one round's accepted updates, each within ``limits``.
 
@@ -50,6 +52,8 @@ def aggregate_round(
         global_state: The current global adapter (not modified).
         updates: The round's accepted updates, each once.
         limits: The influence bounds.
+        uniform_weights: Weigh every update 1 instead of by its example count (DP-FedAvg:
+            the noise is calibrated to an equal share of each client).
 
     Returns:
         ``(new global adapter, the factors each update was aggregated with)``.
@@ -57,7 +61,7 @@ def aggregate_round(
     stats = []
     for u in updates:
         norm, key_norms = u.norms()
-        stats.append(UpdateStats(u.client_id, float(u.num_examples), norm, key_norms))
+        stats.append(UpdateStats(u.client_id, 1.0 if uniform_weights else float(u.num_examples), norm, key_norms))
     influence = bound_round(stats, limits)
 
     def bounded() -> Iterator[tuple[float, dict[str, torch.Tensor]]]:

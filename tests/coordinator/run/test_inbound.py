@@ -228,3 +228,18 @@ def test_clients_older_than_protocol_1_3_are_refused_at_hello() -> None:
     assert reason is not None and "speaks protocol 1.2" in reason and "needs protocol 1.3" in reason
     assert "upgrade fedsoda on the client" in reason
     assert "speaks protocol 1.0" in (client_too_old("1.0") or "")
+
+
+def test_a_dp_fedavg_update_must_be_a_clipped_delta_plus_the_rounds_noise() -> None:
+    limits = UpdateLimits(max_norm=1.0, max_examples=1000, dp_clip_norm=0.5, dp_noise_std=0.01)
+    g = torch.Generator().manual_seed(1)
+    noise = {A0: torch.randn(4, 16, generator=g) * 0.01, B0: torch.randn(16, 4, generator=g) * 0.01}
+    signal = good_delta(scale=0.05)  # norm ~0.5: at the clip bound
+    noisy = {k: signal[k] * (0.5 / math.sqrt(sum(float(v.square().sum()) for v in signal.values()))) + noise[k] for k in signal}
+    assert validate_update(envelope(noisy), topic_client_id="alice", context=context(limits=limits))
+    # No noise at all: its client did not privatize it.
+    err = rejected(envelope(good_delta(scale=0.0001)), limits=limits)
+    assert err.code == "dp_noise" and "what the round's noise alone gives over 128 numbers" in err.reason
+    # Far above the clip bound plus the noise: not clipped.
+    err = rejected(envelope(good_delta(scale=1.0)), limits=limits)
+    assert err.code == "norm" and "clip bound 0.5 plus the round's noise" in err.reason

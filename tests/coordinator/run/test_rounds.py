@@ -592,3 +592,11 @@ def test_a_state_saved_before_missed_counts_loads_with_none_missed() -> None:
     for c in d["clients"]:
         del c["missed"]
     assert RoundState.from_dict(d).client("a").missed == 0
+
+
+def test_no_run_has_more_rounds_than_clients_accept() -> None:
+    from shared.protocol import MAX_ROUND
+
+    assert cfg(rounds=MAX_ROUND).rounds == MAX_ROUND
+    with pytest.raises(ConfigError, match="clients refuse later rounds"):
+        cfg(rounds=MAX_ROUND + 1)
