@@ -247,7 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 meta.update(rounds=done["overrides"].get("rounds.rounds"), test_examples=done["test_examples"])
                 print(f"  {label} seed {seed}: accuracy {done['accuracy_after']:.3f}, clipped {done['clipped']}", flush=True)
                 summary = summarize(runs)
-                results_path.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary, "signing": signing}, indent=2))
+                # Runs of the file this invocation has not reached (yet) stay in it: an
+                # interrupted benchmark loses nothing it had.
+                kept = runs + [p for p in previous if all(p["overrides"] != json.loads(json.dumps(r["overrides"])) for r in runs)]
+                results_path.write_text(json.dumps({"meta": meta, "runs": kept, "summary": summary, "signing": signing}, indent=2))
     summary = summarize(runs)
     write_markdown(summary, signing, meta, args.out_dir / "safety.md")
     write_plot(summary, args.out_dir / "safety.png")
