@@ -104,13 +104,17 @@ def parse_setting(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def one_run(overrides: dict[str, Any], clients: int, examples_per_client: int, workdir: Path) -> dict[str, Any]:
-    """Run one ``simulate`` and read back what the benchmark reports."""
+def one_run(
+    overrides: dict[str, Any], clients: int, examples_per_client: int, workdir: Path, **simulation: Any
+) -> dict[str, Any]:
+    """Run one ``simulate`` and read back what the benchmark reports (``simulation``: more
+    :class:`SimulationOptions`, e.g. ``partition="dirichlet"``)."""
     config = load_config(RunConfig, None, overrides=overrides)
     run_dir = workdir / config.run_id
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.monotonic()
-    outcome, _clients = simulate(config, SimulationOptions(clients=clients, examples_per_client=examples_per_client), run_dir)
+    options = SimulationOptions(clients=clients, examples_per_client=examples_per_client, **simulation)
+    outcome, _clients = simulate(config, options, run_dir)
     wall = time.monotonic() - started
     if outcome.status != "finished":
         raise RuntimeError(f"run {config.run_id} ended {outcome.status}: {outcome.reason} (see {run_dir})")

@@ -18,7 +18,8 @@ Three measurements, each side by side in one run:
 Writes ``benchmarks/results/safety/safety.json`` (every run; an interrupted benchmark resumes
 with the runs it has), ``safety.md`` and ``safety.png``.
 
-Usage: ``python benchmarks/safety.py [--seeds 0,1,2] [--clients 3] [--quick]``.
+Usage: ``python benchmarks/safety.py [--seeds 0,1,2] [--clients 3] [--settings on,off,dp]
+[--partition dirichlet --dirichlet-alpha 0.5 --out-dir benchmarks/results/safety-dirichlet] [--quick]``.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def write_markdown(summary: dict[str, Any], signing: dict[str, Any], meta: dict[
         "# The cost of safety",
         "",
         f"`make demo` preset (FedSODA, Rotten Tomatoes, {meta['clients']} clients, {meta['rounds']} rounds, "
-        f"{meta['test_examples']} test examples), seeds {meta['seeds']}; {meta['machine']}.",
+        f"{meta['test_examples']} test examples, {meta.get('partition', 'iid')} split), seeds {meta['seeds']}; {meta['machine']}.",
         "",
         "## Influence bounds on vs off",
         "",
@@ -221,8 +222,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--examples-per-client", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="the 2-round smoke preset of benchmarks/paper.py")
     parser.add_argument("--repeats", type=int, default=30, help="timed encode+decode repeats per message shape")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"which of {', '.join(SETTINGS)} to run")
+    parser.add_argument("--partition", default="iid", choices=("iid", "dirichlet"), help="how the clients' data is split")
+    parser.add_argument("--dirichlet-alpha", type=float, default=0.5)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    chosen = [s for s in args.settings.split(",") if s]
+    if set(chosen) - set(SETTINGS):
+        parser.error(f"unknown setting(s) {sorted(set(chosen) - set(SETTINGS))}; choose from {', '.join(SETTINGS)}")
+    split = {"partition": args.partition, "dirichlet_alpha": args.dirichlet_alpha} if args.partition != "iid" else {}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results_path = args.out_dir / "safety.json"
@@ -230,16 +238,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     signing = signing_cost(args.repeats)
     meta: dict[str, Any] = {"clients": args.clients, "seeds": seeds, "quick": args.quick, "rounds": None, "test_examples": None,
+                            "partition": args.partition if not split else f"dirichlet (alpha {args.dirichlet_alpha:g})",
                             "machine": f"{sys.platform} CPU, Python {sys.version.split()[0]}"}
     with tempfile.TemporaryDirectory(prefix="fedsoda-safety-") as tmp:
         for seed in seeds:
-            for label, extra in SETTINGS.items():  # the runs of a seed side by side
+            for label, extra in ((c, SETTINGS[c]) for c in chosen):  # the runs of a seed side by side
                 overrides = run_settings("rotten_tomatoes", "fedsoda", seed, args.clients, args.quick, "bundled",
                                          {**extra, "run_id": f"safety-{label}-{seed}"})
                 done = next((r for r in previous if r["overrides"] == json.loads(json.dumps(overrides))), None)
                 if done is None:
                     print(f"{time.strftime('%H:%M:%S')} running {label} seed {seed}", flush=True)
-                    done = one_run(overrides, args.clients, args.examples_per_client, Path(tmp))
+                    done = one_run(overrides, args.clients, args.examples_per_client, Path(tmp), **split)
                     run_dir = Path(tmp) / f"safety-{label}-{seed}"
                     done.update({"setting": label, "seed": seed, "clipped": clipped_updates(run_dir),
                                  "privacy": load_report(run_dir)["results"].get("privacy")})
