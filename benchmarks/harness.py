@@ -422,9 +422,7 @@ def audit_run(run_dir: Path, accepted_before: Iterable[tuple[int, str]] = ()) ->
     uniform = bool(recorded.pop("uniform_weights", False))  # DP-FedAvg weighs every update 1
     settings = AggregationSettings(**recorded)
     strategy = get_strategy(settings.strategy, **settings.strategy_options())
-    limits = InfluenceLimits(
-        weight_cap=settings.weight_cap, clip=settings.clip, clip_per_key=settings.clip_per_key, min_holders=settings.min_holders
-    )
+    limits = InfluenceLimits.from_settings(settings)
     problems: list[str] = []
     counted: set[tuple[int, str]] = set()
     persisted_all: set[tuple[int, str]] = set()

@@ -43,7 +43,7 @@ from coordinator.run.aggregation import (
     aggregate_round,
     get_strategy,
 )
-from coordinator.run.checkpoint import RunDir, load_run
+from coordinator.run.checkpoint import RunDir, atomic_write_bytes, load_run
 from coordinator.run.credentials import registry_client_keys, signing_key_file
 from coordinator.run.inbound import (
     RoundContext,
@@ -123,7 +123,11 @@ def _bounded_note(influence: RoundInfluence) -> str:
     """What the influence bounds changed in a round, for the log (empty when nothing)."""
     capped = [c.client_id for c in influence.clients if c.weight < c.claimed_weight]
     clipped = [c.client_id for c in influence.clients if c.scale < 1.0 or c.key_scales]
-    parts = [f"weight capped: {', '.join(capped)}"] * bool(capped) + [f"clipped: {', '.join(clipped)}"] * bool(clipped)
+    parts = []
+    if capped:
+        parts.append(f"weight capped: {', '.join(capped)}")
+    if clipped:
+        parts.append(f"clipped: {', '.join(clipped)}")
     if influence.skipped_keys:
         parts.append(f"{len(influence.skipped_keys)} key(s) held by too few clients left unchanged")
     return f" ({'; '.join(parts)})" if parts else ""
@@ -200,11 +204,7 @@ class CoordinatorServer:
         self.counters = ServerCounters()
         self._hellos = TokenBucket(config.validation.hellos_per_second, config.validation.hello_burst, clock=time.monotonic)
         self.strategy = get_strategy(config.aggregation.strategy, **config.aggregation.strategy_options())
-        settings = config.aggregation
-        self.influence_limits = InfluenceLimits(
-            weight_cap=settings.weight_cap, clip=settings.clip,
-            clip_per_key=settings.clip_per_key, min_holders=settings.min_holders,
-        )
+        self.influence_limits = InfluenceLimits.from_settings(config.aggregation)
         self.task = config.task.spec()
         # Everything we publish is signed: clients pin this key and refuse what it did not sign.
         self.signer = load_or_create_signing_key(signing_key_file(config.broker, run_dir))
@@ -273,10 +273,8 @@ class CoordinatorServer:
             return
         self.client_keys[hello.client_id] = key_from_text(hello.public_key, owner=f"client {hello.client_id}")
         self._pinned_at_hello[hello.client_id] = hello.public_key
-        path = self.run_dir.path / CLIENT_KEYS_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self._pinned_at_hello, indent=2, sort_keys=True))
-        os.replace(tmp, path)  # a crash leaves the old pins or the new ones, never half a file
+        # A crash leaves the old pins or the new ones, never half a file.
+        atomic_write_bytes(self.run_dir.path / CLIENT_KEYS_FILE, json.dumps(self._pinned_at_hello, indent=2, sort_keys=True).encode())
         log.info("pinned the signing key of %s: %s", hello.client_id, hello.public_key)
 
     @staticmethod

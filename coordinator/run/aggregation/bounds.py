@@ -54,6 +54,12 @@ class InfluenceLimits:
     clip_per_key: bool = True
     min_holders: int = 1
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> InfluenceLimits:
+        """The limits of an ``[aggregation]`` section (:class:`coordinator.settings.AggregationSettings`)."""
+        return cls(weight_cap=float(settings.weight_cap), clip=float(settings.clip),
+                   clip_per_key=bool(settings.clip_per_key), min_holders=int(settings.min_holders))
+
 
 @dataclass(frozen=True)
 class UpdateStats:
