@@ -16,10 +16,11 @@ bound in :mod:`coordinator.launch`), so this file is about ordering and safety:
   counted by reason (``ServerCounters.refused``, the run report's ``refused``), answered with
   a Nack where there is someone to answer, and the loop keeps serving.
 
-This module is a little over 450 lines because the server is one class: every handler and
+This module is over 450 lines (about 580) because the server is one class: every handler and
 action shares its state and its ordering rules, which is what this file is about; its checks
-(:mod:`coordinator.run.inbound`), its report (:mod:`coordinator.run.reports`) and its model side
-(:mod:`coordinator.run.model_side`) already live elsewhere.
+(:mod:`coordinator.run.inbound`), its clients' keys (:mod:`coordinator.run.client_keys`), its
+aggregation (:mod:`coordinator.run.aggregation`), its report (:mod:`coordinator.run.reports`) and
+its model side (:mod:`coordinator.run.model_side`) already live elsewhere.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from coordinator.run.aggregation import (
     aggregate_round,
     get_strategy,
 )
-from coordinator.run.checkpoint import RunDir, atomic_write_bytes, load_run
+from coordinator.run.checkpoint import RunDir, load_run
+from coordinator.run.client_keys import ClientKeys
 from coordinator.run.credentials import registry_client_keys, signing_key_file
 from coordinator.run.inbound import (
     RoundContext,
@@ -79,9 +81,7 @@ from coordinator.settings import RunConfig
 from shared import codec, topics
 from shared.blob_server import BlobServer
 from shared.errors import (
-    ConfigError,
     FedSodaError,
-    FieldTypeError,
     ProtocolError,
     RunStateError,
     TopicError,
@@ -99,7 +99,7 @@ from shared.protocol import (
     dp_noise_std,
 )
 from shared.rate import TokenBucket
-from shared.signing import VerifyKey, key_from_text, load_or_create_signing_key
+from shared.signing import VerifyKey, load_or_create_signing_key
 from shared.tensors import payloads_digest, state_to_payloads
 from shared.topics import TopicKind
 from shared.transport import MqttTransport
@@ -109,8 +109,6 @@ from shared.typed import short_repr
 log = logging.getLogger(__name__)
 
 ASSIGNMENTS_FILE = "assignments.json"
-CLIENT_KEYS_FILE = "client_keys.json"
-"""Client id -> the public key pinned at its first accepted hello (kept with the run, so a resumed run keeps them)."""
 TICK_SECONDS = 0.2
 FAULT_PAUSE_ENV = "FEDSODA_FAULT_PAUSE"
 """Test hook for fault injection: ``FEDSODA_FAULT_PAUSE=aggregation:<round>`` makes the server
@@ -215,11 +213,7 @@ class CoordinatorServer:
         self.assignments = self._load_assignments(run_dir)
         # Once a client's key is pinned, all it sends must be signed by it: a stranger can no
         # longer say hello (and evict it), go offline or ask for chunks in its name.
-        self._pinned_at_hello: dict[str, str] = self._load_client_keys(run_dir)
-        self._registry_keys = registry_client_keys(config.broker)  # known before any hello: these win
-        self.client_keys: dict[str, VerifyKey] = {
-            cid: key_from_text(text, owner=f"client {cid}") for cid, text in {**self._pinned_at_hello, **self._registry_keys}.items()
-        }
+        self._client_keys = ClientKeys(run_dir, registry_client_keys(config.broker))
         if resume:
             resumed = load_run(run_dir)
             self.run_dir, self.state = resumed.run_dir, resumed.state
@@ -238,44 +232,14 @@ class CoordinatorServer:
             self.global_state = pipeline.initial_adapter()
             self.run_dir.save_global(0, self.global_state)
 
-    @staticmethod
-    def _load_client_keys(run_dir: Path) -> dict[str, str]:
-        path = Path(run_dir) / CLIENT_KEYS_FILE
-        try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError as exc:
-            raise RunStateError(f"{path} is not the JSON of pinned client keys: {exc}") from None
+    @property
+    def client_keys(self) -> dict[str, VerifyKey]:
+        """Client id -> the key everything in its name must be signed by (:class:`ClientKeys`)."""
+        return self._client_keys.keys
 
     def _decode(self, message: InboundMessage) -> tuple[topics.TopicInfo, Any]:
-        """Decode a client's message; once its key is pinned it must be signed by it.
-
-        A hello that brings a key the coordinator has not pinned yet must be signed by that
-        key, so nobody gets a key pinned for a client that cannot sign with it.
-
-        Raises:
-            SignatureError: Unsigned or badly signed where a key is pinned or brought.
-            ProtocolError: Any other decoding or topic failure.
-        """
-        client = topics.client_of(message.topic)
-        key = self.client_keys.get(client) if client is not None else None
-        info, envelope = codec.decode_message(message.topic, message.payload, run=self.run_id, verify_key=key)
-        if key is None and info.kind is TopicKind.HELLO and envelope.body.public_key:
-            try:
-                brought = key_from_text(envelope.body.public_key, owner=f"client {info.client}")
-            except ConfigError as exc:
-                raise FieldTypeError(f"hello message: public_key: {exc}") from None
-            brought.verify(message.payload)
-        return info, envelope
-
-    def _pin_client_key(self, hello: Hello, accepted: bool) -> None:
-        """Pin the key a client's first accepted hello brings (persisted before the answer goes out)."""
-        if not accepted or not hello.public_key or hello.client_id in self.client_keys:
-            return
-        self.client_keys[hello.client_id] = key_from_text(hello.public_key, owner=f"client {hello.client_id}")
-        self._pinned_at_hello[hello.client_id] = hello.public_key
-        # A crash leaves the old pins or the new ones, never half a file.
-        atomic_write_bytes(self.run_dir.path / CLIENT_KEYS_FILE, json.dumps(self._pinned_at_hello, indent=2, sort_keys=True).encode())
-        log.info("pinned the signing key of %s: %s", hello.client_id, hello.public_key)
+        """Decode a client's message, checked against its key (:meth:`ClientKeys.decode`)."""
+        return self._client_keys.decode(message, run=self.run_id)
 
     @staticmethod
     def _load_assignments(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -519,7 +483,7 @@ class CoordinatorServer:
             assignment = self.pipeline.assign(hello.client_id, hello.profile)
         self.assignments[hello.client_id] = {"accepted": assignment.accepted, "tier": assignment.tier, "reason": assignment.reason, **assignment.plan}
         (self.run_dir.path / ASSIGNMENTS_FILE).write_text(json.dumps(self.assignments, indent=2, default=str))
-        self._pin_client_key(hello, assignment.accepted)
+        self._client_keys.pin(hello, assignment.accepted)
         log.info(
             "hello from %s (%s): %s",
             hello.client_id,

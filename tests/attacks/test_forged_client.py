@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from coordinator.run.client_keys import CLIENT_KEYS_FILE
 from coordinator.run.credentials import CredentialStore
-from coordinator.run.server import CLIENT_KEYS_FILE, CoordinatorServer
+from coordinator.run.server import CoordinatorServer
 from coordinator.settings import RunConfig
 from shared import codec, topics
 from shared.broker import BrokerHandle
